@@ -27,7 +27,7 @@ setup(
     zip_safe=True,
     maintainer="FLAD developers",
     maintainer_email="dev@flad.invalid",
-    description="Embedded driving world (CARLA stand-in), sensors, expert, leaderboard metrics, datasets, CARLA adapter.",
+    description="Embedded driving world (CARLA stand-in), sensors, expert, metrics, datasets, CARLA adapter.",
     license="Apache-2.0",
     entry_points={"console_scripts": []},
 )

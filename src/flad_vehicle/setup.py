@@ -27,7 +27,7 @@ setup(
     zip_safe=True,
     maintainer="FLAD developers",
     maintainer_email="dev@flad.invalid",
-    description="Vehicle layer: vision encoder, partitioner, pipeline stage worker, trainer, PID controller, vehicle nodes.",
+    description="Vehicle layer: vision encoder, partitioner, stage worker, trainer, PID controller, nodes.",
     license="Apache-2.0",
     entry_points={"console_scripts": []},
 )
