@@ -8,6 +8,7 @@ non-finite floats where the caller forbids them.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -146,3 +147,11 @@ def _first_nonfinite(value: Any, path: str = "") -> str | None:
             if bad:
                 return bad
     return None
+
+
+def header(t: float | None = None, frame_id: str = "") -> Any:
+    """A std_msgs/Header stamped with `t` (default: wall-clock now)."""
+    t = time.time() if t is None else t
+    sec = int(t)
+    return new("std_msgs/msg/Header", frame_id=frame_id,
+               stamp=new("builtin_interfaces/msg/Time", sec=sec, nanosec=int((t - sec) * 1e9)))

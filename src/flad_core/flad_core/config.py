@@ -108,10 +108,10 @@ def from_dict(cls: type[T], data: Any, key: str = "") -> T:
         raise ConfigError(name, f"expected a mapping, got {_describe(data)}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((str(k) for k in set(data) - set(fields)))
     if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}" if key else unknown[0],
-                          f"unknown key (allowed: {', '.join(sorted(fields))})")
+        bad = unknown[0] or '""'
+        raise ConfigError(f"{key}.{bad}" if key else bad, f"unknown key (allowed: {', '.join(sorted(fields))})")
     kwargs = {}
     for fname, f in fields.items():
         sub = f"{key}.{fname}" if key else fname

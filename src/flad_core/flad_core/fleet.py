@@ -1,0 +1,138 @@
+"""The fleet description (`launch/fleet.yaml`): roles, addresses, device profiles, seeds.
+
+Both `ros2 launch` and the plain CLI read this one file; moving from one laptop to a real fleet
+changes only the addresses in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flad_core.bus import BusConfig
+from flad_core.config import ConfigError, from_dict, load_yaml
+from flad_core.security import SecurityConfig
+
+GB = 1024**3
+
+
+@dataclass
+class DeviceProfile:
+    """Compute a vehicle offers for training. Figures for emulated devices come from the paper's Table 1."""
+
+    mem_gb: float
+    tflops: float
+    link_mbps: float = 50.0
+
+    def validate(self) -> None:
+        for name in ("mem_gb", "tflops", "link_mbps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
+
+    @property
+    def mem_bytes(self) -> int:
+        return int(self.mem_gb * GB)
+
+
+#: Jetson devices of the paper's prototype (Table 1); link rates are our assumption (802.11ac-class V2V)
+PAPER_PROFILES: dict[str, DeviceProfile] = {
+    "jetson_nano": DeviceProfile(mem_gb=8, tflops=0.472, link_mbps=50.0),
+    "jetson_nx": DeviceProfile(mem_gb=8, tflops=0.404, link_mbps=50.0),
+    "jetson_agx": DeviceProfile(mem_gb=32, tflops=3.85, link_mbps=100.0),
+}
+
+
+@dataclass
+class VehicleSpec:
+    id: str
+    profile: str = "jetson_nano"
+    town: str = ""
+    predicted_dwell_s: float = 600.0
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]{0,63}", self.id):
+            raise ConfigError("id", f"vehicle id {self.id!r} must start with a letter and use [A-Za-z0-9_-]")
+
+
+@dataclass
+class RoleSpec:
+    """An edge or cloud process."""
+
+    id: str = "edge-0"
+
+
+@dataclass
+class HeartbeatConfig:
+    interval_s: float = 0.5
+    timeout_s: float = 2.0
+
+    def validate(self) -> None:
+        if self.interval_s <= 0:
+            raise ConfigError("interval_s", "must be positive")
+        if self.timeout_s <= self.interval_s:
+            raise ConfigError("timeout_s", f"must exceed interval_s ({self.interval_s})")
+
+
+@dataclass
+class FleetConfig:
+    name: str = "loopback"
+    seed: int = 0
+    bus: BusConfig = field(default_factory=BusConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    profiles: dict[str, DeviceProfile] = field(default_factory=dict)
+    edge: RoleSpec = field(default_factory=RoleSpec)
+    cloud: RoleSpec = field(default_factory=lambda: RoleSpec(id="cloud"))
+    vehicles: list[VehicleSpec] = field(default_factory=list)
+
+    def validate(self) -> None:
+        seen: set[str] = set()
+        for i, v in enumerate(self.vehicles):
+            if v.id in seen:
+                raise ConfigError(f"vehicles[{i}].id", f"duplicate vehicle id {v.id!r}")
+            seen.add(v.id)
+            if v.profile not in self.all_profiles():
+                raise ConfigError(f"vehicles[{i}].profile",
+                                  f"unknown profile {v.profile!r} (known: {', '.join(sorted(self.all_profiles()))})")
+
+    def all_profiles(self) -> dict[str, DeviceProfile]:
+        """Built-in paper profiles, overridden/extended by the file's own `profiles`."""
+        return {**PAPER_PROFILES, **self.profiles}
+
+    def vehicle(self, vehicle_id: str) -> VehicleSpec:
+        for v in self.vehicles:
+            if v.id == vehicle_id:
+                return v
+        raise KeyError(f"vehicle {vehicle_id!r} is not in fleet {self.name!r}")
+
+
+def load_fleet(path: str | Path) -> FleetConfig:
+    return load_yaml(FleetConfig, path)
+
+
+def fleet_from_dict(data: dict) -> FleetConfig:
+    return from_dict(FleetConfig, data)
+
+
+def _move_port(address: str, base: int, offsets: dict[int, int]) -> str:
+    match = re.fullmatch(r"(tcp://[^:]+):(\d+)", address)
+    if not match:
+        return address
+    port = int(match.group(2))
+    if port not in offsets:
+        offsets[port] = len(offsets)
+    return f"{match.group(1)}:{base + offsets[port]}"
+
+
+def with_port_base(cfg: FleetConfig, base: int) -> FleetConfig:
+    """Copy of `cfg` with every TCP port renumbered from `base` (parallel runs and tests on one host)."""
+    offsets: dict[int, int] = {}
+    bus = dataclasses.replace(
+        cfg.bus,
+        hub_pub=_move_port(cfg.bus.hub_pub, base, offsets),
+        hub_sub=_move_port(cfg.bus.hub_sub, base, offsets),
+        services={k: _move_port(v, base, offsets) for k, v in cfg.bus.services.items()},
+    )
+    return dataclasses.replace(cfg, bus=bus)
