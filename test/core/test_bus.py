@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from bus_peer import bus_config
 
 from flad_core import codec
 from flad_core.bus import BusError, RemoteError, RequestTimeoutError, ZmqBus
+
+from bus_peer import bus_config
 
 PEER = Path(__file__).with_name("bus_peer.py")
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from msg_strategies import assert_equal, message
 
 from flad_core import codec
 from flad_core.interfaces import flad_type_names, load_msg_texts
+
+from msg_strategies import assert_equal, message
 
 STANDARD_TYPES = [
     "std_msgs/msg/Header", "std_msgs/msg/Float32", "sensor_msgs/msg/Image", "sensor_msgs/msg/PointCloud2",

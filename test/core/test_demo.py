@@ -76,7 +76,7 @@ def test_ctrl_c_stops_everything(tmp_path, port_base):
     runs = tmp_path / "runs"
     proc = _start_and_wait_until_serving(runs, port_base)
     os.killpg(proc.pid, signal.SIGINT)   # what a terminal's Ctrl-C does: the whole foreground group
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode in (0, 130), err
     assert wait_gone(str(runs)) == []
 

@@ -7,12 +7,13 @@ import sys
 import time
 
 import pytest
-from bus_peer import bus_config
-from test_bus import start_peer, stop_peer
 
 from flad_core import codec
 from flad_core.bus import RequestTimeoutError, ZmqBus
 from flad_core.security import SecurityConfig, SecurityError, generate_keypair, load_keypair
+
+from bus_peer import bus_config
+from test_bus import start_peer, stop_peer
 
 
 @pytest.fixture
@@ -67,5 +68,5 @@ def test_keys_cli_writes_pairs(tmp_path):
 
 
 def test_missing_key_file_is_a_clear_error(tmp_path):
-    with pytest.raises(SecurityError, match="nobody.key_secret"):
+    with pytest.raises(SecurityError, match=r"nobody\.key_secret"):
         load_keypair(tmp_path, "nobody")

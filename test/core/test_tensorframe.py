@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -51,10 +52,8 @@ def test_round_trip(named, step, mb, stage, kind, checksum):
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=200))
 def test_random_headers_never_crash(data):
-    try:
+    with contextlib.suppress(tf.FrameError):  # anything else (IndexError, struct.error) fails the test
         tf.parse_header(data)
-    except tf.FrameError:
-        pass
 
 
 @settings(max_examples=100, deadline=None)

@@ -74,8 +74,21 @@ class BusConfig:
 
 
 def bind_address(address: str) -> str:
-    """Address a server binds for `address`: tcp://host:port binds on that host (or all with 0.0.0.0)."""
-    return address
+    """The address a server binds for the address its clients connect to.
+
+    Clients may name the server by DNS (`tcp://edge:7100` in a compose network), but ZeroMQ binds
+    interfaces or IPs: a TCP address with a host name binds every interface on that port; numeric
+    IPs, `*` and other transports bind as given; `localhost` binds loopback.
+    """
+    match = re.fullmatch(r"tcp://([^:]+):(\d+)", address)
+    if not match:
+        return address
+    host, port = match.groups()
+    if host == "localhost":
+        return f"tcp://127.0.0.1:{port}"
+    if host == "*" or re.fullmatch(r"[0-9.]+", host):
+        return address
+    return f"tcp://*:{port}"
 
 
 class Bus(ABC):

@@ -108,7 +108,7 @@ def from_dict(cls: type[T], data: Any, key: str = "") -> T:
         raise ConfigError(name, f"expected a mapping, got {_describe(data)}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted((str(k) for k in set(data) - set(fields)))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         bad = unknown[0] or '""'
         raise ConfigError(f"{key}.{bad}" if key else bad, f"unknown key (allowed: {', '.join(sorted(fields))})")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import yaml
+
 from flad_core.config import ConfigError, to_dict
 from flad_core.fleet import FleetConfig, VehicleSpec, load_fleet, with_port_base
 from flad_core.procs import ProcessGroup, python_module_cmd

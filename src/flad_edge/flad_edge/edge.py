@@ -16,16 +16,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from flad_core import codec
 from flad_core.atomic import atomic_write_json
 from flad_core.bus import BusHub, ZmqBus
 from flad_core.fleet import FleetConfig
 from flad_core.procs import install_stop_handlers
 from flad_core.roles import add_role_args, fleet_from_args, security_for, setup_role_logging
 from flad_core.topics import SERVICE_REGISTER, TOPIC_HEARTBEAT, TOPIC_ROUND, TOPIC_STATUS
-from rich.console import Console
-from rich.table import Table
-
-from flad_core import codec
 
 log = logging.getLogger("flad_edge.edge")  # not __name__: this also runs as __main__
 
