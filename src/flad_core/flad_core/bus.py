@@ -431,3 +431,19 @@ class ZmqBus(Bus):
             sock.close(0)
         if self._auth:
             self._auth.stop()
+
+
+def make_bus(identity: str, cfg: BusConfig | None = None, security: SecurityConfig | None = None,
+             transport: str = "auto") -> Bus:
+    """The bus for a role: `zmq`, `ros` (rclpy topics; needs ROS 2), or `auto` (ROS when rclpy imports)."""
+    if transport not in ("auto", "zmq", "ros"):
+        raise ConfigError("transport", f"must be auto, zmq or ros, got {transport!r}")
+    if transport != "zmq":
+        try:
+            from flad_core.bus_ros import RosBus
+        except ImportError as exc:
+            if transport == "ros":
+                raise BusError(f"transport 'ros' needs rclpy, which does not import here: {exc}") from exc
+        else:
+            return RosBus(identity, cfg, security)
+    return ZmqBus(identity, cfg, security)
