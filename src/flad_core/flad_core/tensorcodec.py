@@ -1,0 +1,91 @@
+"""Compression codecs for pipeline traffic (the paper's open question on inter-stage communication).
+
+A codec turns one float tensor into a few tensors that travel in a tensor frame, and back:
+  fp32  as is (lossless)
+  fp16  half precision (2x fewer bytes)
+  bf16  bfloat16 (2x fewer bytes, fp32's range)
+  int8  symmetric per-channel quantisation over the last dimension: int8 values + one float32 scale per
+        channel (~4x fewer bytes for wide tensors)
+Non-float tensors (labels, indices) are never compressed. Decoding restores the original dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+CODECS = ("fp32", "fp16", "bf16", "int8")
+_SEP = "\x1f"  # joins a tensor name and its codec part; never appears in layer tensor names
+
+
+class CodecError(ValueError):
+    pass
+
+
+def _int8_encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = t.detach().float().reshape(-1, t.shape[-1]) if t.dim() else t.detach().float().reshape(1, 1)
+    scale = flat.abs().amax(dim=0).clamp_min(1e-12) / 127.0          # one scale per channel (last dim)
+    q = torch.round(flat / scale).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(t.shape) if t.dim() else q.reshape(()), scale
+
+
+def encode(tensors: Mapping[str, torch.Tensor], codec: str) -> dict[str, torch.Tensor]:
+    """Compress the float tensors of `tensors` with `codec`; others pass through unchanged."""
+    if codec not in CODECS:
+        raise CodecError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if _SEP in name:
+            raise CodecError(f"tensor name {name!r} contains a reserved separator")
+        if codec == "fp32" or not t.is_floating_point():
+            out[name] = t
+        elif codec == "fp16":
+            out[f"{name}{_SEP}fp16{_SEP}{_dtype_tag(t)}"] = t.detach().half()
+        elif codec == "bf16":
+            out[f"{name}{_SEP}bf16{_SEP}{_dtype_tag(t)}"] = t.detach().bfloat16()
+        else:
+            q, scale = _int8_encode(t)
+            out[f"{name}{_SEP}int8{_SEP}{_dtype_tag(t)}"] = q
+            out[f"{name}{_SEP}scale"] = scale
+    return out
+
+
+_TAGS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+_FROM_TAG = {v: k for k, v in _TAGS.items()}
+
+
+def _dtype_tag(t: torch.Tensor) -> str:
+    return _TAGS[t.dtype]
+
+
+def decode(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Invert `encode` (whatever codec produced it)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if _SEP not in key:
+            out[key] = t
+            continue
+        parts = key.split(_SEP)
+        if len(parts) == 2 and parts[1] == "scale":
+            continue
+        if len(parts) != 3 or parts[2] not in _FROM_TAG:
+            raise CodecError(f"malformed codec tensor name {key!r}")
+        name, codec, tag = parts
+        dtype = _FROM_TAG[tag]
+        if codec in ("fp16", "bf16"):
+            out[name] = t.to(dtype)
+        elif codec == "int8":
+            scale = tensors.get(f"{name}{_SEP}scale")
+            if scale is None:
+                raise CodecError(f"int8 tensor {name!r} arrived without its scale")
+            if t.dim() and scale.shape != (t.shape[-1],):
+                raise CodecError(f"int8 tensor {name!r}: scale shape {list(scale.shape)} does not fit {list(t.shape)}")
+            out[name] = (t.float() * scale).to(dtype) if t.dim() else (t.float() * scale.reshape(())).to(dtype)
+        else:
+            raise CodecError(f"unknown codec {codec!r} in {key!r}")
+    return out
+
+
+def wire_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
