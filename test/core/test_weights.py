@@ -62,3 +62,9 @@ def test_payload_checks():
         w.from_bytes(w.to_bytes(nan))
     with pytest.raises(w.WeightsError, match="exceeds"):
         w.ChunkAssembler(max_bytes=10).add(w.chunk_messages(w.to_bytes(state), sender="v")[0])
+
+
+def test_empty_state_round_trips():
+    # a parameter-free layer (the loss) moves as an empty payload
+    assert w.from_bytes(w.to_bytes({})) == {}
+    assert w.from_bytes(w.to_bytes({}, {"round": "1"})) == {}

@@ -101,10 +101,12 @@ class Bus(ABC):
     def subscribe(self, topic: str, typename: str, callback: Callback, *, finite: bool = False) -> None: ...
 
     @abstractmethod
-    def serve(self, service: str, request_type: str, response_type: str, handler: Handler) -> None: ...
+    def serve(self, service: str, request_type: str, response_type: str, handler: Handler,
+              address: str | None = None) -> None: ...
 
     @abstractmethod
-    def request(self, service: str, msg: Any, response_type: str, timeout_s: float | None = None) -> Any: ...
+    def request(self, service: str, msg: Any, response_type: str, timeout_s: float | None = None,
+                address: str | None = None) -> Any: ...
 
     @abstractmethod
     def close(self) -> None: ...
@@ -235,24 +237,28 @@ class ZmqBus(Bus):
         self._wake()
 
     # -- request/reply ----------------------------------------------------------------------------
-    def serve(self, service: str, request_type: str, response_type: str, handler: Handler) -> None:
-        """Answer requests to `service` (address from `cfg.services`) with `handler(request) -> response`."""
-        if service not in self.cfg.services:
+    def serve(self, service: str, request_type: str, response_type: str, handler: Handler,
+              address: str | None = None) -> None:
+        """Answer requests to `service` with `handler(request) -> response`, on `address` (default: the
+        service's address in `cfg.services`). Several services may share one address."""
+        address = address or self.cfg.services.get(service)
+        if address is None:
             raise BusError(f"service {service!r} has no address in the bus config (services: "
                            f"{sorted(self.cfg.services)})")
         request_type, response_type = codec.normalize_type(request_type), codec.normalize_type(response_type)
         with self._lock:
             self._handlers[service] = (request_type, response_type, handler)
-            self._pending.append(("serve", self.cfg.services[service]))
+            self._pending.append(("serve", address))
         self._wake()
 
-    def request(self, service: str, msg: Any, response_type: str, timeout_s: float | None = None) -> Any:
-        """Send `msg` to `service` and wait for its typed reply.
+    def request(self, service: str, msg: Any, response_type: str, timeout_s: float | None = None,
+                address: str | None = None) -> Any:
+        """Send `msg` to `service` (at `address`, default from `cfg.services`) and wait for its typed reply.
 
         Raises RequestTimeoutError (with a CURVE hint when the handshake was refused), RemoteError when the
         server answered with an error, CodecError when the reply is malformed.
         """
-        address = self.cfg.services.get(service)
+        address = address or self.cfg.services.get(service)
         if address is None:
             raise BusError(f"service {service!r} has no address in the bus config")
         timeout_s = self.cfg.request_timeout_s if timeout_s is None else timeout_s

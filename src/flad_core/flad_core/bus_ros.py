@@ -84,11 +84,13 @@ class RosBus(Bus):
         sub = self.node.create_subscription(get_message(typename), topic, on_raw, qos_for(topic, typename), raw=True)
         self._subscriptions.append(sub)
 
-    def serve(self, service: str, request_type: str, response_type: str, handler: Handler) -> None:
-        self._zmq.serve(service, request_type, response_type, handler)
+    def serve(self, service: str, request_type: str, response_type: str, handler: Handler,
+              address: str | None = None) -> None:
+        self._zmq.serve(service, request_type, response_type, handler, address)
 
-    def request(self, service: str, msg: Any, response_type: str, timeout_s: float | None = None) -> Any:
-        return self._zmq.request(service, msg, response_type, timeout_s)
+    def request(self, service: str, msg: Any, response_type: str, timeout_s: float | None = None,
+                address: str | None = None) -> Any:
+        return self._zmq.request(service, msg, response_type, timeout_s, address)
 
     def close(self) -> None:
         self._executor.shutdown()

@@ -50,8 +50,14 @@ class VehicleSpec:
     profile: str = "jetson_nano"
     town: str = ""
     predicted_dwell_s: float = 600.0
+    control: str = ""    # tcp address where this vehicle serves edge requests (FHDP training)
+    data: str = ""       # tcp address of its pipeline inbox (tensor frames)
 
     def validate(self) -> None:
+        for key in ("control", "data"):
+            value = getattr(self, key)
+            if value and not re.fullmatch(r"tcp://[^:/]+:\d+", value):
+                raise ConfigError(key, f"bad ZeroMQ address {value!r} (expected e.g. tcp://127.0.0.1:7200)")
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]{0,63}", self.id):
             raise ConfigError("id", f"vehicle id {self.id!r} must start with a letter and use [A-Za-z0-9_-]")
 
@@ -135,4 +141,7 @@ def with_port_base(cfg: FleetConfig, base: int) -> FleetConfig:
         hub_sub=_move_port(cfg.bus.hub_sub, base, offsets),
         services={k: _move_port(v, base, offsets) for k, v in cfg.bus.services.items()},
     )
-    return dataclasses.replace(cfg, bus=bus)
+    vehicles = [dataclasses.replace(v, control=_move_port(v.control, base, offsets) if v.control else "",
+                                    data=_move_port(v.data, base, offsets) if v.data else "")
+                for v in cfg.vehicles]
+    return dataclasses.replace(cfg, bus=bus, vehicles=vehicles)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -73,7 +74,10 @@ class ProcessGroup:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
+                log.warning("%s (pid %d) ignored SIGTERM; dumping its stacks (SIGUSR1) and killing it", name, proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGUSR1)
+                time.sleep(0.3)
                 proc.kill()
                 proc.wait()
         for fh in self._logs:
@@ -97,3 +101,5 @@ def install_stop_handlers(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    # `kill -USR1 <pid>` dumps every thread's stack to stderr: how to see where a stuck role waits
+    faulthandler.register(signal.SIGUSR1, all_threads=True)

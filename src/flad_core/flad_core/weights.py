@@ -30,7 +30,8 @@ class WeightsError(ValueError):
 def to_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """safetensors bytes of a state dict (tensors made contiguous and moved to CPU)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    return st_save(tensors, metadata=dict(metadata or {}))
+    # safetensors 0.8 writes invalid JSON for an empty state with an empty metadata dict: pass None
+    return st_save(tensors, metadata=dict(metadata) if metadata else None)
 
 
 def from_bytes(data: bytes, *, expect: Mapping[str, torch.Tensor] | None = None, finite: bool = True,

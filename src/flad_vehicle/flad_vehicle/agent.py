@@ -38,6 +38,7 @@ class VehicleAgent:
         self.bus = bus or ZmqBus(vehicle_id, fleet.bus, security_for(fleet, vehicle_id))
         self.seq = 0
         self.round = 0
+        self.state = "idle"   # reported in status messages; trainers set "training"
         self.stop = threading.Event()
         self.bus.subscribe(TOPIC_ROUND, "flad_msgs/msg/RoundControl", self._on_round)
 
@@ -46,7 +47,8 @@ class VehicleAgent:
                             tflops=self.profile.tflops, link_mbps=self.profile.link_mbps, emulated=True)
         # Pose and speed stay zero until the vehicle drives in a world (embedded or CARLA).
         return codec.new("flad_msgs/msg/VehicleStatus", header=codec.header(), vehicle_id=self.spec.id, profile=profile,
-                         speed_mps=0.0, predicted_dwell_s=self.spec.predicted_dwell_s, state=state)
+                         speed_mps=0.0, predicted_dwell_s=self.spec.predicted_dwell_s, state=state,
+                         control_address=self.spec.control, data_address=self.spec.data)
 
     def heartbeat_msg(self, state: int):
         self.seq += 1
@@ -80,17 +82,21 @@ class VehicleAgent:
 
     def run(self) -> int:
         self.register()
+        self.heartbeat_loop()
+        return 0
+
+    def heartbeat_loop(self) -> None:
+        """Heartbeat and report status until `stop` is set, then say goodbye."""
         interval = self.fleet.heartbeat.interval_s
         next_beat = time.monotonic()
         while not self.stop.is_set():
             self.bus.publish(TOPIC_HEARTBEAT, self.heartbeat_msg(Heartbeat.STATE_IDLE))
-            self.bus.publish(TOPIC_STATUS, self.status_msg("idle"))
+            self.bus.publish(TOPIC_STATUS, self.status_msg(self.state))
             next_beat += interval
             self.stop.wait(max(0.0, next_beat - time.monotonic()))
         # say goodbye so the edge records a departure rather than a loss
         self.bus.publish(TOPIC_HEARTBEAT, self.heartbeat_msg(Heartbeat.STATE_LEAVING))
         time.sleep(0.1)
-        return 0
 
     def close(self) -> None:
         self.bus.close()

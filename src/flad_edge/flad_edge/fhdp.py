@@ -1,0 +1,274 @@
+"""FHDP at the edge: FL rounds over resource-sufficient vehicles and clusters, with dynamic stage exchange.
+
+Each round the edge selects its clients: every resource-sufficient vehicle (a one-stage pipeline of its
+own) and every cluster (one FL client, trained by pipeline parallelism). A cluster runs its essential
+pipelines in rotation (SWIFT plans one per member, with that member as the data-owning first stage), so
+every member's data trains the model; between pipelines only the layers whose owner changes move, with
+their optimizer state. At the end of the round the edge fetches each client's layers, FedAvgs the
+clients by samples trained (`RoundCollector`: each update counted once, deadline + quorum), and -- with
+a cloud -- uploads the edge aggregate and takes the cloud's global model back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flad_core import codec
+from flad_core.bus import BusError
+from flad_core.fleet import FleetConfig
+from flad_core.runs import RunDir
+from flad_edge.aggregation import RoundCollector, Update
+from flad_edge.edge import EdgeServer
+from flad_vehicle.encoder.config import get_config
+from flad_vehicle.encoder.model import VisionEncoder
+from flad_vehicle.encoder.partition import Partitioner
+from flad_vehicle.fhdp.layerstore import LayerStore
+from flad_vehicle.fhdp.worker import (
+    EDGE_OWNER,
+    SERVICE_ASSIGN,
+    SERVICE_EDGE_LAYERS,
+    SERVICE_EDGE_READY,
+    SERVICE_EDGE_REPORT,
+    SERVICE_LAYERS,
+    SERVICE_START,
+    LayerServer,
+    fetch_layers,
+)
+
+log = logging.getLogger("flad_edge.fhdp")
+
+
+@dataclass
+class FhdpConfig:
+    """How the edge trains (the paper: batch 4, 5 local epochs; ours are scaled for a CPU demo)."""
+
+    rounds: int = 3
+    local_steps: int = 3            # training steps per pipeline per round
+    batch_size: int = 4
+    n_micro: int = 2
+    schedule: str = "1f1b"
+    codec: str = "fp32"
+    time_scale: float = 0.02        # emulation: every device runs 1/time_scale times faster than real
+    round_deadline_s: float = 600.0
+    quorum: int = 1
+    clusters: list[list[str]] = field(default_factory=list)   # explicit clusters; others train alone
+    planner: str = "exact"          # SWIFT method for the essential pipelines (exact: optimal, small clusters)
+    encoder: str = "tiny"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"schedule must be gpipe or 1f1b, got {self.schedule!r}")
+        if self.n_micro < 1 or self.batch_size < self.n_micro:
+            raise ValueError("need 1 <= n_micro <= batch_size")
+
+
+@dataclass
+class Client:
+    """One FL client: a vehicle alone (one pipeline of one stage) or a cluster (its essential pipelines)."""
+
+    id: str
+    members: list[str]
+    pipelines: list[list[tuple[str, int, int]]]   # each: [(vehicle, start, end)] in stage order
+
+
+class FhdpEdge:
+    def __init__(self, fleet: FleetConfig, cfg: FhdpConfig, run: RunDir | None = None,
+                 edge: EdgeServer | None = None) -> None:
+        self.fleet, self.cfg, self.run = fleet, cfg, run
+        torch.manual_seed(cfg.seed)
+        self.model = VisionEncoder(get_config(cfg.encoder))
+        self.part = Partitioner(self.model)
+        self.layers = list(self.part.graph.names)
+        self.global_store = LayerStore(self.model, self.layers)
+        self.global_store.owned = set(self.layers)
+        self.edge = edge or EdgeServer(fleet)
+        self.bus = self.edge.bus
+        self.server = LayerServer(fleet.edge.id, lambda names: self.global_store.export(names, with_optimizer=False))
+        self._events: dict[tuple[str, str, str], threading.Event] = {}
+        self._reports: dict[tuple[str, str, str], Any] = {}
+        self._lock = threading.Lock()
+        for service, handler, rtype in ((SERVICE_EDGE_LAYERS, self.server.handle, "flad_msgs/msg/WeightChunk"),
+                                        (SERVICE_EDGE_READY, self._on_ready, "flad_msgs/msg/Ack"),
+                                        (SERVICE_EDGE_REPORT, self._on_report, "flad_msgs/msg/Ack")):
+            req = "flad_msgs/msg/LayerRequest" if service == SERVICE_EDGE_LAYERS else "flad_msgs/msg/StepReport"
+            self.bus.serve(service, req, rtype, handler)
+        self.version = 0
+
+    # -- reports from vehicles (bus thread) ----------------------------------------------------------
+    def _slot(self, kind: str, pipeline_id: str, vehicle: str) -> threading.Event:
+        with self._lock:
+            return self._events.setdefault((kind, pipeline_id, vehicle), threading.Event())
+
+    def _record(self, kind: str, msg) -> Any:
+        with self._lock:
+            self._reports[(kind, msg.pipeline_id, msg.vehicle_id)] = msg
+        self._slot(kind, msg.pipeline_id, msg.vehicle_id).set()
+        return codec.new("flad_msgs/msg/Ack", ok=True, message="noted")
+
+    def _on_ready(self, msg):
+        return self._record("ready", msg)
+
+    def _on_report(self, msg):
+        return self._record("report", msg)
+
+    def _wait(self, kind: str, pipeline_id: str, vehicles: list[str], timeout_s: float) -> dict[str, Any]:
+        """Every member's report of `kind`; fails as soon as any member reports an error."""
+        deadline = time.monotonic() + timeout_s
+        out: dict[str, Any] = {}
+        while len(out) < len(vehicles):
+            for v in vehicles:
+                if v in out or not self._slot(kind, pipeline_id, v).is_set():
+                    continue
+                rep = self._reports[(kind, pipeline_id, v)]
+                if rep.error:
+                    raise RuntimeError(f"{v} failed {kind} of {pipeline_id}: {rep.error}")
+                out[v] = rep
+            if len(out) < len(vehicles):
+                if time.monotonic() > deadline:
+                    missing = [v for v in vehicles if v not in out]
+                    raise TimeoutError(f"{missing} did not report {kind} for {pipeline_id} within {timeout_s:.0f} s")
+                time.sleep(0.01)
+        return out
+
+    # -- planning --------------------------------------------------------------------------------------
+    def clients(self) -> list[Client]:
+        """Clusters from the config (pipelines planned by SWIFT); every other vehicle trains alone."""
+        n = len(self.layers)
+        in_cluster = {v for c in self.cfg.clusters for v in c}
+        out = [Client(v.id, [v.id], [[(v.id, 0, n)]]) for v in self.fleet.vehicles if v.id not in in_cluster]
+        for i, members in enumerate(self.cfg.clusters):
+            out.append(Client(f"cluster{i + 1}", list(members), self.essential_pipelines(members)))
+        return out
+
+    def essential_pipelines(self, members: list[str]) -> list[list[tuple[str, int, int]]]:
+        """One pipeline per member, that member first (SWIFT plans the rest of the order and the cuts)."""
+        from flad_edge.swift import Cluster, Vehicle, plan
+        from flad_edge.swift.model import load_profile
+
+        profile = load_profile(self.layer_profile())
+        profiles = self.fleet.all_profiles()
+        cluster = Cluster([Vehicle(m, profiles[self.fleet.vehicle(m).profile].mem_bytes,
+                                   profiles[self.fleet.vehicle(m).profile].tflops,
+                                   profiles[self.fleet.vehicle(m).profile].link_mbps, 1.0) for m in members],
+                          n_batch=self.cfg.batch_size)
+        pipelines = []
+        for first in members:
+            p = plan(cluster, profile, self.cfg.planner, first=first, objective="bottleneck")
+            if not p.feasible:
+                raise RuntimeError(f"SWIFT found no pipeline with {first} first: {p.reason}")
+            pipelines.append([(str(v), s, e) for v, (s, e) in zip(p.path, p.ranges, strict=True)])
+        return pipelines
+
+    def layer_profile(self) -> dict:
+        if not hasattr(self, "_profile"):
+            from flad_vehicle.encoder.model import batch_to_torch
+            from flad_vehicle.encoder.profile import profile_model
+            from flad_vehicle.encoder.synthetic import synthetic_batches
+
+            batch = batch_to_torch(next(synthetic_batches(1, 2, seed=0)))
+            self._profile = profile_model(VisionEncoder(get_config(self.cfg.encoder)), batch, measure=False)
+        return self._profile
+
+    # -- one client's round ----------------------------------------------------------------------------
+    def _assignment(self, client: Client, pipeline: list[tuple[str, int, int]], owners: list[str], rnd: int,
+                    first_step: int):
+        specs = {v.id: v for v in self.fleet.vehicles}
+        stages = [codec.new("flad_msgs/msg/StageAssignment", vehicle_id=v, stage_index=i, layer_start=s, layer_end=e)
+                  for i, (v, s, e) in enumerate(pipeline)]
+        template = codec.new("flad_msgs/msg/PipelineTemplate", header=codec.header(), cluster_id=client.id,
+                             method=self.cfg.planner, stages=stages)
+        return codec.new(
+            "flad_msgs/msg/PipelineAssignment", header=codec.header(),
+            pipeline_id=f"r{rnd}-{client.id}-{pipeline[0][0]}-{uuid.uuid4().hex[:6]}", round=rnd, template=template,
+            member_ids=client.members, member_control_addresses=[specs[m].control for m in client.members],
+            stage_inbox_addresses=[specs[v].data for v, _, _ in pipeline], layer_owner=owners,
+            schedule=self.cfg.schedule, codec=self.cfg.codec, n_micro=self.cfg.n_micro,
+            batch_size=self.cfg.batch_size, steps=self.cfg.local_steps, first_step=first_step,
+            time_scale=self.cfg.time_scale)
+
+    def train_client(self, client: Client, rnd: int, timeout_s: float) -> dict[str, Any]:
+        """Run the client's pipelines in rotation; return its update (layers fetched back) and stats."""
+        specs = {v.id: v for v in self.fleet.vehicles}
+        owners = [EDGE_OWNER] * len(self.layers)
+        stats: dict[str, Any] = {"client": client.id, "pipelines": [], "moved_bytes": 0, "samples": 0}
+        step = rnd * 10_000
+        for pipeline in client.pipelines:
+            a = self._assignment(client, pipeline, owners, rnd, step)
+            members = [v for v, _, _ in pipeline]
+            for v in members:
+                self.bus.request(SERVICE_ASSIGN, a, "flad_msgs/msg/Ack", address=specs[v].control)
+            ready = self._wait("ready", a.pipeline_id, members, timeout_s)
+            for v in members:
+                self.bus.request(SERVICE_START, a, "flad_msgs/msg/Ack", address=specs[v].control)
+            reports = self._wait("report", a.pipeline_id, members, timeout_s)
+            last = reports[members[-1]]
+            moved = sum(r.layer_bytes_fetched for r in ready.values()) if owners[0] != EDGE_OWNER else 0
+            stats["moved_bytes"] += moved
+            stats["samples"] += self.cfg.local_steps * self.cfg.batch_size
+            stats["pipelines"].append({"first": members[0], "stages": [(v, s, e) for v, s, e in pipeline],
+                                       "loss": last.loss, "wall_s": max(r.wall_s for r in reports.values()),
+                                       "moved_bytes": moved})
+            step += self.cfg.local_steps
+            for v, s, e in pipeline:
+                for i in range(s, e):
+                    owners[i] = v
+        # gather the client's model back, layer by layer from their owners
+        state: dict[str, torch.Tensor] = {}
+        by_owner: dict[str, list[str]] = {}
+        for layer, owner in zip(self.layers, owners, strict=True):
+            by_owner.setdefault(owner, []).append(layer)
+        for owner, layers in by_owner.items():
+            payload, _ = fetch_layers(self.bus, specs[owner].control, SERVICE_LAYERS, layers, self.fleet.edge.id)
+            state.update({k[2:]: v for k, v in payload.items() if k.startswith("p/")})
+        stats["loss"] = float(sum(p["loss"] for p in stats["pipelines"]) / len(stats["pipelines"]))
+        return {"state": state, "stats": stats}
+
+    # -- rounds ----------------------------------------------------------------------------------------
+    def run_round(self, rnd: int, clients: list[Client]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        collector = RoundCollector(rnd, [c.id for c in clients], self.cfg.round_deadline_s, self.cfg.quorum)
+        results: dict[str, dict] = {}
+        errors: dict[str, str] = {}
+
+        def work(c: Client) -> None:
+            try:
+                out = self.train_client(c, rnd, self.cfg.round_deadline_s)
+                results[c.id] = out["stats"]
+                collector.offer(Update(c.id, rnd, f"{c.id}-r{rnd}-{uuid.uuid4().hex[:8]}", out["stats"]["samples"],
+                                       out["state"]))
+            except (BusError, TimeoutError, RuntimeError, ValueError) as exc:
+                log.error("round %d: client %s failed: %s", rnd, c.id, exc)
+                errors[c.id] = str(exc)
+
+        threads = [threading.Thread(target=work, args=(c,), name=f"client-{c.id}", daemon=True) for c in clients]
+        for t in threads:
+            t.start()
+        collector.wait()
+        if not collector.updates:
+            raise RuntimeError(f"round {rnd}: no client delivered an update ({errors})")
+        state, samples = collector.aggregate()
+        self.model.load_state_dict({**self.model.state_dict(), **state})
+        self.version += 1
+        summary = {"round": rnd, "clients": len(clients), "accepted": len(collector.updates),
+                   "missing": collector.missing(), "samples": samples,
+                   "train_loss": float(sum(r["loss"] for r in results.values()) / max(1, len(results))),
+                   "moved_bytes": int(sum(r["moved_bytes"] for r in results.values())),
+                   "seconds": round(time.monotonic() - t0, 2), "errors": errors,
+                   "per_client": {k: {"loss": v["loss"], "moved_bytes": v["moved_bytes"],
+                                      "pipelines": len(v["pipelines"])} for k, v in results.items()}}
+        if self.run is not None:
+            self.run.log_metrics(summary)
+        return summary
+
+
+def nan_to_none(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else x

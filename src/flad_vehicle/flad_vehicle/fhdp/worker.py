@@ -1,0 +1,299 @@
+"""The FHDP vehicle process: registers with the edge, then trains encoder partitions on command.
+
+The edge drives training with `flad_msgs/PipelineAssignment`s, in two phases per pipeline:
+  1. `vehicle/assign` (prepare): take the stage's layer range; fetch every newly owned layer (weights +
+     AdamW state) from its current owner, or from the edge for a fresh round; keep the rest. Then tell
+     the edge `edge/ready`. Only layers whose owner changes move (dynamic stage exchange).
+  2. `vehicle/start`: run the assignment's steps as that stage (the data owner feeds its own batches),
+     then report to `edge/report` with timings, bytes and the loss.
+Between the phases and afterwards the vehicle serves `vehicle/layers` so peers (and the edge, at the
+end of a round) can fetch the layers it owns. A resource-sufficient vehicle is simply a one-stage
+pipeline of its own.
+
+The work runs on its own threads: bus handlers only enqueue, so vehicles that fetch layers from each
+other at the same time cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import uuid
+from typing import Any
+
+import torch
+import zmq
+
+from flad_core import codec
+from flad_core import weights as wts
+from flad_core.bus import BusError
+from flad_core.emulation import ComputeDilation, MemoryGuard, TokenBucket
+from flad_core.procs import install_stop_handlers
+from flad_core.roles import add_role_args, fleet_from_args, setup_role_logging
+from flad_core.runs import seed_everything
+from flad_vehicle.agent import VehicleAgent
+from flad_vehicle.encoder.config import get_config
+from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder
+from flad_vehicle.encoder.partition import Partitioner
+
+from .data import vehicle_batches
+from .layerstore import LayerStore
+from .links import Inbox, LinkStats, OutLink
+from .optim import stage_adamw
+from .runner import StageRunner
+
+log = logging.getLogger("flad_vehicle.fhdp.worker")
+
+EDGE_OWNER = "edge"
+SERVICE_ASSIGN, SERVICE_START, SERVICE_LAYERS = "vehicle/assign", "vehicle/start", "vehicle/layers"
+SERVICE_EDGE_READY, SERVICE_EDGE_REPORT, SERVICE_EDGE_LAYERS = "edge/ready", "edge/report", "edge/layers"
+
+
+def fetch_layers(bus, address: str, service: str, layers: list[str], requester: str,
+                 timeout_s: float = 30.0) -> tuple[dict[str, torch.Tensor], int]:
+    """Fetch `layers` (weights + optimizer state) from the holder at `address`; returns (payload, bytes)."""
+    transfer = uuid.uuid4().hex
+    asm = wts.ChunkAssembler()
+    index = 0
+    while True:
+        req = codec.new("flad_msgs/msg/LayerRequest", requester=requester, transfer_id=transfer, layers=layers,
+                        chunk_index=index)
+        chunk = bus.request(service, req, "flad_msgs/msg/WeightChunk", timeout_s=timeout_s, address=address)
+        if asm.add(chunk):
+            break
+        index += 1
+    data = asm.payload()
+    return wts.from_bytes(data, what=f"layers from {address}"), len(data)
+
+
+class LayerServer:
+    """Answers LayerRequests chunk by chunk from a cached payload per transfer."""
+
+    def __init__(self, sender: str, export, max_cached: int = 8) -> None:
+        self.sender = sender
+        self.export = export
+        self.cache: dict[str, list[Any]] = {}
+        self.max_cached = max_cached
+        self.bytes_served = 0
+        self._lock = threading.Lock()
+
+    def handle(self, req):
+        with self._lock:
+            chunks = self.cache.get(req.transfer_id)
+            if chunks is None:
+                payload = wts.to_bytes(self.export(list(req.layers)))
+                chunks = wts.chunk_messages(payload, sender=self.sender, update_id=req.transfer_id)
+                if len(self.cache) >= self.max_cached:
+                    self.cache.pop(next(iter(self.cache)))
+                self.cache[req.transfer_id] = chunks
+                self.bytes_served += len(payload)
+            if req.chunk_index >= len(chunks):
+                raise ValueError(f"chunk {req.chunk_index} of a {len(chunks)}-chunk transfer")
+            chunk = chunks[req.chunk_index]
+            if req.chunk_index == len(chunks) - 1:
+                self.cache.pop(req.transfer_id, None)
+            return chunk
+
+
+class FhdpVehicle:
+    """One vehicle's FHDP trainer (see the module docstring)."""
+
+    def __init__(self, fleet, vehicle_id: str, data: str = "synthetic", encoder: str = "tiny", seed: int = 0,
+                 threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        seed_everything(seed)
+        self.fleet = fleet
+        self.agent = VehicleAgent(fleet, vehicle_id)
+        self.spec = self.agent.spec
+        if not self.spec.control or not self.spec.data:
+            raise ValueError(f"vehicle {vehicle_id} needs `control` and `data` addresses in the fleet file")
+        self.bus = self.agent.bus
+        self.profile = self.agent.profile
+        self.data = data
+        self.cfg = get_config(encoder)
+        self.model = VisionEncoder(self.cfg)
+        self.part = Partitioner(self.model)
+        self.store = LayerStore(self.model, self.part.graph.names)
+        self.ctx = zmq.Context.instance()
+        self.inbox = Inbox(self.ctx, self.spec.data)
+        self.link_stats = LinkStats()
+        self.server = LayerServer(vehicle_id, self.store.export)
+        self._batches: dict[int, Any] = {}
+        self._current: dict[str, Any] | None = None
+        self._jobs: list[tuple[str, Any]] = []
+        self._jobs_ready = threading.Condition()
+        self.bus.serve(SERVICE_ASSIGN, "flad_msgs/msg/PipelineAssignment", "flad_msgs/msg/Ack",
+                       lambda m: self._enqueue("assign", m), address=self.spec.control)
+        self.bus.serve(SERVICE_START, "flad_msgs/msg/PipelineAssignment", "flad_msgs/msg/Ack",
+                       lambda m: self._enqueue("start", m), address=self.spec.control)
+        self.bus.serve(SERVICE_LAYERS, "flad_msgs/msg/LayerRequest", "flad_msgs/msg/WeightChunk",
+                       self.server.handle, address=self.spec.control)
+
+    # -- control ------------------------------------------------------------------------------------
+    def _enqueue(self, kind: str, msg):
+        with self._jobs_ready:
+            self._jobs.append((kind, msg))
+            self._jobs_ready.notify()
+        return codec.new("flad_msgs/msg/Ack", ok=True, message=f"{kind} queued")
+
+    def work_loop(self) -> None:
+        """Run queued assignments in order until the agent stops."""
+        while not self.agent.stop.is_set():
+            with self._jobs_ready:
+                if not self._jobs:
+                    self._jobs_ready.wait(0.2)
+                    continue
+                kind, msg = self._jobs.pop(0)
+            try:
+                if kind == "assign":
+                    self.prepare(msg)
+                else:
+                    self.train(msg)
+            except Exception as exc:
+                log.exception("%s of %s failed", kind, msg.pipeline_id)
+                self._report(msg, error=f"{type(exc).__name__}: {exc}", service=SERVICE_EDGE_READY
+                             if kind == "assign" else SERVICE_EDGE_REPORT)
+
+    # -- phase 1: take the stage, moving only the layers whose owner changes ---------------------------
+    def prepare(self, a) -> None:
+        stages = list(a.template.stages)
+        mine = [s for s in stages if s.vehicle_id == self.spec.id]
+        if len(mine) != 1:
+            raise ValueError(f"{self.spec.id} appears {len(mine)} times in pipeline {a.pipeline_id}")
+        me = mine[0]
+        wanted = self.store.layers_in(me.layer_start, me.layer_end)
+        owners = list(a.layer_owner)
+        if len(owners) != len(self.store.layer_names):
+            raise ValueError(f"layer_owner lists {len(owners)} layers, the encoder has {len(self.store.layer_names)}")
+        addresses = dict(zip(a.member_ids, a.member_control_addresses, strict=True))
+        fetched = 0
+        by_source: dict[str, list[str]] = {}
+        for layer in wanted:
+            owner = owners[self.store.layer_names.index(layer)]
+            if owner == self.spec.id and layer in self.store.owned:
+                continue
+            by_source.setdefault(owner, []).append(layer)
+        for source, layers in by_source.items():
+            if source == EDGE_OWNER:
+                payload, n = fetch_layers(self.bus, self.fleet.bus.services.get(SERVICE_EDGE_LAYERS, ""),
+                                          SERVICE_EDGE_LAYERS, layers, self.spec.id)
+            else:
+                if source not in addresses:
+                    raise ValueError(f"layer owner {source!r} is not a member of the cluster")
+                payload, n = fetch_layers(self.bus, addresses[source], SERVICE_LAYERS, layers, self.spec.id)
+            self.store.import_(layers, payload)
+            fetched += n
+        self._current = {"assignment": a, "stage_index": me.stage_index, "range": (me.layer_start, me.layer_end),
+                         "fetched": fetched, "wanted": wanted}
+        log.info("%s ready for %s: stage %d layers [%d, %d), fetched %d bytes from %s", self.spec.id, a.pipeline_id,
+                 me.stage_index, me.layer_start, me.layer_end, fetched, sorted(by_source) or "nobody")
+        self._report(a, service=SERVICE_EDGE_READY, fetched=fetched, stage_index=me.stage_index)
+
+    # -- phase 2: run the steps ------------------------------------------------------------------------
+    def train(self, a) -> None:
+        cur = self._current
+        if cur is None or cur["assignment"].pipeline_id != a.pipeline_id:
+            raise ValueError(f"start for {a.pipeline_id} before it was prepared")
+        # layers that moved to other stages are no longer ours (their new owners fetched them in phase 1)
+        self.store.release([layer for layer in list(self.store.owned) if layer not in cur["wanted"]])
+        index, n_stages = cur["stage_index"], len(a.template.stages)
+        stage = self.part.stage(cur["range"])
+        # a parameter-free stage (e.g. only the loss layer) has nothing to optimise
+        optimizer = stage_adamw(stage, self.model) if any(True for _ in stage.parameters()) else None
+        if optimizer is not None:
+            self.store.attach(optimizer)
+        stage_ids = [s.vehicle_id for s in sorted(a.template.stages, key=lambda s: s.stage_index)]
+        scale = a.time_scale if a.time_scale > 0 else 1.0
+
+        def link(peer_index: int) -> OutLink:
+            return OutLink(self.ctx, stage_ids[peer_index], a.stage_inbox_addresses[peer_index], index,
+                           codec=a.codec or "fp32", bucket=TokenBucket.from_mbps(self.profile.link_mbps, scale),
+                           stats=self.link_stats)
+
+        prev = link(index - 1) if index > 0 else None
+        nxt = link(index + 1) if index < n_stages - 1 else None
+        runner = StageRunner(stage, index, n_stages, inbox=self.inbox, prev=prev, next=nxt, optimizer=optimizer,
+                             schedule=a.schedule or "1f1b", n_micro=max(1, a.n_micro), grad_clip=5.0,
+                             label_names=LABEL_INPUTS, dilation=ComputeDilation(self.profile.tflops, scale),
+                             memory=MemoryGuard(self.profile.mem_bytes, self.spec.profile), timeout_s=120.0)
+        self.agent.state = "training"
+        batches = vehicle_batches(self.data, self.spec.id, a.batch_size, seed=self.fleet.seed) if index == 0 else None
+        totals = {"loss": 0.0, "wall": 0.0, "compute": 0.0, "emulated": 0.0, "wait": 0.0, "bytes": 0}
+        try:
+            for i in range(a.steps):
+                batch = next(batches) if batches is not None else None
+                res = runner.run_step(a.first_step + i, batch)
+                totals["loss"] += res.loss or 0.0
+                totals["wall"] += res.wall_s
+                totals["compute"] += res.compute_s
+                totals["emulated"] += res.emulated_compute_s
+                totals["wait"] += res.wait_s
+                totals["bytes"] += res.bytes_sent
+        finally:
+            if optimizer is not None:
+                self.store.detach(optimizer)
+            for lk in (prev, nxt):
+                if lk is not None:
+                    lk.close()
+            self.agent.state = "idle"
+        loss = totals["loss"] / max(1, a.steps) if index == n_stages - 1 else None
+        self._report(a, service=SERVICE_EDGE_REPORT, steps=a.steps, loss=loss, wall=totals["wall"],
+                     compute=totals["compute"], emulated=totals["emulated"], wait=totals["wait"],
+                     bytes_sent=totals["bytes"], fetched=cur["fetched"], stage_index=index)
+
+    def _report(self, a, *, service: str, error: str = "", steps: int = 0, loss: float | None = None,
+                wall: float = 0.0, compute: float = 0.0, emulated: float = 0.0, wait: float = 0.0,
+                bytes_sent: int = 0, fetched: int = 0, stage_index: int = 0) -> None:
+        report = codec.new("flad_msgs/msg/StepReport", header=codec.header(), vehicle_id=self.spec.id,
+                           pipeline_id=a.pipeline_id, stage_index=stage_index, steps_done=steps,
+                           has_loss=loss is not None, loss=loss or 0.0,
+                           wall_s=wall, compute_s=compute, emulated_compute_s=emulated, wait_s=wait,
+                           bytes_sent=bytes_sent, layer_bytes_fetched=fetched, error=error)
+        try:
+            self.bus.request(service, report, "flad_msgs/msg/Ack", timeout_s=30.0)
+        except BusError as exc:
+            log.error("%s: could not report to the edge: %s", self.spec.id, exc)
+
+    def run(self) -> int:
+        self.agent.register()
+        hb = threading.Thread(target=self.agent.heartbeat_loop, name="heartbeat", daemon=True)
+        hb.start()
+        try:
+            self.work_loop()
+        finally:
+            hb.join(timeout=5)
+        return 0
+
+    def close(self) -> None:
+        self.inbox.close()
+        self.agent.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flad-fhdp-vehicle", description="Run one vehicle's FHDP trainer.")
+    parser.add_argument("--id", required=True, help="vehicle id from the fleet file")
+    parser.add_argument("--data", default="synthetic", help="fleet dataset root, or 'synthetic'")
+    parser.add_argument("--encoder", default="tiny", help="encoder config (tiny or paper)")
+    parser.add_argument("--seed", type=int, default=0)
+    add_role_args(parser)
+    args = parser.parse_args(argv)
+    setup_role_logging(args, f"vehicle-{args.id}")
+    fleet = fleet_from_args(args)
+    vehicle = FhdpVehicle(fleet, args.id, data=args.data, encoder=args.encoder, seed=args.seed)
+    install_stop_handlers(vehicle.agent.stop)
+    try:
+        return vehicle.run()
+    except BusError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        vehicle.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["FhdpVehicle", "LayerServer", "fetch_layers", "main"]
