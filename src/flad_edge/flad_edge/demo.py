@@ -1,9 +1,15 @@
 """`flad demo`: the whole system on one machine, as real processes on loopback ZeroMQ.
 
-Today: an edge (hosting the bus hub) and the fleet's vehicles start as separate OS processes; the
-vehicles register, heartbeat and report status; the edge prints its fleet table; everything exits
-cleanly, also on Ctrl-C (children are stopped and never outlive the launcher). The demo grows with
-each capability (world, training rounds, recovery, waypoint service).
+Default (FHDP): a cloud, an edge and the fleet's vehicles (launch/fleet.yaml: 2 resource-sufficient
+Jetson AGX, 2 clusters of 2 Nano/NX) start as separate OS processes. Each vehicle trains the tiny
+vision encoder on its own embedded-world data (collected first into the run folder, unless --data
+points at a `flad sim collect` output): the AGXs alone, each cluster by pipeline parallelism over its
+SWIFT-planned essential pipelines in rotation. The edge FedAvgs the clients each round, the cloud
+aggregates the edge, and per-round metrics print as they come. Device speeds are emulated (Table 1).
+
+--control-plane-only: just registration, heartbeats and the edge's fleet table (a few seconds).
+
+Everything exits cleanly, also on Ctrl-C; children never outlive the launcher.
 """
 
 from __future__ import annotations
@@ -32,18 +38,29 @@ def _prepare_fleet(args: argparse.Namespace, run: RunDir) -> FleetConfig:
     if args.vehicles is not None:
         base = fleet.vehicles or [VehicleSpec(id="v1")]
         fleet = dataclasses.replace(fleet, vehicles=[
-            dataclasses.replace(base[i % len(base)], id=f"v{i + 1}") for i in range(args.vehicles)])
+            dataclasses.replace(base[i % len(base)], id=f"v{i + 1}", control="", data="")
+            for i in range(args.vehicles)])
     if args.port_base is not None:
         fleet = with_port_base(fleet, args.port_base)
     if args.curve:
         keys, allowed = run.path / "keys", run.path / "keys" / "allowed"
         # the edge's own bus endpoint is a client of its hub, so its key is allowed too
-        generate_keypair(keys, fleet.edge.id, allow_dir=allowed)
-        for v in fleet.vehicles:
-            generate_keypair(keys, v.id, allow_dir=allowed)
+        for name in (fleet.edge.id, fleet.cloud.id, *(v.id for v in fleet.vehicles)):
+            generate_keypair(keys, name, allow_dir=allowed)
         fleet = dataclasses.replace(fleet, security=dataclasses.replace(
             fleet.security, curve=True, keys_dir=keys, allow_dir=allowed, server=fleet.edge.id))
     return fleet
+
+
+def _collect_data(fleet: FleetConfig, run: RunDir, frames: int, seed: int) -> Path:
+    from flad_sim.dataset import CollectConfig, collect
+
+    out = run.path / "data"
+    print(f"collecting {frames} embedded-world frames for each of {len(fleet.vehicles)} vehicles "
+          f"(non-IID: one town per vehicle) into {out}")
+    collect(CollectConfig(out=str(out), vehicles=len(fleet.vehicles), frames_per_vehicle=frames, seed=seed,
+                          workers=2))
+    return out
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -57,22 +74,37 @@ def run_demo(args: argparse.Namespace) -> int:
     fleet_file = run.path / "fleet.yaml"
     fleet_file.write_text(yaml.safe_dump(to_dict(fleet), sort_keys=False))
     common = ["--fleet", str(fleet_file), "--run-dir", str(run.path)]
-    print(f"FLAD demo: edge + {len(fleet.vehicles)} vehicle processes on loopback "
+    training = not args.control_plane_only
+    if training and any(not (v.control and v.data) for v in fleet.vehicles):
+        print("flad demo: FHDP training needs `control` and `data` addresses for every vehicle in the fleet file "
+              "(or use --control-plane-only)", file=sys.stderr)
+        return 2
+    data = None
+    if training:
+        data = Path(args.data) if args.data else _collect_data(fleet, run, args.frames, fleet.seed)
+    print(f"FLAD demo: {'cloud + ' if training else ''}edge + {len(fleet.vehicles)} vehicle processes on loopback "
           f"({'CURVE-encrypted' if fleet.security.curve else 'plain TCP'}); records in {run.path}")
     started = time.monotonic()
     code = 1
-    with ProcessGroup(grace_s=5.0) as group:
+    with ProcessGroup(grace_s=8.0) as group:
         try:
-            group.start("edge", python_module_cmd("flad_edge.edge", *common, "--duration", str(args.duration)),
-                        show_stdout=True)
+            if training:
+                group.start("cloud", python_module_cmd("flad_edge.cloud", *common))
+                edge_cmd = python_module_cmd("flad_edge.fhdp", *common, "--config", str(args.config), "--cloud",
+                                             *(["--rounds", str(args.rounds)] if args.rounds else []))
+                vehicle_module, vehicle_extra = "flad_vehicle.fhdp.worker", ["--data", str(data)]
+            else:
+                edge_cmd = python_module_cmd("flad_edge.edge", *common, "--duration", str(args.duration))
+                vehicle_module, vehicle_extra = "flad_vehicle.agent", []
+            group.start("edge", edge_cmd, show_stdout=True)
             for v in fleet.vehicles:
-                group.start(v.id, python_module_cmd("flad_vehicle.agent", *common, "--id", v.id))
-            code = group.wait("edge", timeout=args.duration + 90)
+                group.start(v.id, python_module_cmd(vehicle_module, *common, "--id", v.id, *vehicle_extra))
+            code = group.wait("edge", timeout=args.timeout)
             if code is None:
-                log.error("edge did not finish in time")
+                log.error("edge did not finish within %.0f s", args.timeout)
                 code = 1
             for v in fleet.vehicles:
-                vcode = group.wait(v.id, timeout=10)
+                vcode = group.wait(v.id, timeout=15)
                 if vcode not in (0, None):
                     log.error("vehicle %s exited with %s (see %s)", v.id, vcode, run.path / f"vehicle-{v.id}.log")
                     code = code or 1
@@ -81,19 +113,32 @@ def run_demo(args: argparse.Namespace) -> int:
             code = 130
         codes = group.stop()
     run.log_metrics({"event": "demo_done", "exit_codes": codes, "seconds": round(time.monotonic() - started, 3)})
-    edge_log = run.path / "edge.log"
-    if code != 0 and edge_log.exists():
-        print(f"demo failed (exit {code}); edge log: {edge_log}", file=sys.stderr)
+    if code != 0:
+        print(f"demo failed (exit {code}); logs in {run.path}", file=sys.stderr)
+    else:
+        print(f"demo finished in {time.monotonic() - started:.1f} s; records in {run.path}")
     return code
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
-        "demo", help="run the whole system on this machine (edge + vehicles on loopback)",
+        "demo", help="run the whole system on this machine (cloud, edge and vehicles on loopback)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--fleet", type=Path, default=None, help="fleet YAML (default: launch/fleet.yaml)")
-    demo.add_argument("--vehicles", type=int, default=None, help="override the number of vehicles")
-    demo.add_argument("--duration", type=float, default=4.0, help="seconds to run once all vehicles are up")
+    demo.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[3] / "launch" / "fhdp.yaml",
+                      help="FHDP config YAML (default: launch/fhdp.yaml)")
+    demo.add_argument("--rounds", type=int, default=None, help="FL rounds (default: from the FHDP config)")
+    demo.add_argument("--data", default=None,
+                      help="fleet dataset root (`flad sim collect` output) or 'synthetic'; default: collect a "
+                           "small one into the run folder")
+    demo.add_argument("--frames", type=int, default=24, help="frames per vehicle when collecting (default 24)")
+    demo.add_argument("--control-plane-only", action="store_true",
+                      help="only registration, heartbeats and the fleet table (no training)")
+    demo.add_argument("--vehicles", type=int, default=None,
+                      help="control-plane demo: override the number of vehicles")
+    demo.add_argument("--duration", type=float, default=4.0,
+                      help="control-plane demo: seconds to run once all vehicles are up")
+    demo.add_argument("--timeout", type=float, default=900.0, help="give up if the edge has not finished by then")
     demo.add_argument("--port-base", type=int, default=None, help="renumber the fleet's TCP ports from this base")
     demo.add_argument("--curve", action="store_true", help="generate keys and run every link with CURVE")
     demo.add_argument("--runs-dir", type=Path, default=None, help="where runs/<id>/ goes (default: ./runs)")

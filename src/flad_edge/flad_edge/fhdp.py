@@ -12,7 +12,6 @@ a cloud -- uploads the edge aggregate and takes the cloud's global model back.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
@@ -20,12 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from flad_core import codec
 from flad_core.bus import BusError
 from flad_core.fleet import FleetConfig
 from flad_core.runs import RunDir
 from flad_edge.aggregation import RoundCollector, Update
+from flad_edge.cloud import download, upload
 from flad_edge.edge import EdgeServer
 from flad_vehicle.encoder.config import get_config
 from flad_vehicle.encoder.model import VisionEncoder
@@ -270,5 +273,105 @@ class FhdpEdge:
         return summary
 
 
-def nan_to_none(x: float) -> float | None:
-    return None if isinstance(x, float) and math.isnan(x) else x
+def wait_for_vehicles(edge: EdgeServer, ids: list[str], timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = {r.vehicle_id for r in edge.snapshot() if r.state in ("alive", "registered")}
+        if set(ids) <= alive:
+            return
+        time.sleep(0.1)
+    alive = {r.vehicle_id for r in edge.snapshot()}
+    raise TimeoutError(f"vehicles {sorted(set(ids) - alive)} did not register within {timeout_s:.0f} s")
+
+
+def plan_table(clients: list[Client]) -> Table:
+    table = Table(title="FHDP clients this edge trains (each cluster is one FL client)")
+    for col in ("client", "members", "essential pipelines (vehicle[layers])"):
+        table.add_column(col)
+    for c in clients:
+        pipes = "\n".join(" -> ".join(f"{v}[{s}:{e})" for v, s, e in p) for p in c.pipelines)
+        table.add_row(c.id, ", ".join(c.members), pipes)
+    return table
+
+
+def run_training(fleet: FleetConfig, cfg: FhdpConfig, run: RunDir | None, console: Console,
+                 use_cloud: bool = False) -> list[dict[str, Any]]:
+    """The edge's whole job: wait for the fleet, plan clients, run the rounds (with the cloud tier), report."""
+    fhdp = FhdpEdge(fleet, cfg, run)
+    try:
+        wait_for_vehicles(fhdp.edge, [v.id for v in fleet.vehicles])
+        clients = fhdp.clients()
+        console.print(plan_table(clients))
+        summaries = []
+        with Progress(TextColumn("[bold]FHDP"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("rounds", total=cfg.rounds)
+            for rnd in range(cfg.rounds):
+                summary = fhdp.run_round(rnd, clients)
+                if use_cloud:
+                    state = {k: v for k, v in fhdp.model.state_dict().items()}
+                    upload(fhdp.bus, state, sender=fleet.edge.id, rnd=rnd, samples=summary["samples"],
+                           update_id=f"{fleet.edge.id}-r{rnd}")
+                    fhdp.model.load_state_dict(download(fhdp.bus, rnd, fleet.edge.id))
+                    summary["cloud"] = True
+                summaries.append(summary)
+                progress.console.print(
+                    f"round {rnd}: train loss {summary['train_loss']:.4f}  clients {summary['accepted']}/"
+                    f"{summary['clients']}  samples {summary['samples']}  moved {summary['moved_bytes'] / 1e6:.2f} MB"
+                    f"  {summary['seconds']:.1f} s" + ("  (cloud aggregated)" if use_cloud else ""))
+                progress.advance(task)
+        if run is not None:
+            from flad_core.atomic import atomic_write_bytes
+            from flad_core.weights import to_bytes
+
+            atomic_write_bytes(run.path / "global_encoder.safetensors", to_bytes(fhdp.model.state_dict()))
+        fhdp.edge.stop_fleet()
+        console.print(fhdp.edge.table())
+        return summaries
+    finally:
+        fhdp.edge.close()
+
+
+def load_fhdp_config(path: str | None) -> FhdpConfig:
+    from flad_core.config import load_yaml
+
+    return load_yaml(FhdpConfig, path) if path else FhdpConfig()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from flad_core.config import ConfigError
+    from flad_core.procs import install_stop_handlers
+    from flad_core.roles import add_role_args, fleet_from_args, setup_role_logging
+
+    parser = argparse.ArgumentParser(prog="flad-edge-fhdp", description="Run the edge's FHDP training rounds.")
+    add_role_args(parser)
+    parser.add_argument("--config", default=None, help="FHDP config YAML (default: built-in FhdpConfig)")
+    parser.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
+    parser.add_argument("--cloud", action="store_true", help="aggregate through the cloud process (two tiers)")
+    args = parser.parse_args(argv)
+    setup_role_logging(args, "edge")
+    try:
+        fleet = fleet_from_args(args)
+        cfg = load_fhdp_config(args.config)
+    except ConfigError as exc:
+        print(f"flad-edge-fhdp: {exc}", file=sys.stderr)
+        return 2
+    if args.rounds is not None:
+        cfg.rounds = args.rounds
+    run = RunDir(args.run_dir) if args.run_dir else None
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    try:
+        run_training(fleet, cfg, run, console, use_cloud=args.cloud)
+    except (TimeoutError, RuntimeError, BusError) as exc:
+        log.error("FHDP training failed: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
