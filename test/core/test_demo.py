@@ -1,4 +1,6 @@
-"""`flad demo` as a user runs it: real processes, a table, clean exit, nothing left behind."""
+"""`flad demo --control-plane-only`: real processes, a table, clean exit, nothing left behind.
+
+The training demo (the default) is tested in test/edge/test_fhdp_processes.py."""
 
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ import subprocess
 import sys
 import time
 
-from conftest import processes_mentioning
+from flad_testing import processes_mentioning
 
 
 def demo_cmd(runs_dir, port_base, *extra):
-    return [sys.executable, "-m", "flad_core.cli", "demo", "--runs-dir", str(runs_dir), "--port-base", str(port_base),
-            *extra]
+    return [sys.executable, "-m", "flad_core.cli", "demo", "--control-plane-only", "--runs-dir", str(runs_dir),
+            "--port-base", str(port_base), *extra]
 
 
 def wait_gone(marker: str, timeout: float = 10.0) -> list[int]:
@@ -56,7 +58,7 @@ def test_demo_with_curve(tmp_path, port_base):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "CURVE" in out.stdout
     summary = json.loads((only_run(runs) / "edge_summary.json").read_text())
-    assert all(v["heartbeats"] >= 1 for v in summary["vehicles"]) and len(summary["vehicles"]) == 2
+    assert all(v["heartbeats"] >= 1 for v in summary["vehicles"]) and len(summary["vehicles"]) == 6
 
 
 def _start_and_wait_until_serving(runs, port_base):

@@ -17,10 +17,13 @@ other at the same time cannot deadlock.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +80,7 @@ class LayerServer:
         self.cache: dict[str, list[Any]] = {}
         self.max_cached = max_cached
         self.bytes_served = 0
+        self.audit: list[dict] = []
         self._lock = threading.Lock()
 
     def handle(self, req):
@@ -89,6 +93,8 @@ class LayerServer:
                     self.cache.pop(next(iter(self.cache)))
                 self.cache[req.transfer_id] = chunks
                 self.bytes_served += len(payload)
+                self.audit.append({"to": req.requester, "kind": "layers", "names": list(req.layers),
+                                   "nbytes": len(payload)})
             if req.chunk_index >= len(chunks):
                 raise ValueError(f"chunk {req.chunk_index} of a {len(chunks)}-chunk transfer")
             chunk = chunks[req.chunk_index]
@@ -101,7 +107,7 @@ class FhdpVehicle:
     """One vehicle's FHDP trainer (see the module docstring)."""
 
     def __init__(self, fleet, vehicle_id: str, data: str = "synthetic", encoder: str = "tiny", seed: int = 0,
-                 threads: int = 1) -> None:
+                 threads: int = 1, audit_dir: Path | None = None) -> None:
         torch.set_num_threads(threads)
         seed_everything(seed)
         self.fleet = fleet
@@ -120,6 +126,10 @@ class FhdpVehicle:
         self.inbox = Inbox(self.ctx, self.spec.data)
         self.link_stats = LinkStats()
         self.server = LayerServer(vehicle_id, self.store.export)
+        # every frame and layer payload this vehicle sends is recorded: proof that raw data stays home
+        self.audit_file = Path(audit_dir) / f"audit-{vehicle_id}.jsonl" if audit_dir else None
+        self._audited = 0
+        self._served_audited = 0
         self._batches: dict[int, Any] = {}
         self._current: dict[str, Any] | None = None
         self._jobs: list[tuple[str, Any]] = []
@@ -239,9 +249,20 @@ class FhdpVehicle:
                     lk.close()
             self.agent.state = "idle"
         loss = totals["loss"] / max(1, a.steps) if index == n_stages - 1 else None
+        self._write_audit()
         self._report(a, service=SERVICE_EDGE_REPORT, steps=a.steps, loss=loss, wall=totals["wall"],
                      compute=totals["compute"], emulated=totals["emulated"], wait=totals["wait"],
                      bytes_sent=totals["bytes"], fetched=cur["fetched"], stage_index=index)
+
+    def _write_audit(self) -> None:
+        if self.audit_file is None:
+            return
+        records = self.link_stats.audit[self._audited:] + self.server.audit[self._served_audited:]
+        self._audited = len(self.link_stats.audit)
+        self._served_audited = len(self.server.audit)
+        with open(self.audit_file, "a", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else rec) + "\n")
 
     def _report(self, a, *, service: str, error: str = "", steps: int = 0, loss: float | None = None,
                 wall: float = 0.0, compute: float = 0.0, emulated: float = 0.0, wait: float = 0.0,
@@ -281,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_role_logging(args, f"vehicle-{args.id}")
     fleet = fleet_from_args(args)
-    vehicle = FhdpVehicle(fleet, args.id, data=args.data, encoder=args.encoder, seed=args.seed)
+    vehicle = FhdpVehicle(fleet, args.id, data=args.data, encoder=args.encoder, seed=args.seed,
+                          audit_dir=args.run_dir)
     install_stop_handlers(vehicle.agent.stop)
     try:
         return vehicle.run()
