@@ -215,8 +215,7 @@ class ZmqBus(Bus):
     def publish(self, topic: str, msg: Any) -> None:
         """Encode and send `msg` on `topic`; never blocks (drops at the high-water mark, like ROS best-effort)."""
         typename = codec.normalize_type(msg.__msgtype__)
-        payload = codec.encode(msg, typename)
-        self.publish_raw(topic, typename, payload)
+        self.publish_raw(topic, typename, codec.encode_view(msg, typename))
 
     def publish_raw(self, topic: str, typename: str, payload: bytes | memoryview) -> None:
         if self._closed.is_set():
@@ -225,7 +224,8 @@ class ZmqBus(Bus):
             if self._pub is None:
                 self._pub = self._client(self.ctx.socket(zmq.PUB))
                 self._pub.connect(self.cfg.hub_pub)
-            self._pub.send_multipart([topic.encode(), typename.encode(), payload], copy=len(payload) < 65536)
+            self._pub.send_multipart([topic.encode(), typename.encode(), payload],
+                                     copy=memoryview(payload).nbytes < 65536)
 
     def subscribe(self, topic: str, typename: str, callback: Callback, *, finite: bool = False) -> None:
         """Call `callback(msg)` for every valid `typename` message on `topic` (exact match)."""

@@ -89,14 +89,17 @@ def new(typename: str, **values: Any) -> Any:
 
 def encode(msg: Any, typename: str | None = None) -> bytes:
     """CDR (little-endian) bytes of `msg`; `typename` defaults to the message's own type."""
+    return bytes(encode_view(msg, typename))
+
+
+def encode_view(msg: Any, typename: str | None = None) -> memoryview:
+    """Like `encode`, without the final copy (for senders that hand the buffer straight to a socket)."""
     name = normalize_type(typename or getattr(msg, "__msgtype__", "") or "<unknown>")
     cls = message_class(name)
     if not isinstance(msg, cls):
         raise CodecError(name, f"expected a {name} message, got {type(msg).__name__}")
     try:
-        return bytes(typestore().serialize_cdr(msg, name))
-    except CodecError:
-        raise
+        return memoryview(typestore().serialize_cdr(msg, name))
     except Exception as exc:
         raise CodecError(name, f"cannot encode: {type(exc).__name__}: {exc}") from exc
 
