@@ -136,3 +136,16 @@ def test_train_and_eval_cli(tmp_path, capsys):
     ckpt.write_bytes(b"garbage")
     assert flad_main(["vehicle", "eval", "--checkpoint", str(ckpt), "--synthetic"]) == 2
     assert str(ckpt) in capsys.readouterr().err
+
+
+def test_augmentation_is_deterministic_and_keeps_shapes():
+    from flad_vehicle.encoder.train import augment_cameras
+
+    b = tiny_batch(2)
+    cams = ("rgb_front", "rgb_left", "rgb_right", "rgb_rear")
+    a1 = augment_cameras(b, torch.Generator().manual_seed(0), cams)
+    a2 = augment_cameras(b, torch.Generator().manual_seed(0), cams)
+    for c in cams:
+        assert a1[c].dtype == torch.uint8 and a1[c].shape == b[c].shape
+        assert torch.equal(a1[c], a2[c]) and not torch.equal(a1[c], b[c])
+    assert a1["lidar"] is b["lidar"] and torch.equal(a1["waypoints"], b["waypoints"])

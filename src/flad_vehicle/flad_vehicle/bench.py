@@ -1,0 +1,171 @@
+"""`flad bench encoder --json`: encoder size/FLOPs, CPU training speed and memory, and what N minutes of CPU
+training reach on held-out towns beside a majority-class / constant-waypoint baseline.
+
+Everything is measured in this one run on this host; the JSON records the conditions (host, threads, load
+average before/after) because a shared CPU makes the absolute numbers noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flad_vehicle.encoder.model import VisionEncoder, batch_to_torch, count_parameters
+from flad_vehicle.encoder.profile import measure_train_step_peak, whole_model_figures
+from flad_vehicle.encoder.synthetic import synthetic_batches
+from flad_vehicle.encoder.train import (
+    DEFAULT_DATA,
+    DataSource,
+    TrainConfig,
+    baseline_metrics,
+    evaluate,
+    make_optimizer,
+    needed_fields,
+    train,
+)
+
+log = logging.getLogger(__name__)
+
+
+def model_figures(name: str) -> dict[str, Any]:
+    """Parameters and forward FLOPs per sample (FlopCounterMode, batch 2 of synthetic data) for a preset."""
+    torch.manual_seed(0)
+    m = VisionEncoder(name)
+    b = batch_to_torch(next(synthetic_batches(1, 2, seed=0)))
+    w = whole_model_figures(m, b, include_loss=True)
+    return {"params": count_parameters(m), "flops_per_sample": w["flops"],
+            "gflops_per_sample": round(w["flops"] / 1e9, 3),
+            "param_bytes": w["param_bytes"], "saved_activation_bytes_per_sample": w["saved_activation_bytes"],
+            "train_mem_estimate_bytes_batch4": 4 * w["param_bytes"] + 4 * w["saved_activation_bytes"],
+            "layers": len(m.layer_list())}
+
+
+def tiny_train_throughput(batch_size: int = 8, steps: int = 8, threads: int = 1, warmup: int = 2) -> dict[str, float]:
+    """Training samples/s of the tiny encoder on CPU (forward + backward + AdamW; data pre-generated, so this
+    is the model's speed alone — the figure a data loader must beat)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        m = VisionEncoder("tiny")
+        opt = make_optimizer(m, TrainConfig())
+        names = tuple(needed_fields(m))
+        batches = [batch_to_torch(b, names) for b in synthetic_batches(min(steps, 4), batch_size, seed=1)]
+        t = 0.0
+        for i in range(warmup + steps):
+            b = batches[i % len(batches)]
+            t0 = time.perf_counter()
+            out = m.forward_train(b)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            if i >= warmup:
+                t += time.perf_counter() - t0
+        return {"samples_per_s": round(steps * batch_size / t, 2), "batch_size": batch_size, "threads": threads,
+                "steps_timed": steps}
+    finally:
+        torch.set_num_threads(old)
+
+
+def _conditions(threads: int) -> dict[str, Any]:
+    return {"host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__, "threads": threads,
+            "python": platform.python_version()}
+
+
+def _dataset(args: argparse.Namespace, cfg: TrainConfig, fields: list[str]) -> tuple[DataSource | None, dict]:
+    root = Path(args.data)
+    note: dict[str, Any] = {"root": str(root)}
+    if not (root / "manifest.json").exists() and args.collect:
+        try:
+            from flad_sim.dataset import CollectConfig, collect
+
+            t0 = time.perf_counter()
+            collect(CollectConfig(out=str(root), vehicles=args.collect_vehicles,
+                                  frames_per_vehicle=args.collect_frames, workers=1), progress=False)
+            note["collected"] = {"vehicles": args.collect_vehicles, "frames_per_vehicle": args.collect_frames,
+                                 "seconds": round(time.perf_counter() - t0, 1)}
+        except Exception as exc:
+            note["collect_error"] = f"{type(exc).__name__}: {exc}"
+    if not (root / "manifest.json").exists():
+        note["missing"] = (f"no dataset at {root} (run `flad sim collect` or pass --collect); "
+                           "the training figures below use synthetic data instead")
+        return None, note
+    try:
+        return DataSource(cfg, fields), note
+    except Exception as exc:
+        note["error"] = f"{type(exc).__name__}: {exc}; the training figures below use synthetic data instead"
+        return None, note
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flad bench encoder", description=__doc__)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--minutes", type=float, default=10.0, help="CPU training budget [%(default)s]")
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--holdout-towns", nargs="*", default=[])
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--collect", action="store_true", help="collect a small dataset with flad_sim if missing")
+    ap.add_argument("--collect-vehicles", type=int, default=8)
+    ap.add_argument("--collect-frames", type=int, default=150)
+    ap.add_argument("--skip-paper", action="store_true")
+    ap.add_argument("--progress", action="store_true", help="show the training progress bar on stderr")
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    out: dict[str, Any] = {"bench": "encoder", "conditions": _conditions(args.threads)}
+    out["models"] = {"tiny": model_figures("tiny")}
+    if not args.skip_paper:
+        out["models"]["paper"] = model_figures("paper")
+    thr = tiny_train_throughput(args.batch_size, threads=args.threads)
+    torch.manual_seed(0)
+    m = VisionEncoder("tiny")
+    b = batch_to_torch(next(synthetic_batches(1, args.batch_size, seed=2)))
+    thr["peak_train_step_bytes"] = measure_train_step_peak(m, b)
+    thr["peak_method"] = "torch.profiler CPU memory events over one fwd+bwd+AdamW step, plus parameter bytes"
+    thr["process_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["tiny_training_speed"] = thr
+
+    cfg = TrainConfig(encoder="tiny", data=args.data, holdout_towns=list(args.holdout_towns),
+                      batch_size=args.batch_size, steps=10**9, minutes=args.minutes, threads=args.threads,
+                      seed=args.seed, progress=args.progress, warmup_steps=50)
+    source, note = _dataset(args, cfg, needed_fields(m))
+    if source is None:
+        cfg.synthetic = True
+        source = DataSource(cfg, [])
+    res = train(cfg, source=source)
+    model = res.pop("model")
+    ev = evaluate(model, source.eval_batches())
+    base = baseline_metrics(source.train_epoch(), source.eval_batches())
+    out["training"] = {
+        "minutes_budget": args.minutes, "dataset": {**note, **source.describe()},
+        "steps": res["steps"], "samples": res["samples"], "wall_s": res["wall_s"],
+        "train_samples_per_s": res["train_samples_per_s"], "first_loss": res["first_loss"],
+        "last_loss_mean10": res["last_loss_mean10"], "eval_heldout": ev,
+        "baseline": {k: base[k] for k in ("tl_accuracy", "wp_l1", "wp_ade", "wp_fde", "majority_class",
+                                          "train_tl_counts")},
+        "tl_accuracy_goal_0.85_met": ev["tl_accuracy"] >= 0.85,
+        "above_baseline": {"tl_accuracy": ev["tl_accuracy"] > base["tl_accuracy"],
+                           "wp_l1": ev["wp_l1"] < base["wp_l1"]},
+    }
+    out["conditions"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    out["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps(out, indent=None if args.json else 2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
