@@ -66,6 +66,10 @@ class FhdpConfig:
     planner: str = "exact"          # SWIFT method for the essential pipelines (exact: optimal, small clusters)
     encoder: str = "tiny"
     seed: int = 0
+    # True: FHDP, a cluster rotates over its essential pipelines so every member's data trains the model.
+    # False: traditional HDP, a cluster runs only its first pipeline (only that member's data is used), for
+    # len(members) x local_steps steps so the step/sample budget per round is the same (non-IID studies).
+    rotate: bool = True
 
     def validate(self) -> None:
         if self.schedule not in ("gpipe", "1f1b"):
@@ -149,8 +153,13 @@ class FhdpEdge:
         in_cluster = {v for c in self.cfg.clusters for v in c}
         out = [Client(v.id, [v.id], [[(v.id, 0, n)]]) for v in self.fleet.vehicles if v.id not in in_cluster]
         for i, members in enumerate(self.cfg.clusters):
-            out.append(Client(f"cluster{i + 1}", list(members), self.essential_pipelines(members)))
+            pipelines = self.essential_pipelines(members)
+            out.append(Client(f"cluster{i + 1}", list(members), pipelines if self.cfg.rotate else pipelines[:1]))
         return out
+
+    def steps_per_pipeline(self, client: Client) -> int:
+        """FHDP: `local_steps` per pipeline; HDP (no rotation): the cluster's whole budget on its one pipeline."""
+        return self.cfg.local_steps if self.cfg.rotate else self.cfg.local_steps * len(client.members)
 
     def essential_pipelines(self, members: list[str]) -> list[list[tuple[str, int, int]]]:
         """One pipeline per member, that member first (SWIFT plans the rest of the order and the cuts)."""
@@ -183,7 +192,7 @@ class FhdpEdge:
 
     # -- one client's round ----------------------------------------------------------------------------
     def _assignment(self, client: Client, pipeline: list[tuple[str, int, int]], owners: list[str], rnd: int,
-                    first_step: int):
+                    first_step: int, steps: int | None = None):
         specs = {v.id: v for v in self.fleet.vehicles}
         stages = [codec.new("flad_msgs/msg/StageAssignment", vehicle_id=v, stage_index=i, layer_start=s, layer_end=e)
                   for i, (v, s, e) in enumerate(pipeline)]
@@ -195,7 +204,7 @@ class FhdpEdge:
             member_ids=client.members, member_control_addresses=[specs[m].control for m in client.members],
             stage_inbox_addresses=[specs[v].data for v, _, _ in pipeline], layer_owner=owners,
             schedule=self.cfg.schedule, codec=self.cfg.codec, n_micro=self.cfg.n_micro,
-            batch_size=self.cfg.batch_size, steps=self.cfg.local_steps, first_step=first_step,
+            batch_size=self.cfg.batch_size, steps=steps or self.cfg.local_steps, first_step=first_step,
             time_scale=self.cfg.time_scale)
 
     def train_client(self, client: Client, rnd: int, timeout_s: float) -> dict[str, Any]:
@@ -204,8 +213,9 @@ class FhdpEdge:
         owners = [EDGE_OWNER] * len(self.layers)
         stats: dict[str, Any] = {"client": client.id, "pipelines": [], "moved_bytes": 0, "samples": 0}
         step = rnd * 10_000
+        n_steps = self.steps_per_pipeline(client)
         for pipeline in client.pipelines:
-            a = self._assignment(client, pipeline, owners, rnd, step)
+            a = self._assignment(client, pipeline, owners, rnd, step, n_steps)
             members = [v for v, _, _ in pipeline]
             for v in members:
                 self.bus.request(SERVICE_ASSIGN, a, "flad_msgs/msg/Ack", address=specs[v].control)
@@ -216,11 +226,11 @@ class FhdpEdge:
             last = reports[members[-1]]
             moved = sum(r.layer_bytes_fetched for r in ready.values()) if owners[0] != EDGE_OWNER else 0
             stats["moved_bytes"] += moved
-            stats["samples"] += self.cfg.local_steps * self.cfg.batch_size
+            stats["samples"] += n_steps * self.cfg.batch_size
             stats["pipelines"].append({"first": members[0], "stages": [(v, s, e) for v, s, e in pipeline],
                                        "loss": last.loss, "wall_s": max(r.wall_s for r in reports.values()),
                                        "moved_bytes": moved})
-            step += self.cfg.local_steps
+            step += n_steps
             for v, s, e in pipeline:
                 for i in range(s, e):
                     owners[i] = v

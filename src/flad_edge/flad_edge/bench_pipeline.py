@@ -1,0 +1,500 @@
+"""`flad bench pipeline --json`: FHDP pipeline throughput and stage-traffic codecs, side by side in one run.
+
+Everything here is **emulated** (DESIGN.md §4): a 3-vehicle cluster (default: 2 Jetson Nano + 1 Jetson AGX,
+the paper's testbed) runs as 3 real processes on loopback ZeroMQ; each stretches its measured compute to its
+profile's TFLOPS (`ComputeDilation`) and shapes every send to its profile's link rate (`TokenBucket`), both
+slowed by one global `time_scale` so that even the fastest emulated device is slower than this host's core
+(by default the AGX's dilation factor is 2). Emulated time = wall time / time_scale.
+
+One run measures, with the same tiny encoder (same seed), the same data stream and the same profiles:
+  (a) FHDP with SWIFT's partition (exact planner, bottleneck objective, SWIFT picks the first stage), plus the
+      throughput of the cluster's essential pipelines in rotation (each member first, as FHDP trains);
+  (b) standalone: the whole model on the AGX-profile process;
+  (c) random partitions of the same cluster (random order and cuts, fixed seed; mean of several draws);
+  (d) `torch.distributed.pipelining` (gloo) on SWIFT's partition (`bench_pipeline_torchpp`);
+  (e) the ideal pipeline bound from the measured per-stage times of (a);
+and bytes per sample and loss after N steps for each stage-traffic codec. `--noniid` adds the non-IID study
+(`bench_pipeline_noniid`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CODECS = ("fp32", "fp16", "bf16", "int8")
+DEFAULT_CLUSTER = (("n1", "jetson_nano"), ("n2", "jetson_nano"), ("agx", "jetson_agx"))
+GOALS = {"fhdp_vs_standalone": 0.75, "fhdp_vs_random": 1.4, "fhdp_vs_ideal": 0.9, "fhdp_vs_torch_pipelining": 1.0,
+         "int8_byte_reduction": 3.5, "int8_loss_rel_diff_max": 0.02}
+
+
+@dataclass
+class BenchConfig:
+    """What one bench run does (defaults: the full run, ~6-8 min on a loaded 2-core host)."""
+
+    encoder: str = "tiny"
+    data: str = "data/fleet"            # fleet dataset root, or "synthetic"
+    data_owner: str = "v000"            # whose shard feeds every configuration's first stage (same data for all)
+    cluster: tuple[tuple[str, str], ...] = DEFAULT_CLUSTER
+    batch_size: int = 4                 # the paper's batch size
+    n_micro: int = 4                    # >= stages, as torch's Schedule1F1B requires
+    schedule: str = "1f1b"
+    steps: int = 3                      # timed steps per throughput configuration
+    warmup: int = 1
+    codec_steps: int = 8                # steps per codec run (loss after N steps)
+    random_draws: int = 3
+    random_steps: int = 1               # timed steps per random draw, no warm-up: bad partitions are very slow
+    time_scale: float = 0.0             # 0: auto (the fastest device's dilation factor = agx_factor)
+    agx_factor: float = 2.0
+    rotation: bool = True
+    torch_pipelining: bool = True
+    seed: int = 0
+    base_port: int = 0                  # 0: pick free ports
+    codecs: tuple[str, ...] = CODECS
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ pure logic
+
+
+def ideal_step_s(stage_step_s: Sequence[float], n_micro: int) -> float:
+    """Ideal synchronous pipeline step: fill + (M - 1) x slowest + drain, from per-stage per-step times.
+
+    Each stage spends t_s = stage_step_s / M per micro-batch (forward + backward). The first micro-batch
+    crosses every stage (fill and drain: sum of t_s), the other M - 1 follow at the slowest stage's pace.
+    Communication and synchronisation are free in this bound.
+    """
+    if n_micro < 1 or not stage_step_s:
+        raise ValueError("need at least one stage and one micro-batch")
+    per_mb = [t / n_micro for t in stage_step_s]
+    return sum(per_mb) + (n_micro - 1) * max(per_mb)
+
+
+def random_partition(rng: random.Random, vehicles: Sequence[str], n_layers: int, min_first_end: int
+                     ) -> list[tuple[str, int, int]]:
+    """A random pipeline over all `vehicles`: random order, random cuts (first stage keeps the raw-input layers)."""
+    k = len(vehicles)
+    if n_layers - min_first_end < k - 1:
+        raise ValueError(f"{n_layers} layers cannot be cut into {k} stages after layer {min_first_end}")
+    order = list(vehicles)
+    rng.shuffle(order)
+    cuts = sorted(rng.sample(range(min_first_end, n_layers), k - 1)) if k > 1 else []
+    bounds = [0, *cuts, n_layers]
+    return [(order[i], bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def valid_partition(pipeline: Sequence[tuple[str, int, int]], n_layers: int, min_first_end: int) -> bool:
+    pos = 0
+    for _, s, e in pipeline:
+        if s != pos or e <= s:
+            return False
+        pos = e
+    ok_first = len(pipeline) == 1 or pipeline[0][2] >= min_first_end
+    return pos == n_layers and ok_first and len({v for v, _, _ in pipeline}) == len(pipeline)
+
+
+def auto_time_scale(host_tflops: float, fastest_tflops: float, factor: float) -> float:
+    """The time scale that makes the fastest emulated device `factor` x slower than one host core."""
+    return factor * fastest_tflops / host_tflops
+
+
+def summarize(results: Sequence[dict], batch_size: int, warmup: int, time_scale: float) -> dict[str, Any]:
+    """Throughput and per-stage figures of one configuration from its workers' per-step records."""
+    busy = sorted((r for r in results if not r.get("idle")), key=lambda r: r["index"])
+    n = len(busy[0]["steps"]) - warmup
+    if n < 1:
+        raise ValueError("no timed steps")
+    t0 = min(r["steps"][warmup]["t0"] for r in busy)
+    t1 = max(r["steps"][-1]["t1"] for r in busy)
+    wall = t1 - t0
+    emulated = wall / time_scale
+    timed = [r["steps"][warmup:] for r in busy]
+    stage_emul = [sum(s["emulated_compute_s"] for s in st) / n / time_scale for st in timed]
+    stage_real = [sum(s["compute_s"] for s in st) / n for st in timed]
+    stage_bytes = [sum(s["bytes_sent"] for s in st) / n for st in timed]
+    links = []   # directed links: (from stage, to stage, bytes per step)
+    for r in busy:
+        lb = r.get("link_bytes_per_step") or {}
+        if lb.get("next"):
+            links.append([r["index"], r["index"] + 1, lb["next"]])
+        if lb.get("prev"):
+            links.append([r["index"], r["index"] - 1, lb["prev"]])
+    all_steps = [r["steps"] for r in busy]
+    bytes_total = sum(s["bytes_sent"] for st in all_steps for s in st)
+    losses = [s["loss"] for s in busy[-1]["steps"] if s["loss"] is not None]
+    return {
+        "stages": [[r["vehicle"], *r["range"]] for r in busy],
+        "samples_per_s": batch_size * n / emulated,
+        "step_s": emulated / n,
+        "wall_s": round(wall, 3),
+        "stage_compute_s": stage_emul,        # emulated compute per step, per stage
+        "stage_host_compute_s": stage_real,   # measured on this host, per step, per stage
+        "stage_bytes_per_step": stage_bytes,  # sent by each stage (activations down, gradients up)
+        "link_bytes_per_step": links,
+        "bytes_per_sample": bytes_total / (batch_size * len(all_steps[0])),
+        "losses": losses,
+        "final_loss": sum(losses[-3:]) / len(losses[-3:]) if losses else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the fleet
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+class BenchFleet:
+    """The cluster's vehicle processes (spawned once, reused for every configuration)."""
+
+    def __init__(self, cfg: BenchConfig, host_tflops: float, time_scale: float) -> None:
+        from flad_core.fleet import PAPER_PROFILES
+
+        from .bench_pipeline_worker import worker_main
+
+        self.cfg, self.host_tflops, self.time_scale = cfg, host_tflops, time_scale
+        self.profiles = {v: PAPER_PROFILES[p] for v, p in cfg.cluster}
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = {}, {}
+        for v, _ in cfg.cluster:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(v, self.profiles[v].tflops, self.profiles[v].link_mbps, child),
+                            daemon=True, name=f"bench-{v}")
+            p.start()
+            self.conns[v], self.procs[v] = parent, p
+        for v, c in self.conns.items():
+            if not c.poll(180):
+                raise TimeoutError(f"bench worker {v} did not start")
+            c.recv()
+        self._port = cfg.base_port
+
+    def _addresses(self, k: int) -> list[str]:
+        if self._port:
+            ports = list(range(self._port, self._port + k))
+            self._port += k
+        else:
+            ports = _free_ports(k)
+        return [f"tcp://127.0.0.1:{p}" for p in ports]
+
+    def run(self, pipeline: Sequence[tuple[str, int, int]], *, steps: int, codec: str = "fp32",
+            n_micro: int | None = None, warmup: int | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        warmup = cfg.warmup if warmup is None else warmup
+        log.info("running %s (%s, %d steps)", pipeline, codec, steps)
+        t0 = time.monotonic()
+        cmd = {"op": "run", "pipeline": [list(p) for p in pipeline], "addresses": self._addresses(len(pipeline)),
+               "codec": codec, "steps": steps, "warmup": warmup, "seed": cfg.seed, "encoder": cfg.encoder,
+               "schedule": cfg.schedule, "n_micro": n_micro or cfg.n_micro, "batch_size": cfg.batch_size,
+               "time_scale": self.time_scale, "host_tflops": self.host_tflops, "data": cfg.data,
+               "data_owner": cfg.data_owner}
+        for c in self.conns.values():
+            c.send(cmd)
+        results = []
+        for v, c in self.conns.items():
+            if not c.poll(900):
+                raise TimeoutError(f"bench worker {v} did not finish {pipeline}")
+            r = c.recv()
+            if "error" in r:
+                raise RuntimeError(f"{v} failed on {pipeline} ({codec}): {r['error']}")
+            results.append(r)
+        out = summarize(results, cfg.batch_size, warmup, self.time_scale)
+        log.info("... %.1f emulated samples/s (%.0f s wall for the configuration)", out["samples_per_s"],
+                 time.monotonic() - t0)
+        out["codec"] = codec
+        out["n_micro"] = cmd["n_micro"]
+        return out
+
+    def close(self) -> None:
+        for c in self.conns.values():
+            with contextlib.suppress(BrokenPipeError, OSError):
+                c.send({"op": "stop"})
+        for p in self.procs.values():
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def layer_profile(encoder: str) -> dict:
+    from flad_vehicle.encoder.config import get_config
+    from flad_vehicle.encoder.model import VisionEncoder, batch_to_torch
+    from flad_vehicle.encoder.profile import profile_model
+    from flad_vehicle.encoder.synthetic import synthetic_batches
+
+    batch = batch_to_torch(next(synthetic_batches(1, 2, seed=0)))
+    return profile_model(VisionEncoder(get_config(encoder)), batch, measure=False)
+
+
+def swift_pipeline(cfg: BenchConfig, profile: dict, first: str | None) -> tuple[list[tuple[str, int, int]], dict]:
+    """SWIFT's pipeline for the cluster (exact planner, bottleneck objective), optionally with a fixed first stage."""
+    from flad_core.fleet import PAPER_PROFILES
+    from flad_edge.swift import Cluster, Vehicle, plan
+    from flad_edge.swift.model import load_profile
+
+    vs = [Vehicle(v, PAPER_PROFILES[p].mem_bytes, PAPER_PROFILES[p].tflops, PAPER_PROFILES[p].link_mbps, 1.0)
+          for v, p in cfg.cluster]
+    p = plan(Cluster(vs, n_batch=cfg.batch_size), load_profile(profile), "exact", first=first, objective="bottleneck")
+    if not p.feasible:
+        raise RuntimeError(f"SWIFT found no pipeline (first={first}): {p.reason}")
+    return ([(str(v), s, e) for v, (s, e) in zip(p.path, p.ranges, strict=True)],
+            {"predicted_bottleneck_s": p.bottleneck_s, "predicted_path_s": p.t_path_s})
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _goal(value: float | None, target: float, higher_is_better: bool = True) -> dict[str, Any]:
+    if value is None:
+        return {"value": None, "target": target, "met": None}
+    met = value >= target if higher_is_better else value <= target
+    return {"value": round(value, 4), "target": target, "met": bool(met)}
+
+
+def conditions(cfg: BenchConfig, host_tflops: float, time_scale: float) -> dict[str, Any]:
+    import torch
+
+    from flad_core.fleet import PAPER_PROFILES
+
+    return {
+        "emulated": True,
+        "note": "all throughputs are EMULATED samples/s: compute dilated to each profile's TFLOPS and links "
+                "token-bucket shaped, both slowed by time_scale; emulated time = wall / time_scale",
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()),
+                 "python": platform.python_version(), "torch": torch.__version__,
+                 "host_tflops_1thread": round(host_tflops, 4)},
+        "time_scale": round(time_scale, 3),
+        "profiles": {v: {"profile": p, **asdict(PAPER_PROFILES[p]),
+                         "dilation_factor": round(host_tflops / PAPER_PROFILES[p].tflops * time_scale, 3)}
+                     for v, p in cfg.cluster},
+        "encoder": cfg.encoder, "data": cfg.data, "data_owner": cfg.data_owner, "batch_size": cfg.batch_size,
+        "n_micro": cfg.n_micro, "schedule": cfg.schedule, "steps": cfg.steps, "warmup": cfg.warmup,
+        "codec_steps": cfg.codec_steps, "random_draws": cfg.random_draws, "random_steps": cfg.random_steps,
+        "random_warmup": 0, "seed": cfg.seed,
+        "threads_per_process": 1, "grad_clip": 5.0, **cfg.extra,
+    }
+
+
+def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
+    """Configurations (a)-(e) and the codec sweep; returns the JSON-ready figures."""
+    from flad_core.emulation import host_tflops as calibrate
+    from flad_core.fleet import PAPER_PROFILES
+
+    t_start = time.monotonic()
+    host = calibrate()
+    fastest = max(PAPER_PROFILES[p].tflops for _, p in cfg.cluster)
+    ts = cfg.time_scale or auto_time_scale(host, fastest, cfg.agx_factor)
+    profile = layer_profile(cfg.encoder)
+    n_layers = len(profile["layers"])
+    min_first = int(profile["min_first_stage_end"])
+    swift, swift_pred = swift_pipeline(cfg, profile, None)
+    out: dict[str, Any] = {"conditions": conditions(cfg, host, ts), "layers": n_layers}
+    fleet = BenchFleet(cfg, host, ts)
+    try:
+        agx = max(cfg.cluster, key=lambda x: PAPER_PROFILES[x[1]].tflops)[0]   # the AGX in the paper's testbed
+        # (b) standalone first: the reference every ratio divides by
+        standalone = fleet.run([(agx, 0, n_layers)], steps=cfg.steps, n_micro=1)
+        standalone["device"] = agx
+        # (a) + codecs: SWIFT's pipeline, one run per codec (fp32 is configuration (a))
+        codec_runs = {}
+        for codec in cfg.codecs:
+            codec_runs[codec] = fleet.run(swift, steps=max(cfg.codec_steps, cfg.steps), codec=codec)
+        fhdp = codec_runs.get("fp32") or fleet.run(swift, steps=cfg.steps)
+        fhdp.update(swift_pred)
+        # the essential pipelines FHDP rotates through (each member first)
+        rotation = None
+        if cfg.rotation:
+            pipes = []
+            for v, _ in cfg.cluster:
+                pipe, pred = swift_pipeline(cfg, profile, v)
+                r = fleet.run(pipe, steps=cfg.steps)
+                r.update(pred)
+                pipes.append(r)
+            total_samples = sum(cfg.batch_size for _ in pipes)
+            rotation = {"pipelines": pipes,
+                        "samples_per_s": total_samples / sum(r["step_s"] for r in pipes)}
+        # (c) random partitions
+        rng = random.Random(cfg.seed + 1234)
+        draws = []
+        for _ in range(cfg.random_draws):
+            pipe = random_partition(rng, [v for v, _ in cfg.cluster], n_layers, min_first)
+            draws.append(fleet.run(pipe, steps=cfg.random_steps, warmup=0))
+        rand = {"draws": draws, "samples_per_s": sum(d["samples_per_s"] for d in draws) / len(draws)}
+    finally:
+        fleet.close()
+    # (e) ideal bounds from (a)'s measured per-stage figures
+    ideal_s = ideal_step_s(fhdp["stage_compute_s"], cfg.n_micro)
+    rates = {v: PAPER_PROFILES[p].link_mbps * 1e6 / 8 for v, p in cfg.cluster}
+    link_s = [b / rates[fhdp["stages"][src][0]] for src, _, b in fhdp["link_bytes_per_step"]]
+    bound_s = max([*fhdp["stage_compute_s"], *link_s])
+    ideal = {"step_s": ideal_s, "samples_per_s": cfg.batch_size / ideal_s,
+             "definition": "T_s = per-stage emulated compute per step of (a); t_s = T_s / M per micro-batch; "
+                           "step = sum(t_s) + (M - 1) max(t_s); communication free",
+             "link_aware_bound": {
+                 "step_s": bound_s, "samples_per_s": cfg.batch_size / bound_s,
+                 "link_step_s": link_s, "links": fhdp["link_bytes_per_step"],
+                 "definition": "steady-state bound with every compute stage and every directed link (one token "
+                               "bucket per OutLink at the sender's profile rate) as its own resource: "
+                               "step >= max over resources of its busy time per step (no fill/drain)"}}
+    # (d) torch.distributed.pipelining on the same partition
+    tpp: dict[str, Any] = {"skipped": True}
+    if cfg.torch_pipelining:
+        from .bench_pipeline_torchpp import run_torch_pipelining
+
+        try:
+            tpp = run_torch_pipelining(cfg, swift, host, ts)
+        except Exception as exc:  # reported, never faked
+            log.exception("torch.distributed.pipelining run failed")
+            tpp = {"works": False, "error": f"{type(exc).__name__}: {exc}"}
+    fp32 = codec_runs.get("fp32")
+    codecs = {}
+    for codec, r in codec_runs.items():
+        codecs[codec] = {"bytes_per_sample": r["bytes_per_sample"], "final_loss": r["final_loss"],
+                         "losses": r["losses"], "samples_per_s": r["samples_per_s"],
+                         "byte_reduction_vs_fp32": _ratio(fp32["bytes_per_sample"], r["bytes_per_sample"]) if fp32
+                         else None,
+                         "loss_rel_diff_vs_fp32": (abs(r["final_loss"] - fp32["final_loss"]) / fp32["final_loss"])
+                         if fp32 and fp32["final_loss"] else None}
+    a = fhdp["samples_per_s"]
+    int8 = codecs.get("int8", {})
+    goals = {
+        "fhdp_vs_standalone": _goal(_ratio(a, standalone["samples_per_s"]), GOALS["fhdp_vs_standalone"]),
+        "fhdp_vs_random": _goal(_ratio(a, rand["samples_per_s"]), GOALS["fhdp_vs_random"]),
+        "fhdp_vs_ideal": _goal(_ratio(a, ideal["samples_per_s"]), GOALS["fhdp_vs_ideal"]),
+        "fhdp_vs_link_aware_bound": _goal(_ratio(a, ideal["link_aware_bound"]["samples_per_s"]),
+                                          GOALS["fhdp_vs_ideal"]),
+        "fhdp_vs_torch_pipelining": _goal(_ratio(a, tpp.get("samples_per_s")), GOALS["fhdp_vs_torch_pipelining"]),
+        "int8_byte_reduction": _goal(int8.get("byte_reduction_vs_fp32"), GOALS["int8_byte_reduction"]),
+        "int8_loss_within_2pct": _goal(int8.get("loss_rel_diff_vs_fp32"), GOALS["int8_loss_rel_diff_max"],
+                                       higher_is_better=False),
+    }
+    if rotation:
+        goals["rotation_vs_standalone"] = _goal(_ratio(rotation["samples_per_s"], standalone["samples_per_s"]),
+                                                GOALS["fhdp_vs_standalone"])
+    out.update({
+        "throughput_samples_per_s_emulated": {
+            "fhdp_swift": a, "standalone_agx": standalone["samples_per_s"], "random_mean": rand["samples_per_s"],
+            "torch_pipelining": tpp.get("samples_per_s"), "ideal_bound": ideal["samples_per_s"],
+            "fhdp_rotation": rotation["samples_per_s"] if rotation else None},
+        "fhdp_swift": fhdp, "standalone": standalone, "random": rand, "torch_pipelining": tpp, "ideal": ideal,
+        "rotation": rotation, "codecs": codecs, "goals": goals,
+        "bench_seconds": round(time.monotonic() - t_start, 1),
+    })
+    out["conditions"]["loadavg_end"] = list(os.getloadavg())
+    return out
+
+
+def build_config(args: argparse.Namespace) -> BenchConfig:
+    cfg = BenchConfig()
+    if args.quick:
+        # smoke run: the AGX is not slowed below the host (factor 0.05), so figures are host-bound and meaningless
+        cfg = BenchConfig(batch_size=6, n_micro=3, steps=1, warmup=1, codec_steps=2, random_draws=1,
+                          rotation=False, agx_factor=0.05)
+        cfg.extra["quick"] = "smoke run: numbers are not meaningful"
+    if args.codecs:
+        cfg.codecs = tuple(args.codecs)
+    for name in ("steps", "time_scale", "agx_factor", "batch_size", "n_micro", "codec_steps", "random_draws",
+                 "random_steps", "seed",
+                 "data", "schedule"):
+        v = getattr(args, name, None)
+        if v is not None:
+            setattr(cfg, name, v)
+    if args.no_torch_pipelining:
+        cfg.torch_pipelining = False
+    if args.no_rotation:
+        cfg.rotation = False
+    if cfg.data != "synthetic" and not (Path(cfg.data) / "manifest.json").exists():
+        log.warning("dataset %s not found; using synthetic data", cfg.data)
+        cfg.data = "synthetic"
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flad bench pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (always on; kept for the CLI)")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds-minutes, numbers meaningless)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per throughput configuration")
+    parser.add_argument("--codec-steps", type=int, default=None, help="steps per codec run (loss after N steps)")
+    parser.add_argument("--time-scale", type=float, default=None, help="emulation time scale (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--n-micro", type=int, default=None)
+    parser.add_argument("--schedule", choices=("gpipe", "1f1b"), default=None)
+    parser.add_argument("--random-draws", type=int, default=None)
+    parser.add_argument("--random-steps", type=int, default=None, help="timed steps per random draw (no warm-up)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--data", default=None, help="fleet dataset root or 'synthetic' (default data/fleet)")
+    parser.add_argument("--codecs", nargs="+", choices=CODECS, default=None,
+                        help=f"codecs to sweep (default: {' '.join(CODECS)})")
+    parser.add_argument("--agx-factor", type=float, default=None,
+                        help="with the auto time scale: how much slower than one host core the fastest device runs")
+    parser.add_argument("--no-torch-pipelining", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
+    parser.add_argument("--no-rotation", action="store_true")
+    parser.add_argument("--noniid", action="store_true", help="also run the non-IID study (FHDP vs HDP vs central)")
+    parser.add_argument("--noniid-only", action="store_true", help="only the non-IID study")
+    parser.add_argument("--noniid-rounds", type=int, default=None)
+    parser.add_argument("--noniid-steps", type=int, default=None, help="local steps per pipeline per round")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(message)s")
+    cfg = build_config(args)
+    out: dict[str, Any] = {"bench": "pipeline"}
+    code = 0
+    if not args.noniid_only:
+        out.update(run_throughput(cfg))
+    if args.noniid or args.noniid_only:
+        from .bench_pipeline_noniid import NoniidConfig, run_noniid
+
+        ncfg = NoniidConfig(quick=args.quick)
+        if args.noniid_rounds is not None:
+            ncfg.rounds = args.noniid_rounds
+        if args.noniid_steps is not None:
+            ncfg.local_steps = args.noniid_steps
+        try:
+            out["noniid"] = run_noniid(ncfg)
+        except Exception as exc:
+            log.exception("non-IID study failed")
+            out["noniid"] = {"error": f"{type(exc).__name__}: {exc}"}
+            code = 1
+    print(json.dumps(out, default=_json_default))
+    return code
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

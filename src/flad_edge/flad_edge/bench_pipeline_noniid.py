@@ -1,0 +1,218 @@
+"""Non-IID study of `flad bench pipeline --noniid`: FHDP vs traditional HDP vs centralised training.
+
+Town-split data (one town per vehicle, `flad sim collect`): a 3-vehicle cluster (2 Jetson Nano + 1 AGX
+profiles) whose members drive Town01, Town02 and Town03; the model is scored on held-out towns
+(Town04-Town06) that no configuration trains on.
+
+* FHDP: the real multi-process path -- this process runs the edge (`flad_edge.fhdp.run_training`, one
+  cluster = one FL client, FedAvg per round), the vehicles are `flad_vehicle.fhdp.worker` processes on
+  loopback ZeroMQ; the cluster rotates over its essential pipelines, so every member's data trains.
+* HDP: the same path with `FhdpConfig.rotate = False`: only the first pipeline runs (only v000's data,
+  Town01), for members x local_steps steps per round.
+* Centralised: one process, whole model, the cluster's pooled data (all three towns, shuffled).
+
+Fairness: the same initial weights (seed), optimizer (AdamW with the paper's two learning rates, weight decay
+0.05, global-norm clip 5, constant LR), batch size, and the same number of optimizer steps and samples
+(rounds x members x local_steps steps of `batch_size`). Emulation does not matter for accuracy: time_scale is
+tiny, so no dilation or shaping slows the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import logging
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CLUSTER = (("v000", "jetson_nano"), ("v001", "jetson_nano"), ("v002", "jetson_agx"))
+
+
+@dataclass
+class NoniidConfig:
+    data: str = "data/fleet"
+    rounds: int = 3
+    local_steps: int = 10           # per essential pipeline per round (FHDP); HDP runs members x this
+    batch_size: int = 8
+    n_micro: int = 2
+    holdout_towns: tuple[str, ...] = ("Town04", "Town05", "Town06")
+    eval_samples: int = 480
+    seed: int = 7
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            self.rounds, self.local_steps, self.eval_samples = 1, 2, 64
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * len(CLUSTER) * self.local_steps
+
+
+def _port_base(n: int = 40) -> int:
+    """A base port with `n` free consecutive ports after it (checked by binding)."""
+    import random
+
+    rng = random.Random()
+    for _ in range(50):
+        base = rng.randrange(21000, 29000)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range found")
+
+
+def _fleet(cfg: NoniidConfig):
+    from flad_core.fleet import VehicleSpec, load_fleet, with_port_base
+    from flad_core.roles import default_fleet_path
+
+    base = load_fleet(default_fleet_path())
+    vehicles = [VehicleSpec(id=v, profile=p, control=f"tcp://127.0.0.1:{7200 + 2 * i}",
+                            data=f"tcp://127.0.0.1:{7201 + 2 * i}") for i, (v, p) in enumerate(CLUSTER)]
+    fleet = dataclasses.replace(base, vehicles=vehicles, seed=cfg.seed)
+    return with_port_base(fleet, _port_base())
+
+
+def train_pipelined(cfg: NoniidConfig, rotate: bool, workdir: Path):
+    """FHDP (rotate) or HDP (no rotation) over real vehicle processes; returns (model, round summaries)."""
+    import yaml
+    from rich.console import Console
+
+    from flad_core.config import to_dict
+    from flad_core.procs import ProcessGroup, python_module_cmd
+    from flad_core.runs import RunDir
+    from flad_core.weights import from_bytes
+    from flad_edge.fhdp import FhdpConfig, run_training
+    from flad_vehicle.encoder.config import get_config
+    from flad_vehicle.encoder.model import VisionEncoder
+
+    fleet = _fleet(cfg)
+    name = "fhdp" if rotate else "hdp"
+    run = RunDir.create(f"noniid-{name}", None, root=workdir)
+    fleet_file = run.path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump(to_dict(fleet), sort_keys=False))
+    fcfg = FhdpConfig(rounds=cfg.rounds, local_steps=cfg.local_steps, batch_size=cfg.batch_size, n_micro=cfg.n_micro,
+                      time_scale=1e-4, clusters=[[v for v, _ in CLUSTER]], seed=cfg.seed, rotate=rotate,
+                      round_deadline_s=400.0)
+    console = Console(file=io.StringIO(), width=120)
+    with ProcessGroup(grace_s=5.0) as group:
+        for v, _ in CLUSTER:
+            group.start(v, python_module_cmd("flad_vehicle.fhdp.worker", "--fleet", str(fleet_file), "--id", v,
+                                             "--data", cfg.data, "--run-dir", str(run.path), "--log-level", "WARNING"),
+                        log_path=run.path / f"vehicle-{v}.stderr")
+        summaries = run_training(fleet, fcfg, run, console)
+        for v, _ in CLUSTER:
+            group.wait(v, timeout=20)
+    model = VisionEncoder(get_config("tiny"))
+    state = from_bytes((run.path / "global_encoder.safetensors").read_bytes())
+    model.load_state_dict(state)
+    return model, summaries
+
+
+def train_central(cfg: NoniidConfig, train_shards: list, steps: int):
+    """The whole model in this process on the cluster's pooled data, same optimizer and budget."""
+    import torch
+
+    from flad_sim.dataset import iter_batches
+    from flad_vehicle.encoder.config import get_config
+    from flad_vehicle.encoder.model import VisionEncoder, batch_to_torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(cfg.seed)
+        model = VisionEncoder(get_config("tiny"))
+        model.train()
+        opt = torch.optim.AdamW(model.param_groups(7.5e-4, 3e-4, 0.05), eps=1e-8)
+        losses = []
+
+        def batches():
+            for epoch in itertools.count():
+                yield from iter_batches(train_shards, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch,
+                                        drop_last=True)
+
+        it = batches()
+        for _ in range(steps):
+            b = batch_to_torch(next(it))
+            out = model.forward_train(b)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            losses.append(float(out["loss"].detach()))
+    finally:
+        torch.set_num_threads(threads)
+    return model, losses
+
+
+def run_noniid(cfg: NoniidConfig) -> dict[str, Any]:
+    from flad_sim.dataset import FleetDataset, iter_batches
+    from flad_vehicle.encoder.config import get_config
+    from flad_vehicle.encoder.model import VisionEncoder
+    from flad_vehicle.encoder.train import baseline_metrics, evaluate
+
+    t0 = time.monotonic()
+    ds = FleetDataset.open(cfg.data)
+    members = [v for v, _ in CLUSTER]
+    train_shards = [ds.shards[v] for v in members]
+    eval_shards = [s for s in ds.shards.values() if set(s.towns) and set(s.towns) <= set(cfg.holdout_towns)]
+    if not eval_shards:
+        raise ValueError(f"no held-out shards for towns {cfg.holdout_towns} in {cfg.data}")
+
+    def eval_batches():
+        n = max(1, cfg.eval_samples // 32)
+        return itertools.islice(iter_batches(eval_shards, 32, shuffle=True, seed=123), n)
+
+    import torch
+
+    results: dict[str, Any] = {}
+    torch.manual_seed(cfg.seed)
+    results["initial"] = evaluate(VisionEncoder(get_config("tiny")), eval_batches())
+    base = baseline_metrics(iter_batches(train_shards, 32, shuffle=False), eval_batches())
+    results["majority_baseline"] = {k: base[k] for k in ("tl_accuracy", "wp_l1", "samples", "majority_class")}
+    timings = {}
+    with tempfile.TemporaryDirectory(prefix="flad-noniid-") as tmp:
+        for name, rotate in (("fhdp", True), ("hdp", False)):
+            ts = time.monotonic()
+            model, summaries = train_pipelined(cfg, rotate, Path(tmp))
+            timings[name] = round(time.monotonic() - ts, 1)
+            results[name] = {**evaluate(model, eval_batches()),
+                             "samples_trained": sum(s["samples"] for s in summaries),
+                             "train_loss_per_round": [round(s["train_loss"], 4) for s in summaries]}
+    ts = time.monotonic()
+    model, losses = train_central(cfg, train_shards, cfg.total_steps)
+    timings["central"] = round(time.monotonic() - ts, 1)
+    results["central"] = {**evaluate(model, eval_batches()), "samples_trained": cfg.total_steps * cfg.batch_size,
+                          "train_loss_last10": sum(losses[-10:]) / len(losses[-10:])}
+    return {
+        "setup": {"cluster": [{"vehicle": v, "profile": p, "towns": ds.shards[v].towns, "samples": len(ds.shards[v])}
+                              for v, p in CLUSTER],
+                  "holdout_towns": list(cfg.holdout_towns), "eval_samples": results["initial"]["samples"],
+                  "rounds": cfg.rounds, "local_steps_per_pipeline": cfg.local_steps, "batch_size": cfg.batch_size,
+                  "n_micro": cfg.n_micro, "optimizer_steps_each": cfg.total_steps,
+                  "samples_each": cfg.total_steps * cfg.batch_size, "seed": cfg.seed,
+                  "fhdp_hdp_path": "real: edge in this process (run_training), 3 vehicle worker processes, ZeroMQ",
+                  "hdp": "FhdpConfig.rotate=False: only the first pipeline (v000 = Town01 data) runs, "
+                         "members x local_steps steps per round",
+                  "central": "one process, whole model, pooled Town01-03 data, same optimizer and step budget"},
+        "results": results,
+        "metrics": {k: {"tl_accuracy": results[k]["tl_accuracy"], "wp_l1": results[k]["wp_l1"]}
+                    for k in ("fhdp", "hdp", "central", "initial", "majority_baseline")},
+        "seconds": timings, "total_seconds": round(time.monotonic() - t0, 1),
+    }

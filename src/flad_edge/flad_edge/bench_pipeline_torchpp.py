@@ -1,0 +1,282 @@
+"""Peer baseline (d) of `flad bench pipeline`: `torch.distributed.pipelining` on the same partition.
+
+Three real processes (spawned, one torch thread each) form a gloo process group on loopback; each wraps its
+FHDP stage (dict in, dict out) into a tensor-tuple module with a fixed input/output order and runs
+`Schedule1F1B` / `ScheduleGPipe` with the same micro-batches, AdamW parameter groups and global-norm clipping
+(an all-reduce of squared norms) as FHDP. For a fair comparison the same emulation applies:
+
+* compute dilation: each stage's forward and backward run inside one autograd function whose forward and
+  backward time themselves and sleep to the profile's speed (`ComputeDilation`, same host reference);
+* link shaping: after a forward (backward) the stage blocks for its output activations' (input gradients')
+  bytes at its profile's link rate (`TokenBucket`, like `OutLink.send` blocks the FHDP sender), with one
+  bucket per neighbour as FHDP has one per `OutLink`.
+
+Differences, stated rather than hidden: the labels do not travel through the pipeline here (the last rank
+reads them from the same seeded batch stream as `target`), so torch sends fewer bytes; the loss layer runs in
+the schedule's `loss_fn`, undilated (it has no parameters and costs microseconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _tensor_bytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _make_dilated_fn():
+    import torch
+
+    class DilatedStage(torch.autograd.Function):
+        """Runs `body` on detached leaves under grad; times and dilates forward and backward separately."""
+
+        @staticmethod
+        def forward(ctx, emu, dummy, *inputs):
+            leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+            t0 = time.perf_counter()
+            with torch.enable_grad():
+                outs = emu.body(*leaves)
+            emu.stretch(time.perf_counter() - t0)
+            if emu.send_forward:
+                emu.bucket_next.consume(_tensor_bytes(outs))
+            ctx.emu, ctx.leaves, ctx.outs = emu, leaves, outs
+            ret = tuple(o.detach() for o in outs)
+            ctx.mark_non_differentiable(*[o for o in ret if not o.is_floating_point()])
+            return ret
+
+        @staticmethod
+        def backward(ctx, *grads):
+            emu = ctx.emu
+            pairs = [(o, g) for o, g in zip(ctx.outs, grads, strict=True) if g is not None and o.requires_grad]
+            t0 = time.perf_counter()
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            emu.stretch(time.perf_counter() - t0)
+            in_grads = [leaf.grad if leaf.requires_grad else None for leaf in ctx.leaves]
+            if emu.send_backward:
+                emu.bucket_prev.consume(_tensor_bytes(in_grads))
+            ctx.leaves = ctx.outs = None
+            return (None, None, *in_grads)
+
+    return DilatedStage
+
+
+class _Emu:
+    def __init__(self, body, dilation, bucket_next, bucket_prev, send_forward: bool, send_backward: bool) -> None:
+        self.body, self.dilation = body, dilation
+        self.bucket_next, self.bucket_prev = bucket_next, bucket_prev   # one per neighbour, as FHDP's OutLinks
+        self.send_forward, self.send_backward = send_forward, send_backward
+        self.emulated_s = 0.0
+
+    def stretch(self, dt: float) -> None:
+        self.emulated_s += self.dilation.stretch(dt)
+
+
+def _tuple_stage(stage, in_names: Sequence[str], out_names: Sequence[str], skip: Sequence[str]):
+    """A module: tensors in `in_names` order -> tensors in `out_names` order, running the stage's layers
+    except those named in `skip` (the loss layer runs in the schedule's loss_fn)."""
+    from torch import nn
+
+    class TupleStage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = stage
+
+        def body(self, *tensors):
+            env = dict(zip(in_names, tensors, strict=True))
+            for name in stage.layer_names:
+                if name in skip:
+                    continue
+                layer = stage.layers[name]
+                outs = layer(*[env[r] for r in layer.reads])
+                for i, w in enumerate(layer.writes):
+                    env[w] = outs[i]
+            return tuple(env[n] for n in out_names)
+
+    return TupleStage()
+
+
+def _rank_main(rank: int, world: int, cmd: dict[str, Any], queue) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from flad_core.emulation import ComputeDilation, TokenBucket
+    from flad_vehicle.encoder.config import get_config
+    from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder
+    from flad_vehicle.encoder.partition import Partitioner
+    from flad_vehicle.fhdp.data import vehicle_batches
+    from flad_vehicle.fhdp.optim import stage_adamw
+
+    torch.set_num_threads(1)
+    if cmd.get("debug_dump_s"):
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback_later(cmd["debug_dump_s"], exit=True, file=sys.stderr)
+    try:
+        dist.init_process_group("gloo", init_method=cmd["init_method"], rank=rank, world_size=world)
+        torch.manual_seed(cmd["seed"])
+        model = VisionEncoder(get_config(cmd["encoder"]))
+        part = Partitioner(model)
+        vehicle, start, end = cmd["pipeline"][rank]
+        stage = part.stage((start, end))
+        graph = part.graph
+        loss_node = graph.nodes[-1]
+        is_first, is_last = rank == 0, rank == world - 1
+        in_names = [n for n in stage.inputs if n not in LABEL_INPUTS]
+        if is_last:
+            out_names = [r for r in loss_node.reads if r not in LABEL_INPUTS]
+            skip = (loss_node.name,)
+        else:
+            out_names = [n for n in stage.outputs if n not in LABEL_INPUTS]
+            skip = ()
+        mod = _tuple_stage(stage, in_names, out_names, skip)
+        emu = _Emu(mod.body, ComputeDilation(cmd["tflops"][rank], cmd["time_scale"], cmd["host_tflops"]),
+                   TokenBucket.from_mbps(cmd["link_mbps"][rank], cmd["time_scale"]),
+                   TokenBucket.from_mbps(cmd["link_mbps"][rank], cmd["time_scale"]),
+                   send_forward=not is_last, send_backward=not is_first)
+        fn = _make_dilated_fn()
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.mod = mod
+
+            def forward(self, *tensors):
+                dummy = torch.zeros((), requires_grad=True)
+                outs = fn.apply(emu, dummy, *tensors)
+                return outs if len(outs) > 1 else outs[0]
+
+        wrapped = Wrapped()
+        label_shapes: dict[str, tuple] = {}
+
+        def pack_labels(batch) -> torch.Tensor:
+            parts = []
+            for n in LABEL_INPUTS:
+                t = batch[n]
+                label_shapes[n] = (tuple(t.shape[1:]), t.dtype)
+                parts.append(t.reshape(t.shape[0], -1).float())
+            return torch.cat(parts, dim=1)
+
+        def loss_fn(output, target):
+            outs = output if isinstance(output, tuple) else (output,)
+            env = dict(zip(out_names, outs, strict=True))
+            pos = 0
+            for n in LABEL_INPUTS:
+                shape, dtype = label_shapes[n]
+                size = 1
+                for s in shape:
+                    size *= s
+                env[n] = target[:, pos:pos + size].reshape(target.shape[0], *shape).to(dtype)
+                pos += size
+            layer = stage.layers[loss_node.name]
+            res = layer(*[env[r] for r in loss_node.reads])
+            return res[list(loss_node.writes).index("loss")]
+
+        pstage = PipelineStage(wrapped, rank, world, torch.device("cpu"))
+        sched_cls = Schedule1F1B if cmd["schedule"] == "1f1b" else ScheduleGPipe
+        # loss_fn on every rank: the schedule reads "has a loss_fn" as "runs backward" (None on the first ranks
+        # made them skip backward metadata inference and deadlock the last rank, torch 2.13)
+        schedule = sched_cls(pstage, n_microbatches=cmd["n_micro"], loss_fn=loss_fn)
+        params = list(stage.parameters())
+        opt = stage_adamw(stage, model) if params else None
+        batches = vehicle_batches(cmd["data"], cmd["data_owner"], cmd["batch_size"], seed=cmd["seed"])
+        steps = []
+        for _ in range(cmd["warmup"] + cmd["steps"]):
+            batch = next(batches)
+            if is_last:
+                pack_labels(batch)
+            emu.emulated_s = 0.0
+            t0 = time.monotonic()
+            losses: list = []
+            if is_first:
+                schedule.step(*[batch[n] for n in in_names])
+            elif is_last:
+                schedule.step(target=pack_labels(batch), losses=losses, return_outputs=False)
+            else:
+                schedule.step()
+            # global-norm clipping across the pipeline, as FHDP does (clip 5.0)
+            sq = torch.zeros((), dtype=torch.float64)
+            for p in params:
+                if p.grad is not None:
+                    sq += p.grad.detach().double().pow(2).sum()
+            dist.all_reduce(sq)
+            coef = min(1.0, 5.0 / (float(sq.sqrt()) + 1e-6))
+            if coef < 1.0:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+            if opt is not None:
+                t_opt = time.perf_counter()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                emu.stretch(time.perf_counter() - t_opt)
+            t1 = time.monotonic()
+            loss = float(sum(float(x.detach()) for x in losses) / len(losses)) if losses else None
+            steps.append({"t0": t0, "t1": t1, "loss": loss, "emulated_compute_s": emu.emulated_s,
+                          "compute_s": 0.0, "bytes_sent": 0})
+        queue.put({"rank": rank, "index": rank, "vehicle": vehicle, "range": [start, end], "steps": steps})
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception as exc:  # reported to the coordinator
+        log.exception("torch pipelining rank %d failed", rank)
+        queue.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_torch_pipelining(cfg, pipeline: Sequence[tuple[str, int, int]], host_tflops: float, time_scale: float
+                         ) -> dict[str, Any]:
+    """Run baseline (d) on `pipeline`; returns the same figures as an FHDP configuration (emulated)."""
+    import torch
+
+    from flad_core.fleet import PAPER_PROFILES
+
+    from .bench_pipeline import _free_ports, summarize
+
+    profiles = dict(cfg.cluster)
+    world = len(pipeline)
+    cmd = {"init_method": f"tcp://127.0.0.1:{_free_ports(1)[0]}", "seed": cfg.seed, "encoder": cfg.encoder,
+           "pipeline": [list(p) for p in pipeline], "time_scale": time_scale, "host_tflops": host_tflops,
+           "tflops": [PAPER_PROFILES[profiles[v]].tflops for v, _, _ in pipeline],
+           "link_mbps": [PAPER_PROFILES[profiles[v]].link_mbps for v, _, _ in pipeline],
+           "schedule": cfg.schedule, "n_micro": cfg.n_micro, "batch_size": cfg.batch_size, "data": cfg.data,
+           "data_owner": cfg.data_owner, "warmup": cfg.warmup, "steps": cfg.steps,
+           "debug_dump_s": cfg.extra.get("debug_dump_s")}
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, cmd, queue), daemon=True, name=f"torchpp-{r}")
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = [], []
+    deadline = time.monotonic() + 900
+    while len(results) + len(errors) < world and time.monotonic() < deadline:
+        try:
+            r = queue.get(timeout=5)
+        except Exception:  # queue.Empty: check whether a rank died without reporting
+            if any(p.exitcode not in (None, 0) for p in procs):
+                errors.append("a rank exited with " + str([p.exitcode for p in procs]))
+                break
+            continue
+        (errors if "error" in r else results).append(r.get("error", r))
+    for p in procs:
+        p.join(30)
+        if p.is_alive():
+            p.terminate()
+    if errors or len(results) < world:
+        raise RuntimeError(f"torch.distributed.pipelining failed: {errors or 'timeout'}")
+    out = summarize(results, cfg.batch_size, cfg.warmup, time_scale)
+    out.update({"works": True, "backend": "gloo", "torch": torch.__version__, "schedule": cfg.schedule,
+                "n_micro": cfg.n_micro,
+                "notes": "same partition, micro-batches, optimizer, clipping and emulation (dilation inside an "
+                         "autograd function; link shaping by blocking for the sent bytes); labels are given to "
+                         "the last rank as `target` instead of travelling through the pipeline; bytes not counted"})
+    out.pop("bytes_per_sample", None)
+    return out

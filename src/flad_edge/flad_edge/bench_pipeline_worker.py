@@ -1,0 +1,107 @@
+"""The vehicle processes of `flad bench pipeline`: persistent stage workers that run one configuration at a time.
+
+Each worker is a real OS process (spawned, one torch thread) that emulates one device profile. For every
+configuration the coordinator sends, a worker that is a member of the pipeline rebuilds the tiny encoder from
+the same seed (so every configuration starts from identical weights), takes its stage, binds its inbox, links
+to its neighbours over loopback ZeroMQ (token-bucket shaped at its profile's link rate) and runs the FHDP
+`StageRunner` for the requested steps with its profile's compute dilation. Keeping the processes alive
+across configurations avoids paying the torch import for each of them on a 2-core host.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _batches(data: str, owner: str, batch_size: int, seed: int):
+    from flad_vehicle.fhdp.data import vehicle_batches
+
+    return vehicle_batches(data, owner, batch_size, seed=seed)
+
+
+def run_stage(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float, ctx) -> dict[str, Any]:
+    """Run this vehicle's stage of `cmd["pipeline"]` for warmup + steps steps; return per-step figures."""
+    import torch
+
+    from flad_core.emulation import ComputeDilation, TokenBucket
+    from flad_vehicle.encoder.config import get_config
+    from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder
+    from flad_vehicle.encoder.partition import Partitioner
+    from flad_vehicle.fhdp.links import Inbox, OutLink
+    from flad_vehicle.fhdp.optim import stage_adamw
+    from flad_vehicle.fhdp.runner import StageRunner
+
+    pipeline = [tuple(p) for p in cmd["pipeline"]]
+    members = [v for v, _, _ in pipeline]
+    if vehicle not in members:
+        return {"idle": True}
+    index = members.index(vehicle)
+    k = len(pipeline)
+    torch.manual_seed(cmd["seed"])
+    model = VisionEncoder(get_config(cmd["encoder"]))
+    stage = Partitioner(model).stage((pipeline[index][1], pipeline[index][2]))
+    optimizer = stage_adamw(stage, model) if any(True for _ in stage.parameters()) else None
+    ts = cmd["time_scale"]
+    inbox = Inbox(ctx, cmd["addresses"][index])
+    links = []
+
+    def link(peer: int) -> OutLink:
+        out = OutLink(ctx, members[peer], cmd["addresses"][peer], index, codec=cmd["codec"],
+                      bucket=TokenBucket.from_mbps(link_mbps, ts))
+        links.append(out)
+        return out
+
+    prev = link(index - 1) if index > 0 else None
+    nxt = link(index + 1) if index < k - 1 else None
+    runner = StageRunner(stage, index, k, inbox=inbox, prev=prev, next=nxt, optimizer=optimizer,
+                         schedule=cmd["schedule"], n_micro=cmd["n_micro"], grad_clip=5.0, label_names=LABEL_INPUTS,
+                         dilation=ComputeDilation(tflops, ts, host_tflops_ref=cmd["host_tflops"]), timeout_s=300.0)
+    batches = _batches(cmd["data"], cmd["data_owner"], cmd["batch_size"], cmd["seed"]) if index == 0 else None
+    steps = []
+    try:
+        for step in range(cmd["warmup"] + cmd["steps"]):
+            batch = None
+            if batches is not None:
+                full = next(batches)
+                batch = {n: full[n] for n in stage.inputs}
+            t0 = time.monotonic()
+            res = runner.run_step(step, batch)
+            t1 = time.monotonic()
+            steps.append({"t0": t0, "t1": t1, "loss": res.loss, "compute_s": res.compute_s,
+                          "emulated_compute_s": res.emulated_compute_s, "wait_s": res.wait_s,
+                          "bytes_sent": res.bytes_sent})
+    finally:
+        for x in (*links, inbox):
+            x.close()
+    n = max(1, len(steps))
+    link_bytes = {"prev": prev.stats.bytes / n if prev else 0.0, "next": nxt.stats.bytes / n if nxt else 0.0}
+    return {"idle": False, "vehicle": vehicle, "index": index, "range": [pipeline[index][1], pipeline[index][2]],
+            "steps": steps, "link_bytes_per_step": link_bytes}
+
+
+def worker_main(vehicle: str, tflops: float, link_mbps: float, conn: Connection) -> None:
+    """Process entry: serve configurations from `conn` until told to stop."""
+    import torch
+    import zmq
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    ctx = zmq.Context()
+    conn.send({"ready": vehicle})
+    try:
+        while True:
+            cmd = conn.recv()
+            if cmd.get("op") == "stop":
+                break
+            try:
+                conn.send(run_stage(cmd, vehicle, tflops, link_mbps, ctx))
+            except Exception as exc:  # reported to the coordinator, which fails the configuration
+                log.exception("%s failed a configuration", vehicle)
+                conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        ctx.term()

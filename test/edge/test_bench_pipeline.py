@@ -1,0 +1,101 @@
+"""Harness logic of `flad bench pipeline` (no timed assertions: benchmarks measure, tests check behaviour)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from flad_core import tensorcodec, tensorframe
+from flad_edge import bench_pipeline as bp
+
+
+def test_ideal_bound_is_fill_plus_micro_batches_times_slowest_plus_drain():
+    # per micro-batch: 0.25, 0.5, 0.25 -> fill+drain of one micro-batch (1.0) + 3 more at the slowest (1.5)
+    assert bp.ideal_step_s([1.0, 2.0, 1.0], 4) == pytest.approx(2.5)
+    assert bp.ideal_step_s([3.0], 1) == pytest.approx(3.0)          # one stage, one micro-batch: no pipelining
+    assert bp.ideal_step_s([1.0, 1.0], 1) == pytest.approx(2.0)     # one micro-batch: stages run in sequence
+    # many micro-batches: the slowest stage dominates
+    assert bp.ideal_step_s([1.0, 2.0], 1000) == pytest.approx(2.0, rel=2e-3)
+    with pytest.raises(ValueError):
+        bp.ideal_step_s([], 2)
+
+
+def test_random_partitions_are_valid_and_seeded():
+    vehicles = ["n1", "n2", "agx"]
+    seen = set()
+    for seed in range(200):
+        p = bp.random_partition(random.Random(seed), vehicles, 22, 3)
+        assert bp.valid_partition(p, 22, 3), p
+        assert sorted(v for v, _, _ in p) == sorted(vehicles)
+        assert p[0][2] >= 3                        # the raw-input layers stay with the data owner
+        seen.add(tuple(p))
+    assert len(seen) > 50                          # really random
+    assert bp.random_partition(random.Random(5), vehicles, 22, 3) == bp.random_partition(random.Random(5), vehicles,
+                                                                                           22, 3)
+    assert not bp.valid_partition([("a", 0, 2), ("b", 2, 22)], 22, 3)   # first stage ends before the raw readers
+    assert not bp.valid_partition([("a", 0, 5), ("b", 6, 22)], 22, 3)   # gap
+    assert not bp.valid_partition([("a", 0, 5), ("a", 5, 22)], 22, 3)   # a vehicle twice
+    with pytest.raises(ValueError):
+        bp.random_partition(random.Random(0), vehicles, 4, 3)
+
+
+def _frame_bytes(tensors, codec):
+    frames = tensorframe.pack(tensorcodec.encode(tensors, codec), kind=tensorframe.KIND_ACTIVATION, step=0,
+                              micro_batch=0, stage=0)
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+def test_codec_byte_ratios_on_wide_activations():
+    torch.manual_seed(0)
+    acts = {"dec.2": torch.randn(8, 31, 64), "pred.bev": torch.randn(8, 50, 50)}
+    fp32 = _frame_bytes(acts, "fp32")
+    for codec in ("fp16", "bf16"):
+        assert fp32 / _frame_bytes(acts, codec) == pytest.approx(2.0, rel=0.05)
+    assert fp32 / _frame_bytes(acts, "int8") > 3.5
+    # integer labels are never compressed, so they cap the ratio of a frame that carries them
+    with_labels = {**acts, "tl_state": torch.zeros(8, dtype=torch.int64), "bev": torch.zeros(8, 50, 50,
+                                                                                          dtype=torch.uint8)}
+    assert _frame_bytes(with_labels, "fp32") / _frame_bytes(with_labels, "int8") < fp32 / _frame_bytes(acts, "int8")
+
+
+def test_summarize_turns_step_records_into_emulated_throughput():
+    def rec(index, vehicle, t0s, loss=None):
+        return {"idle": False, "index": index, "vehicle": vehicle, "range": [index, index + 1],
+                "steps": [{"t0": t0, "t1": t0 + 1.0, "loss": loss, "compute_s": 0.1, "emulated_compute_s": 0.4,
+                           "wait_s": 0.0, "bytes_sent": 100} for t0 in t0s]}
+
+    results = [rec(1, "b", [0.1, 1.1, 2.1], loss=2.0), rec(0, "a", [0.0, 1.0, 2.0]), {"idle": True}]
+    out = bp.summarize(results, batch_size=8, warmup=1, time_scale=2.0)
+    # timed steps 1..2: wall from 1.0 to 3.1 = 2.1 s -> 1.05 emulated s for 16 samples
+    assert out["samples_per_s"] == pytest.approx(16 / 1.05)
+    assert out["stages"] == [["a", 0, 1], ["b", 1, 2]]
+    assert out["stage_compute_s"] == pytest.approx([0.2, 0.2])      # 0.4 s of dilated wall = 0.2 emulated s
+    assert out["bytes_per_sample"] == pytest.approx(600 / 24)
+    assert out["final_loss"] == pytest.approx(2.0)
+
+
+def test_auto_time_scale_makes_the_fastest_device_slower_than_the_host():
+    ts = bp.auto_time_scale(host_tflops=0.1, fastest_tflops=3.85, factor=2.0)
+    assert 0.1 / 3.85 * ts == pytest.approx(2.0)
+
+
+def test_quick_run_prints_one_json_object(capsys):
+    code = bp.main(["--quick", "--json", "--no-torch-pipelining", "--codecs", "fp32", "int8"])
+    out = capsys.readouterr().out.strip()
+    assert code == 0
+    assert out.count("\n") == 0                     # exactly one line: one JSON object
+    data = json.loads(out)
+    for key in ("conditions", "throughput_samples_per_s_emulated", "fhdp_swift", "standalone", "random",
+                "torch_pipelining", "ideal", "codecs", "goals"):
+        assert key in data, key
+    assert data["conditions"]["emulated"] is True
+    assert set(data["codecs"]) == {"fp32", "int8"}
+    tp = data["throughput_samples_per_s_emulated"]
+    for key in ("fhdp_swift", "standalone_agx", "random_mean", "ideal_bound"):
+        assert tp[key] > 0, key
+    assert data["codecs"]["int8"]["bytes_per_sample"] < data["codecs"]["fp32"]["bytes_per_sample"]
+    assert set(data["goals"]) >= {"fhdp_vs_standalone", "fhdp_vs_random", "fhdp_vs_ideal", "fhdp_vs_torch_pipelining",
+                                  "int8_byte_reduction", "int8_loss_within_2pct"}
