@@ -8,6 +8,7 @@ names, kind, bytes), so tests can prove that raw sensor tensors never leave thei
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -26,6 +27,14 @@ KIND_CONTROL = tensorframe.KIND_LABELS  # small control tensors (norm reduction)
 
 class LinkTimeoutError(TimeoutError):
     """A neighbour did not deliver an expected frame in time (it may have left)."""
+
+
+class StepAbortedError(RuntimeError):
+    """The edge aborted the running pipeline (a member left): stop waiting, drop the partial step."""
+
+
+#: how often a blocked send or receive looks at its abort flag (bounds how fast a survivor stops)
+ABORT_POLL_S = 0.02
 
 
 @dataclass
@@ -63,13 +72,24 @@ class OutLink:
         self.sock.connect(address)
 
     def send(self, tensors: Mapping[str, torch.Tensor], *, kind: int, step: int, micro_batch: int,
-             compress: bool = True) -> int:
+             compress: bool = True, abort: threading.Event | None = None) -> int:
         payload = tensorcodec.encode(tensors, self.codec) if compress else dict(tensors)
         frames = tensorframe.pack(payload, kind=kind, step=step, micro_batch=micro_batch, stage=self.stage_index)
         nbytes = sum(memoryview(f).nbytes for f in frames)
         if self.bucket is not None:
             self.stats.shaping_wait_s += self.bucket.consume(nbytes)
-        self.sock.send_multipart(frames, copy=False)
+        if abort is None:
+            self.sock.send_multipart(frames, copy=False)
+        else:
+            # a departed peer stops draining its queue: never block past an abort
+            while True:
+                if abort.is_set():
+                    raise StepAbortedError(f"send to {self.peer} aborted")
+                try:
+                    self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    self.sock.poll(int(ABORT_POLL_S * 1000), zmq.POLLOUT)
         self.stats.frames += 1
         self.stats.bytes += nbytes
         self.stats.audit.append(AuditRecord(self.peer, kind, step, micro_batch, tuple(tensors), nbytes))
@@ -93,13 +113,20 @@ class Inbox:
         self.rejected = 0
         self.received_bytes = 0
 
-    def get(self, kind: int, step: int, micro_batch: int, timeout_s: float) -> tuple[tensorframe.FrameHeader, dict]:
-        """The frame for (kind, step, micro_batch), decoded; buffers any other frame that arrives first."""
+    def get(self, kind: int, step: int, micro_batch: int, timeout_s: float,
+            abort: threading.Event | None = None) -> tuple[tensorframe.FrameHeader, dict]:
+        """The frame for (kind, step, micro_batch), decoded; buffers any other frame that arrives first.
+
+        With `abort`, the wait is sliced so that an abort (a neighbour left) ends it within ABORT_POLL_S
+        instead of after the full link timeout."""
         key = (kind, step, micro_batch)
         deadline = time.monotonic() + timeout_s
         while not self._pending.get(key):
+            if abort is not None and abort.is_set():
+                raise StepAbortedError(f"wait for step {step} micro-batch {micro_batch} aborted")
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.sock.poll(int(remaining * 1000) + 1):
+            slice_s = min(remaining, ABORT_POLL_S) if abort is not None else remaining
+            if remaining <= 0 or not self.sock.poll(int(slice_s * 1000) + 1):
                 if time.monotonic() >= deadline:
                     raise LinkTimeoutError(f"no {tensorframe.KIND_NAMES[kind]} frame for step {step} "
                                            f"micro-batch {micro_batch} within {timeout_s:.1f} s")
@@ -120,6 +147,26 @@ class Inbox:
         """Forget buffered frames of `step` (after an aborted step)."""
         for key in [k for k in self._pending if k[1] == step]:
             del self._pending[key]
+
+    def drop_steps_below(self, step: int) -> int:
+        """Forget buffered frames of every step before `step`, first draining what already arrived.
+
+        Each (re)assignment uses a fresh, higher step range, so frames from an aborted pipeline (a
+        departed neighbour's last activations) can never be taken for the resumed one; this frees them."""
+        while self.sock.poll(0):
+            frames = self.sock.recv_multipart(copy=False)
+            try:
+                header, tensors = tensorframe.unpack(frames, max_bytes=self.max_frame_bytes)
+                tensors = tensorcodec.decode(tensors)
+            except (tensorframe.FrameError, tensorcodec.CodecError) as exc:
+                self.rejected += 1
+                log.warning("inbox %s rejected a frame: %s", self.address, exc)
+                continue
+            self._pending[(header.kind, header.step, header.micro_batch)].append((header, tensors))
+        stale = [k for k in self._pending if k[1] < step]
+        for key in stale:
+            del self._pending[key]
+        return len(stale)
 
     def close(self) -> None:
         self.sock.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from torch import Tensor
 from flad_core import tensorframe
 from flad_core.emulation import ComputeDilation, MemoryGuard
 
-from .links import KIND_CONTROL, Inbox, OutLink
+from .links import KIND_CONTROL, Inbox, OutLink, StepAbortedError
 from .schedule import Schedule, stage_ops
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class StageRunner:
                  next: OutLink | None, optimizer: torch.optim.Optimizer | None, schedule: Schedule = "1f1b",
                  n_micro: int = 4, grad_clip: float | None = None, label_names: Collection[str] = (),
                  dilation: ComputeDilation | None = None, memory: MemoryGuard | None = None,
-                 timeout_s: float = 60.0, loss_key: str = "loss") -> None:
+                 timeout_s: float = 60.0, loss_key: str = "loss", abort: threading.Event | None = None) -> None:
         if (index == 0) != (prev is None) or (index == n_stages - 1) != (next is None):
             raise ValueError("the first stage has no upstream link and the last no downstream link")
         self.stage, self.index, self.n_stages = stage, index, n_stages
@@ -70,6 +71,7 @@ class StageRunner:
         self.dilation, self.memory = dilation, memory
         self.timeout_s = timeout_s
         self.loss_key = loss_key
+        self.abort = abort   # set by the edge when a member left: blocked waits end with StepAbortedError
 
     @property
     def is_first(self) -> bool:
@@ -90,7 +92,7 @@ class StageRunner:
 
     def _recv(self, kind: int, step: int, mb: int, res: StepResult) -> dict[str, Tensor]:
         t0 = time.perf_counter()
-        _, tensors = self.inbox.get(kind, step, mb, self.timeout_s)
+        _, tensors = self.inbox.get(kind, step, mb, self.timeout_s, abort=self.abort)
         res.wait_s += time.perf_counter() - t0
         return tensors
 
@@ -144,7 +146,7 @@ class StageRunner:
                     send = dict(outputs)
                     send[BATCH_KEY] = torch.tensor(total, dtype=torch.int64)
                     res.bytes_sent += self.next.send(send, kind=tensorframe.KIND_ACTIVATION, step=step,
-                                                     micro_batch=m)
+                                                     micro_batch=m, abort=self.abort)
                 saved[m] = (inputs, outputs)
                 in_flight += 1
                 res.peak_in_flight = max(res.peak_in_flight, in_flight)
@@ -162,16 +164,25 @@ class StageRunner:
                                                                               [g for _, g in p]), res)
                 if not self.is_first:
                     res.bytes_sent += self.prev.send(self._grads_to_send(inputs), kind=tensorframe.KIND_GRADIENT,
-                                                     step=step, micro_batch=m)
+                                                     step=step, micro_batch=m, abort=self.abort)
                 in_flight -= 1
         if self.grad_clip is not None:
             res.grad_norm = self._clip(step, res)
+        if self.abort is not None and self.abort.is_set():
+            raise StepAbortedError(f"step {step} aborted before its optimizer step")
         if self.optimizer is not None:
             self._compute(self._optimizer_step, res)
         if self.is_last:
             res.loss = loss_total
         res.wall_s = time.perf_counter() - t_start
         return res
+
+    def discard_partial_step(self) -> None:
+        """After an abort: drop the partial gradients, so the weights stay as of the last completed step."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        for p in self.stage.parameters():
+            p.grad = None
 
     def _optimizer_step(self) -> None:
         self.optimizer.step()
@@ -187,7 +198,8 @@ class StageRunner:
         if not self.is_last:
             partial = partial + self._recv(KIND_CONTROL, step, NORM_MB, res)["sq"]
         if not self.is_first:
-            self.prev.send({"sq": partial}, kind=KIND_CONTROL, step=step, micro_batch=NORM_MB, compress=False)
+            self.prev.send({"sq": partial}, kind=KIND_CONTROL, step=step, micro_batch=NORM_MB, compress=False,
+                           abort=self.abort)
             factor = self._recv(KIND_CONTROL, step, CLIP_MB, res)
             norm, coef = float(factor["norm"]), float(factor["coef"])
         else:
@@ -196,7 +208,7 @@ class StageRunner:
         if not self.is_last:
             self.next.send({"norm": torch.tensor(norm, dtype=torch.float64),
                             "coef": torch.tensor(coef, dtype=torch.float64)},
-                           kind=KIND_CONTROL, step=step, micro_batch=CLIP_MB, compress=False)
+                           kind=KIND_CONTROL, step=step, micro_batch=CLIP_MB, compress=False, abort=self.abort)
         if coef < 1.0:
             for p in self.stage.parameters():
                 if p.grad is not None:

@@ -10,6 +10,14 @@ Between the phases and afterwards the vehicle serves `vehicle/layers` so peers (
 end of a round) can fetch the layers it owns. A resource-sufficient vehicle is simply a one-stage
 pipeline of its own.
 
+Quick recovery (paper §4.2): `vehicle/abort` stops the running pipeline at once (a member left): the
+partial step is dropped, the weights stay as of the last completed optimizer step, and the vehicle waits
+for the next assignment with its process and sockets up. With `backup_every = e`, every e steps the
+layers that changed since the last upload are snapshotted and sent to `edge/backup` by a background
+thread; with `publish_progress`, the last stage publishes a StepReport per completed step on
+/flad/fhdp/progress, which the edge timestamps (recovery timing, steps lost). A layer whose owner is
+"backup" is fetched from the edge's backup of this vehicle's client (`edge/backup-layers`).
+
 The work runs on its own threads: bus handlers only enqueue, so vehicles that fetch layers from each
 other at the same time cannot deadlock.
 """
@@ -22,6 +30,7 @@ import json
 import logging
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,7 +40,7 @@ import zmq
 
 from flad_core import codec
 from flad_core import weights as wts
-from flad_core.bus import BusError
+from flad_core.bus import BusError, RequestTimeoutError
 from flad_core.emulation import ComputeDilation, MemoryGuard, TokenBucket
 from flad_core.procs import install_stop_handlers
 from flad_core.roles import add_role_args, fleet_from_args, setup_role_logging
@@ -41,29 +50,57 @@ from flad_vehicle.encoder.config import get_config
 from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder
 from flad_vehicle.encoder.partition import Partitioner
 
+from .backup import BackupTracker, BackupUploader
 from .data import vehicle_batches
 from .layerstore import LayerStore
-from .links import Inbox, LinkStats, OutLink
+from .links import Inbox, LinkStats, OutLink, StepAbortedError
 from .optim import stage_adamw
 from .runner import StageRunner
 
 log = logging.getLogger("flad_vehicle.fhdp.worker")
 
 EDGE_OWNER = "edge"
+BACKUP_OWNER = "backup"        # layer_owner value: restore the layer from the edge's backup of this client
 SERVICE_ASSIGN, SERVICE_START, SERVICE_LAYERS = "vehicle/assign", "vehicle/start", "vehicle/layers"
+SERVICE_ABORT = "vehicle/abort"
 SERVICE_EDGE_READY, SERVICE_EDGE_REPORT, SERVICE_EDGE_LAYERS = "edge/ready", "edge/report", "edge/layers"
+SERVICE_EDGE_BACKUP, SERVICE_EDGE_BACKUP_LAYERS = "edge/backup", "edge/backup-layers"
+TOPIC_PROGRESS = "/flad/fhdp/progress"     # StepReport per completed step, from a pipeline's last stage
+ABORTED = "aborted"                        # prefix of StepReport.error for a pipeline the edge aborted
+DEFAULT_LINK_TIMEOUT_S = 120.0
+
+
+def edge_service_address(fleet, service: str) -> str:
+    """Address of an edge service; the recovery services share `edge/layers`' socket unless configured."""
+    return fleet.bus.services.get(service) or fleet.bus.services.get(SERVICE_EDGE_LAYERS, "")
 
 
 def fetch_layers(bus, address: str, service: str, layers: list[str], requester: str,
-                 timeout_s: float = 30.0) -> tuple[dict[str, torch.Tensor], int]:
-    """Fetch `layers` (weights + optimizer state) from the holder at `address`; returns (payload, bytes)."""
+                 timeout_s: float = 30.0, abort: threading.Event | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Fetch `layers` (weights + optimizer state) from the holder at `address`; returns (payload, bytes).
+
+    With `abort`, each chunk is asked for in short tries so that an abort (the holder left) ends the
+    fetch at once instead of after `timeout_s`."""
     transfer = uuid.uuid4().hex
     asm = wts.ChunkAssembler()
     index = 0
     while True:
         req = codec.new("flad_msgs/msg/LayerRequest", requester=requester, transfer_id=transfer, layers=layers,
                         chunk_index=index)
-        chunk = bus.request(service, req, "flad_msgs/msg/WeightChunk", timeout_s=timeout_s, address=address)
+        if abort is None:
+            chunk = bus.request(service, req, "flad_msgs/msg/WeightChunk", timeout_s=timeout_s, address=address)
+        else:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if abort.is_set():
+                    raise StepAbortedError(f"fetch of {len(layers)} layer(s) from {address} aborted")
+                try:
+                    chunk = bus.request(service, req, "flad_msgs/msg/WeightChunk", address=address,
+                                        timeout_s=max(0.05, min(0.5, deadline - time.monotonic())))
+                    break
+                except RequestTimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise
         if asm.add(chunk):
             break
         index += 1
@@ -130,16 +167,26 @@ class FhdpVehicle:
         self.audit_file = Path(audit_dir) / f"audit-{vehicle_id}.jsonl" if audit_dir else None
         self._audited = 0
         self._served_audited = 0
-        self._batches: dict[int, Any] = {}
+        self._batches: dict[str, Any] = {}
         self._current: dict[str, Any] | None = None
         self._jobs: list[tuple[str, Any]] = []
         self._jobs_ready = threading.Condition()
+        self._abort = threading.Event()        # set while the running pipeline is being aborted
+        self._aborted: set[str] = set()        # pipeline ids the edge aborted (queued jobs for them are dropped)
+        self._running: str | None = None       # pipeline id being prepared or trained
+        self.tracker = BackupTracker(self.store)
+        self.uploader = BackupUploader(self._upload_backup)
+        # a stop request (SIGTERM, the edge's STOP) also ends a running step instead of waiting out a link timeout
+        threading.Thread(target=lambda: (self.agent.stop.wait(), self._abort.set()), name="stop-aborts",
+                         daemon=True).start()
         self.bus.serve(SERVICE_ASSIGN, "flad_msgs/msg/PipelineAssignment", "flad_msgs/msg/Ack",
                        lambda m: self._enqueue("assign", m), address=self.spec.control)
         self.bus.serve(SERVICE_START, "flad_msgs/msg/PipelineAssignment", "flad_msgs/msg/Ack",
                        lambda m: self._enqueue("start", m), address=self.spec.control)
         self.bus.serve(SERVICE_LAYERS, "flad_msgs/msg/LayerRequest", "flad_msgs/msg/WeightChunk",
                        self.server.handle, address=self.spec.control)
+        self.bus.serve(SERVICE_ABORT, "flad_msgs/msg/PipelineAbort", "flad_msgs/msg/Ack", self._on_abort,
+                       address=self.spec.control)
 
     # -- control ------------------------------------------------------------------------------------
     def _enqueue(self, kind: str, msg):
@@ -147,6 +194,22 @@ class FhdpVehicle:
             self._jobs.append((kind, msg))
             self._jobs_ready.notify()
         return codec.new("flad_msgs/msg/Ack", ok=True, message=f"{kind} queued")
+
+    def _on_abort(self, msg):
+        """Bus thread: abort the named (or the running) pipeline now; drop its queued jobs."""
+        with self._jobs_ready:
+            pid = msg.pipeline_id or self._running or ""
+            if pid:
+                self._aborted.add(pid)
+            dropped = [k for k, m in self._jobs if m.pipeline_id == pid]
+            self._jobs = [(k, m) for k, m in self._jobs if m.pipeline_id != pid]
+            running = self._running is not None and self._running == pid
+            if running:
+                self._abort.set()
+        log.info("%s: abort of %s (%s): %s%s", self.spec.id, pid or "nothing", msg.reason,
+                 "stopping the running step" if running else "not running",
+                 f"; dropped queued {dropped}" if dropped else "")
+        return codec.new("flad_msgs/msg/Ack", ok=True, message="aborting" if running else "not running")
 
     def work_loop(self) -> None:
         """Run queued assignments in order until the agent stops."""
@@ -156,6 +219,10 @@ class FhdpVehicle:
                     self._jobs_ready.wait(0.2)
                     continue
                 kind, msg = self._jobs.pop(0)
+                if msg.pipeline_id in self._aborted:
+                    continue
+                self._running = msg.pipeline_id
+                self._abort.clear()
             try:
                 if kind == "assign":
                     self.prepare(msg)
@@ -165,6 +232,9 @@ class FhdpVehicle:
                 log.exception("%s of %s failed", kind, msg.pipeline_id)
                 self._report(msg, error=f"{type(exc).__name__}: {exc}", service=SERVICE_EDGE_READY
                              if kind == "assign" else SERVICE_EDGE_REPORT)
+            finally:
+                with self._jobs_ready:
+                    self._running = None
 
     # -- phase 1: take the stage, moving only the layers whose owner changes ---------------------------
     def prepare(self, a) -> None:
@@ -188,11 +258,15 @@ class FhdpVehicle:
         for source, layers in by_source.items():
             if source == EDGE_OWNER:
                 payload, n = fetch_layers(self.bus, self.fleet.bus.services.get(SERVICE_EDGE_LAYERS, ""),
-                                          SERVICE_EDGE_LAYERS, layers, self.spec.id)
+                                          SERVICE_EDGE_LAYERS, layers, self.spec.id, abort=self._abort)
+            elif source == BACKUP_OWNER:
+                payload, n = fetch_layers(self.bus, edge_service_address(self.fleet, SERVICE_EDGE_BACKUP_LAYERS),
+                                          SERVICE_EDGE_BACKUP_LAYERS, layers, self.spec.id, abort=self._abort)
             else:
                 if source not in addresses:
                     raise ValueError(f"layer owner {source!r} is not a member of the cluster")
-                payload, n = fetch_layers(self.bus, addresses[source], SERVICE_LAYERS, layers, self.spec.id)
+                payload, n = fetch_layers(self.bus, addresses[source], SERVICE_LAYERS, layers, self.spec.id,
+                                          abort=self._abort)
             self.store.import_(layers, payload)
             fetched += n
         self._current = {"assignment": a, "stage_index": me.stage_index, "range": (me.layer_start, me.layer_end),
@@ -227,20 +301,39 @@ class FhdpVehicle:
         runner = StageRunner(stage, index, n_stages, inbox=self.inbox, prev=prev, next=nxt, optimizer=optimizer,
                              schedule=a.schedule or "1f1b", n_micro=max(1, a.n_micro), grad_clip=5.0,
                              label_names=LABEL_INPUTS, dilation=ComputeDilation(self.profile.tflops, scale),
-                             memory=MemoryGuard(self.profile.mem_bytes, self.spec.profile), timeout_s=120.0)
+                             memory=MemoryGuard(self.profile.mem_bytes, self.spec.profile),
+                             timeout_s=a.link_timeout_s if a.link_timeout_s > 0 else DEFAULT_LINK_TIMEOUT_S,
+                             abort=self._abort)
         self.agent.state = "training"
-        batches = vehicle_batches(self.data, self.spec.id, a.batch_size, seed=self.fleet.seed) if index == 0 else None
+        # frames left from an aborted earlier pipeline carry lower step numbers: never take them for ours
+        stale = self.inbox.drop_steps_below(a.first_step)
+        if stale:
+            log.info("%s: dropped %d stale frame group(s) before step %d", self.spec.id, stale, a.first_step)
+        batches = self._batches_for(a) if index == 0 else None
         totals = {"loss": 0.0, "wall": 0.0, "compute": 0.0, "emulated": 0.0, "wait": 0.0, "bytes": 0}
+        done = 0
+        aborted = ""
         try:
             for i in range(a.steps):
                 batch = next(batches) if batches is not None else None
                 res = runner.run_step(a.first_step + i, batch)
+                done = i + 1
                 totals["loss"] += res.loss or 0.0
                 totals["wall"] += res.wall_s
                 totals["compute"] += res.compute_s
                 totals["emulated"] += res.emulated_compute_s
                 totals["wait"] += res.wait_s
                 totals["bytes"] += res.bytes_sent
+                if a.publish_progress and index == n_stages - 1:
+                    self._publish_progress(a, index, done, res.loss)
+                if a.backup_every and done % a.backup_every == 0:
+                    self._backup(a, optimizer, cur["wanted"], a.first_step + i)
+        except StepAbortedError as exc:
+            # drop the partial step: its gradients and every buffered frame of this pipeline's step range
+            runner.discard_partial_step()
+            self.inbox.drop_steps_below(a.first_step + a.steps)
+            aborted = f"{ABORTED} after {done} of {a.steps} steps: {exc}"
+            log.info("%s: %s", self.spec.id, aborted)
         finally:
             if optimizer is not None:
                 self.store.detach(optimizer)
@@ -248,11 +341,48 @@ class FhdpVehicle:
                 if lk is not None:
                     lk.close()
             self.agent.state = "idle"
-        loss = totals["loss"] / max(1, a.steps) if index == n_stages - 1 else None
+        loss = totals["loss"] / max(1, done) if index == n_stages - 1 and done else None
         self._write_audit()
-        self._report(a, service=SERVICE_EDGE_REPORT, steps=a.steps, loss=loss, wall=totals["wall"],
+        self._report(a, service=SERVICE_EDGE_REPORT, steps=done, loss=loss, wall=totals["wall"],
                      compute=totals["compute"], emulated=totals["emulated"], wait=totals["wait"],
-                     bytes_sent=totals["bytes"], fetched=cur["fetched"], stage_index=index)
+                     bytes_sent=totals["bytes"], fetched=cur["fetched"], stage_index=index, error=aborted)
+
+    def _batches_for(self, a):
+        """The data owner's batch stream: fresh per pipeline; a resumed pipeline (id `<base>~<attempt>`, from
+        recovery) continues its base's stream, so it trains on the batches the aborted attempt had not reached."""
+        key = (a.pipeline_id.split("~", 1)[0], a.batch_size)
+        if self._batches.get("key") != key:
+            self._batches = {"key": key, "it": vehicle_batches(self.data, self.spec.id, a.batch_size,
+                                                                seed=self.fleet.seed)}
+        return self._batches["it"]
+
+    def _publish_progress(self, a, stage_index: int, done: int, loss: float | None) -> None:
+        msg = codec.new("flad_msgs/msg/StepReport", header=codec.header(), vehicle_id=self.spec.id,
+                        pipeline_id=a.pipeline_id, stage_index=stage_index, steps_done=done,
+                        has_loss=loss is not None, loss=loss or 0.0)
+        try:
+            self.bus.publish(TOPIC_PROGRESS, msg)
+        except BusError as exc:
+            log.warning("%s: progress not published: %s", self.spec.id, exc)
+
+    def _backup(self, a, optimizer, layers: list[str], step: int) -> None:
+        """Snapshot the changed layers (weights + current AdamW state) and hand them to the uploader."""
+        if optimizer is not None:
+            self.store.detach(optimizer)     # copies the optimizer's live state into the store; keeps training
+        snapshot = self.tracker.snapshot([layer for layer in layers if layer in self.store.owned])
+        self.uploader.submit(snapshot, step, a.pipeline_id)
+
+    def _upload_backup(self, payload: dict[str, torch.Tensor], layers: list[str], step: int, pipeline_id: str) -> int:
+        """Uploader thread: send one backup (chunked WeightChunks) to edge/backup; returns its bytes."""
+        data = wts.to_bytes(payload, metadata={"layers": ",".join(layers), "step": str(step),
+                                               "pipeline_id": pipeline_id})
+        address = edge_service_address(self.fleet, SERVICE_EDGE_BACKUP)
+        transfer = f"{self.spec.id}-{step}-{uuid.uuid4().hex[:8]}"
+        for chunk in wts.chunk_messages(data, sender=self.spec.id, model_version=str(step), update_id=transfer):
+            ack = self.bus.request(SERVICE_EDGE_BACKUP, chunk, "flad_msgs/msg/Ack", timeout_s=30.0, address=address)
+            if not ack.ok:
+                raise BusError(f"edge refused backup chunk {chunk.chunk_index}: {ack.message}")
+        return len(data)
 
     def _write_audit(self) -> None:
         if self.audit_file is None:
@@ -288,6 +418,7 @@ class FhdpVehicle:
         return 0
 
     def close(self) -> None:
+        self.uploader.close()
         self.inbox.close()
         self.agent.close()
 
@@ -318,4 +449,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["FhdpVehicle", "LayerServer", "fetch_layers", "main"]
+__all__ = ["ABORTED", "BACKUP_OWNER", "FhdpVehicle", "LayerServer", "edge_service_address", "fetch_layers", "main"]
