@@ -91,3 +91,41 @@ def test_instance_norm_is_invariant_to_brightness():
     with torch.no_grad():
         a, d = m(b)["features"], m(dark)["features"]
     assert (a - d).abs().max() < 0.2 * a.abs().max()
+
+
+def test_tl_focus_reads_only_its_crop_and_reaches_tl_outputs():
+    """The focus view sees a full-resolution crop of rgb_front (where the ego's lamp is) and nothing else;
+    a lamp-sized change inside the crop reaches pred.tl and the LLM's traffic-light token."""
+    m = tiny_model().eval()
+    focus = m.layers["tl_focus"]
+    (r0, r1), (c0, c1) = focus.rows, focus.cols
+    assert (r0, r1, c0, c1) == (36, 76, 40, 88)
+    b = tiny_batch(2)
+    with torch.no_grad():
+        base = m(b)
+        tok = focus(b["rgb_front"])[0]
+        assert tok.shape == (2, 64)
+        img = b["rgb_front"].clone()
+        img[:, :r0] = 255 - img[:, :r0]
+        img[:, :, c1:] = 0
+        assert torch.equal(focus(img)[0], tok)
+        lamp = b["rgb_front"].clone()
+        lamp[:, 60:62, 63:65] = torch.tensor([255, 20, 20], dtype=torch.uint8)
+        changed = m({**b, "rgb_front": lamp})
+    assert not torch.allclose(focus(lamp)[0], tok)
+    assert not torch.allclose(changed["pred.tl"], base["pred.tl"])
+    tl_token = m.cfg.feature_pool ** 2
+    assert not torch.allclose(changed["features"][:, tl_token], base["features"][:, tl_token])
+
+
+def test_tl_focus_can_be_switched_off_and_validated():
+    m = tiny_model(tl_focus=False)
+    assert "tl_focus" not in m.layers
+    out = m.forward_train(tiny_batch(2))
+    assert out["pred.tl"].shape == (2, 4) and out["features"].shape == (2, 31, 64)
+    with pytest.raises(ConfigError):
+        get_config({"name": "tiny", "tl_focus_box": [0.6, 0.2, 0.0, 1.0]})
+    with pytest.raises(ConfigError):
+        get_config({"name": "tiny", "tl_class_weights": [1.0, 2.0]})
+    weighted = tiny_model(tl_class_weights=[1.0, 1.0, 2.0, 2.0])
+    assert torch.isfinite(weighted.forward_train(tiny_batch(2))["loss.tl"])

@@ -65,4 +65,4 @@ def test_profile_cli(tmp_path):
     assert flad_main(["vehicle", "profile", "--config", "tiny", "--out", str(out), "--batch-size", "2",
                       "--no-measure"]) == 0
     data = json.loads(out.read_text())
-    assert data["batch_size"] == 2 and len(data["layers"]) == 22 and data["graph_method"] == "fx"
+    assert data["batch_size"] == 2 and len(data["layers"]) == 23 and data["graph_method"] == "fx"

@@ -51,6 +51,13 @@ class EncoderConfig:
     bev_size: int = BEV_SIZE
     n_waypoints: int = N_WAYPOINTS
     n_tl_classes: int = 4
+    # traffic-light focus view (after LMDrive's focus camera): a full-resolution crop of `rgb_front` where the
+    # lights governing the ego appear (a few pixels at 128x128, lost by the stride-4 RGB stem), read by a small
+    # stride-1/2 CNN into one token that conditions the traffic-light query and feeds the traffic-light head.
+    tl_focus: bool = True
+    tl_focus_box: tuple[float, ...] = (0.28125, 0.59375, 0.3125, 0.6875)   # (top, bottom, left, right) fractions
+    tl_focus_widths: tuple[int, ...] = (16, 32, 32)                 # conv widths; strides 1, 2, 1, 1, ...
+    tl_focus_grid: tuple[int, ...] = (4, 4)                         # max-pooled grid (keeps where a lamp is)
     gru_hidden: int = 64
     feature_pool: int = 5            # LLM features: BEV queries avg-pooled to feature_pool x feature_pool tokens
     # loss weights after LMDrive's pretraining (traffic/BEV 0.5, waypoints 0.2, traffic-light state 0.1)
@@ -58,6 +65,9 @@ class EncoderConfig:
     w_wp: float = 0.2
     w_tl: float = 0.1
     bev_pos_weight: float = 4.0      # occupancy is sparse; BCE positive weight
+    # traffic-light CE class weights (none, red, yellow, green); empty = unweighted. Green/yellow are rare in
+    # training (~6% / 2%) but common at other junction timings, so they are up-weighted.
+    tl_class_weights: tuple[float, ...] = (1.0, 1.0, 2.0, 2.0)
 
     def validate(self) -> None:
         if self.d_model % self.n_heads:
@@ -72,6 +82,19 @@ class EncoderConfig:
             raise ConfigError("lidar_widths", "lidar_widths, lidar_depths and lidar_strides need the same length")
         if not self.cameras:
             raise ConfigError("cameras", "at least one camera is needed")
+        if len(self.tl_focus_box) != 4 or not (0 <= self.tl_focus_box[0] < self.tl_focus_box[1] <= 1
+                                               and 0 <= self.tl_focus_box[2] < self.tl_focus_box[3] <= 1):
+            raise ConfigError("tl_focus_box", "needs (top, bottom, left, right) fractions with top < bottom, "
+                              "left < right, all in [0, 1]")
+        if len(self.tl_focus_grid) != 2 or not self.tl_focus_widths:
+            raise ConfigError("tl_focus_grid", "tl_focus_grid needs 2 values and tl_focus_widths at least 1")
+        if self.tl_class_weights and len(self.tl_class_weights) != self.n_tl_classes:
+            raise ConfigError("tl_class_weights", f"needs {self.n_tl_classes} values (or none)")
+
+    @property
+    def focus_camera(self) -> str | None:
+        """The camera the traffic-light focus view crops (None: focus off or no front camera)."""
+        return "rgb_front" if self.tl_focus and "rgb_front" in self.cameras else None
 
     @property
     def n_feature_tokens(self) -> int:

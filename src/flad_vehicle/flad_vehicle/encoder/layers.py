@@ -182,6 +182,38 @@ class RgbStem(Layer):
         return tuple(out)
 
 
+class TrafficLightFocus(Layer):
+    """LMDrive-style focus view for traffic lights, taken inside the model from the front camera.
+
+    The lamp heads that govern the ego are 1-3 px wide in the 128x128 front image, above the horizon and near
+    the image centre (they hang over the ego's lane on the far side of the junction). The shared RGB stem
+    reaches stride 4 after two layers and mixes them away, so this layer crops that region at full resolution,
+    standardises it per image (lamps glow at full colour while towns differ in brightness/weather), runs a
+    small stride-1/2 CNN and max-pools to a coarse grid (a lamp anywhere in a cell survives; the grid keeps
+    *where*, which tells the ego's light from cross-traffic lights). Output: one d-token per sample.
+    """
+
+    def __init__(self, camera: str, size: tuple[int, int], box: tuple[float, ...], widths: tuple[int, ...],
+                 grid: tuple[int, ...], norm: str, d: int) -> None:
+        super().__init__((camera,), ("tl.focus",), "conv", "tl")
+        h, w = size
+        self.rows = (int(round(box[0] * h)), int(round(box[1] * h)))
+        self.cols = (int(round(box[2] * w)), int(round(box[3] * w)))
+        mods: list[nn.Module] = []
+        cin = 3
+        for i, c in enumerate(widths):
+            mods.append(conv_norm_act(cin, c, 3, 2 if i == 1 else 1, norm))
+            cin = c
+        self.body = nn.Sequential(*mods)
+        self.pool = nn.AdaptiveMaxPool2d((int(grid[0]), int(grid[1])))
+        self.proj = nn.Sequential(nn.Linear(cin * int(grid[0]) * int(grid[1]), d), nn.LayerNorm(d))
+
+    def forward(self, img: Tensor) -> tuple[Tensor]:
+        x = img[:, self.rows[0]: self.rows[1], self.cols[0]: self.cols[1]].permute(0, 3, 1, 2).float()
+        x = (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + 1.0)
+        return (self.proj(self.pool(self.body(x)).flatten(1)),)
+
+
 class PerView(Layer):
     """A block shared by all cameras (weights shared, as one backbone sees every view)."""
 
@@ -314,18 +346,21 @@ class EncoderLayer(Layer):
 
 class QueryLayer(Layer):
     """Decoder queries: BEV-grid queries (learned + 2D position) then traffic-light and waypoint queries,
-    the learned ones conditioned on speed (added speed embedding)."""
+    the learned ones conditioned on speed (added speed embedding); with a focus view, its token is added to
+    the traffic-light query, so the decoder's traffic-light token (an LLM feature) carries what it saw."""
 
-    def __init__(self, d: int, bev_q: int, n_wp: int) -> None:
-        super().__init__(("meas.speed",), ("dec.0",), "embed", "decoder")
+    def __init__(self, d: int, bev_q: int, n_wp: int, focus: bool = False) -> None:
+        super().__init__(("meas.speed", "tl.focus") if focus else ("meas.speed",), ("dec.0",), "embed", "decoder")
         self.bev = nn.Parameter(torch.randn(bev_q * bev_q, d) * 0.02)
         self.learned = nn.Parameter(torch.randn(1 + n_wp, d) * 0.02)
         self.register_buffer("pos", sine_pos_2d(bev_q, bev_q, d), persistent=False)
 
-    def forward(self, speed_emb: Tensor) -> tuple[Tensor]:
+    def forward(self, speed_emb: Tensor, focus: Tensor | None = None) -> tuple[Tensor]:
         B = speed_emb.shape[0]
         bev = (self.bev + self.pos).unsqueeze(0).expand(B, -1, -1)
         learned = self.learned.unsqueeze(0) + speed_emb.unsqueeze(1)
+        if focus is not None:
+            learned = torch.cat([learned[:, :1] + focus.unsqueeze(1), learned[:, 1:]], dim=1)
         return (torch.cat([bev, learned], dim=1),)
 
 
@@ -362,13 +397,19 @@ class BevHead(Layer):
 
 
 class TrafficLightHead(Layer):
-    def __init__(self, src: str, d: int, bev_q: int, n_cls: int) -> None:
-        super().__init__((src,), ("pred.tl",), "linear", "head")
-        self.idx = bev_q * bev_q
-        self.net = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, n_cls))
+    """MLP on the decoder's traffic-light token; with a focus view also on the focus token directly (a short
+    path for the small-lamp evidence, which the post-norm decoder layers would otherwise have to preserve)."""
 
-    def forward(self, dec: Tensor) -> tuple[Tensor]:
-        return (self.net(dec[:, self.idx]),)
+    def __init__(self, src: str, d: int, bev_q: int, n_cls: int, focus: bool = False) -> None:
+        super().__init__((src, "tl.focus") if focus else (src,), ("pred.tl",), "linear", "head")
+        self.idx = bev_q * bev_q
+        self.net = nn.Sequential(nn.Linear(2 * d if focus else d, d), nn.ReLU(inplace=True), nn.Linear(d, n_cls))
+
+    def forward(self, dec: Tensor, focus: Tensor | None = None) -> tuple[Tensor]:
+        x = dec[:, self.idx]
+        if focus is not None:
+            x = torch.cat([x, focus], dim=-1)
+        return (self.net(x),)
 
 
 class WaypointHead(Layer):
@@ -410,16 +451,28 @@ class LossLayer(Layer):
     Reads the labels, so labels travel with the activations to the last stage.
     """
 
-    def __init__(self, w_bev: float, w_tl: float, w_wp: float, pos_weight: float) -> None:
+    def __init__(self, w_bev: float, w_tl: float, w_wp: float, pos_weight: float,
+                 tl_class_weights: tuple[float, ...] = ()) -> None:
         super().__init__(("pred.bev", "pred.tl", "pred.waypoints", "bev", "tl_state", "waypoints"),
                          ("loss", "loss.bev", "loss.tl", "loss.wp"), "loss", "loss")
         self.w = (w_bev, w_tl, w_wp)
         self.register_buffer("pos_weight", torch.tensor(pos_weight), persistent=False)
+        self.tl_weight: Tensor | None
+        if tl_class_weights:
+            self.register_buffer("tl_weight", torch.tensor(tl_class_weights, dtype=torch.float32), persistent=False)
+        else:
+            self.tl_weight = None
 
     def forward(self, pbev: Tensor, ptl: Tensor, pwp: Tensor, bev: Tensor, tl: Tensor, wp: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         l_bev = F.binary_cross_entropy_with_logits(pbev, (bev > 0).float(), pos_weight=self.pos_weight)
-        l_tl = F.cross_entropy(ptl, tl.long().reshape(-1))
+        y = tl.long().reshape(-1)
+        if self.tl_weight is None:
+            l_tl = F.cross_entropy(ptl, y)
+        else:
+            # per-sample weights, then a plain mean (not torch's sum-of-weights normalisation): the loss stays a
+            # mean over samples, so micro-batched pipeline steps (FHDP) equal the whole-batch step exactly
+            l_tl = (F.cross_entropy(ptl, y, reduction="none") * self.tl_weight[y]).mean()
         l_wp = F.l1_loss(pwp, wp.float())
         total = self.w[0] * l_bev + self.w[1] * l_tl + self.w[2] * l_wp
         return total, l_bev, l_tl, l_wp

@@ -4,6 +4,7 @@ Data flow (names are the tensors layers read/write; see `VisionEncoder.layer_lis
 
     speed, target_point ─ meas ─────────────────────────────────────┐ meas.speed, meas.wp_h0
     rgb_front/left/right/rear ─ rgb_stem ─ rgb blocks ─ rgb_tokens ─┐│
+    rgb_front ─ tl_focus (full-res crop, small CNN) → tl.focus ─────┼┼─ (traffic-light query, tl_head)
     lidar ─ lidar_pillars ─ lidar blocks ─ lidar_tokens ───────────┤│
                                          fuse ─ enc_* ─ memory ────┤│
                                queries(speed) ─ dec_* (cross-attn memory)
@@ -43,6 +44,7 @@ from .layers import (
     RgbStem,
     RgbTokens,
     Single,
+    TrafficLightFocus,
     TrafficLightHead,
     WaypointHead,
 )
@@ -70,6 +72,10 @@ class VisionEncoder(nn.Module):
         L["rgb_stem"] = RgbStem(cams, cfg.rgb_stem, cfg.norm, cfg.rgb_stem_pool, cfg.rgb_norm)
         L["lidar_pillars"] = PillarLayer(cfg.lidar_grid, cfg.pillar_channels, BEV_X_RANGE_M, BEV_Y_RANGE_M,
                                          cfg.lidar_max_height_m)
+        focus_cam = cfg.focus_camera
+        if focus_cam is not None:
+            L["tl_focus"] = TrafficLightFocus(focus_cam, cfg.cameras[focus_cam], cfg.tl_focus_box,
+                                              cfg.tl_focus_widths, cfg.tl_focus_grid, cfg.norm, d)
         # RGB backbone: one layer per residual block, each applied to every camera with shared weights
         cin, src, k = cfg.rgb_stem[-1], "rgb.0", 0
         for si, (w, depth, stride) in enumerate(zip(cfg.rgb_widths, cfg.rgb_depths, cfg.rgb_strides, strict=True)):
@@ -99,15 +105,15 @@ class VisionEncoder(nn.Module):
         for i in range(cfg.enc_depth):
             L[f"enc_{i}"] = EncoderLayer(i, d, cfg.n_heads, cfg.ffn_dim)
         L["memory"] = Single(nn.Identity(), f"enc.{cfg.enc_depth}", "memory", "alias", "encoder")
-        L["queries"] = QueryLayer(d, cfg.bev_queries, cfg.n_waypoints)
+        L["queries"] = QueryLayer(d, cfg.bev_queries, cfg.n_waypoints, focus_cam is not None)
         for i in range(cfg.dec_depth):
             L[f"dec_{i}"] = DecoderLayer(i, d, cfg.n_heads, cfg.ffn_dim)
         top = f"dec.{cfg.dec_depth}"
         L["bev_head"] = BevHead(top, d, cfg.bev_queries, cfg.bev_size)
-        L["tl_head"] = TrafficLightHead(top, d, cfg.bev_queries, cfg.n_tl_classes)
+        L["tl_head"] = TrafficLightHead(top, d, cfg.bev_queries, cfg.n_tl_classes, focus_cam is not None)
         L["wp_head"] = WaypointHead(top, d, cfg.bev_queries, cfg.n_waypoints, cfg.gru_hidden)
         L["features"] = FeatureHead(top, cfg.bev_queries, cfg.feature_pool, cfg.n_waypoints)
-        L["loss"] = LossLayer(cfg.w_bev, cfg.w_tl, cfg.w_wp, cfg.bev_pos_weight)
+        L["loss"] = LossLayer(cfg.w_bev, cfg.w_tl, cfg.w_wp, cfg.bev_pos_weight, cfg.tl_class_weights)
         self.layers = nn.ModuleDict(L)
 
     # ------------------------------------------------------------------------------------------ structure
