@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
+from flad_core.procs import free_port_base
+
+__all__ = ["free_port_base", "processes_mentioning"]
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port_base(count: int = 8) -> int:
-    """A base port such that `base .. base+count-1` are free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count >= 65000:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -13,6 +13,7 @@ import faulthandler
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -103,3 +104,26 @@ def install_stop_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
     # `kill -USR1 <pid>` dumps every thread's stack to stderr: how to see where a stuck role waits
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def free_port_base(count: int = 8) -> int:
+    """A base port such that `base .. base+count-1` are free on 127.0.0.1 right now (tests, benches)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count >= 65000:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", port))
+                socks.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free range of loopback ports")

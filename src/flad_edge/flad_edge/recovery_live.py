@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,33 +19,10 @@ import yaml
 
 from flad_core.config import to_dict
 from flad_core.fleet import FleetConfig, HeartbeatConfig, VehicleSpec, load_fleet, with_port_base
-from flad_core.procs import ProcessGroup, python_module_cmd
+from flad_core.procs import ProcessGroup, free_port_base, python_module_cmd
 from flad_core.roles import default_fleet_path
 from flad_edge.fhdp import FhdpConfig, wait_for_vehicles
 from flad_edge.fhdp_recovery import RecoveringFhdpEdge, RecoveryConfig, last_registration
-
-
-def free_port_base(count: int) -> int:
-    """A base port with `count` consecutive free ports on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count >= 65000:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def small_fleet(ids: list[str], port_base: int, profile: str = "jetson_nano", heartbeat_interval_s: float = 0.1,

@@ -131,17 +131,21 @@ class Inbox:
                     raise LinkTimeoutError(f"no {tensorframe.KIND_NAMES[kind]} frame for step {step} "
                                            f"micro-batch {micro_batch} within {timeout_s:.1f} s")
                 continue
-            frames = self.sock.recv_multipart(copy=False)
-            self.received_bytes += sum(len(f.buffer) for f in frames)
-            try:
-                header, tensors = tensorframe.unpack(frames, max_bytes=self.max_frame_bytes)
-                tensors = tensorcodec.decode(tensors)
-            except (tensorframe.FrameError, tensorcodec.CodecError) as exc:
-                self.rejected += 1
-                log.warning("inbox %s rejected a frame: %s", self.address, exc)
-                continue
-            self._pending[(header.kind, header.step, header.micro_batch)].append((header, tensors))
+            self._receive_one()
         return self._pending[key].pop(0)
+
+    def _receive_one(self) -> None:
+        """Read one frame, validate and decode it into the pending buffer (invalid frames are counted)."""
+        frames = self.sock.recv_multipart(copy=False)
+        self.received_bytes += sum(len(f.buffer) for f in frames)
+        try:
+            header, tensors = tensorframe.unpack(frames, max_bytes=self.max_frame_bytes)
+            tensors = tensorcodec.decode(tensors)
+        except (tensorframe.FrameError, tensorcodec.CodecError) as exc:
+            self.rejected += 1
+            log.warning("inbox %s rejected a frame: %s", self.address, exc)
+            return
+        self._pending[(header.kind, header.step, header.micro_batch)].append((header, tensors))
 
     def drop_step(self, step: int) -> None:
         """Forget buffered frames of `step` (after an aborted step)."""
@@ -154,15 +158,7 @@ class Inbox:
         Each (re)assignment uses a fresh, higher step range, so frames from an aborted pipeline (a
         departed neighbour's last activations) can never be taken for the resumed one; this frees them."""
         while self.sock.poll(0):
-            frames = self.sock.recv_multipart(copy=False)
-            try:
-                header, tensors = tensorframe.unpack(frames, max_bytes=self.max_frame_bytes)
-                tensors = tensorcodec.decode(tensors)
-            except (tensorframe.FrameError, tensorcodec.CodecError) as exc:
-                self.rejected += 1
-                log.warning("inbox %s rejected a frame: %s", self.address, exc)
-                continue
-            self._pending[(header.kind, header.step, header.micro_batch)].append((header, tensors))
+            self._receive_one()
         stale = [k for k in self._pending if k[1] < step]
         for key in stale:
             del self._pending[key]
