@@ -305,9 +305,17 @@ def plan_table(clients: list[Client]) -> Table:
 
 
 def run_training(fleet: FleetConfig, cfg: FhdpConfig, run: RunDir | None, console: Console,
-                 use_cloud: bool = False) -> list[dict[str, Any]]:
-    """The edge's whole job: wait for the fleet, plan clients, run the rounds (with the cloud tier), report."""
-    fhdp = FhdpEdge(fleet, cfg, run)
+                 use_cloud: bool = False, recovery: bool = False) -> list[dict[str, Any]]:
+    """The edge's whole job: wait for the fleet, plan clients, run the rounds (with the cloud tier), report.
+
+    With `recovery`, clusters survive departures (quick recovery: backups, preventive templates, layer moves).
+    """
+    if recovery:
+        from flad_edge.fhdp_recovery import RecoveringFhdpEdge
+
+        fhdp: FhdpEdge = RecoveringFhdpEdge(fleet, cfg, run=run)
+    else:
+        fhdp = FhdpEdge(fleet, cfg, run)
     try:
         wait_for_vehicles(fhdp.edge, [v.id for v in fleet.vehicles])
         clients = fhdp.clients()
@@ -361,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="FHDP config YAML (default: built-in FhdpConfig)")
     parser.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
     parser.add_argument("--cloud", action="store_true", help="aggregate through the cloud process (two tiers)")
+    parser.add_argument("--recovery", action="store_true",
+                        help="quick recovery: clusters keep training when members leave (backups, templates)")
     args = parser.parse_args(argv)
     setup_role_logging(args, "edge")
     try:
@@ -376,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     install_stop_handlers(stop)
     console = Console() if sys.stdout.isatty() else Console(width=120)
     try:
-        run_training(fleet, cfg, run, console, use_cloud=args.cloud)
+        run_training(fleet, cfg, run, console, use_cloud=args.cloud, recovery=args.recovery)
     except (TimeoutError, RuntimeError, BusError) as exc:
         log.error("FHDP training failed: %s", exc)
         return 1
