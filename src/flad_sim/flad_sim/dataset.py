@@ -16,7 +16,6 @@ leaves the old data or the new data, never a torn mix.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from flad_core.atomic import atomic_write_json
+from flad_core.atomic import atomic_write_json, fsync_dir
 from flad_sim.schema import TEXT_FIELDS, FieldSpec, sample_fields
 
 log = logging.getLogger(__name__)
@@ -69,15 +68,6 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def replace_dir(tmp: Path, final: Path) -> None:
     """Atomically put directory `tmp` at `final` (an existing `final` is moved aside, then deleted)."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +76,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
         old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
