@@ -18,7 +18,6 @@ import os
 import platform
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,42 +50,118 @@ def _latency(model: Any, data: Any, n: int) -> dict[str, float]:
 
 def _client_process(addr: str, n_clients: int, seconds: float, feats: np.ndarray, instr: list[str],
                     out: Any) -> None:
-    """n_clients vehicles (threads) each sending back-to-back requests for `seconds`."""
-    from flad_core.bus import BusConfig, ZmqBus
-    from flad_edge.celladapt.service import WaypointClient
+    """n_clients vehicles, each with one request in flight at a time (closed-loop load), for `seconds`.
 
-    bus = ZmqBus("bench-vehicles", BusConfig())
-    counts = [0] * n_clients
-    lat: list[list[float]] = [[] for _ in range(n_clients)]
-    errors = [0] * n_clients
-    start = threading.Barrier(n_clients)
+    One thread polls one DEALER socket per vehicle, speaking the bus's request frames. Threads (one per
+    vehicle, the first version) made the load generator itself the bottleneck on a 2-core host: 8 threads
+    contending for the GIL cannot keep 8 requests in flight, which understated what batching buys.
+    """
+    import zmq
 
-    def vehicle(i: int) -> None:
-        client = WaypointClient(bus, addr, timeout_s=5.0)
-        start.wait()
-        t_end = time.perf_counter() + seconds
-        k = 0
-        while time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            try:
-                client.waypoints(feats[(i * 7 + k) % len(feats)], instr[(i + k) % len(instr)], vehicle_id=f"v{i}")
-                counts[i] += 1
-                lat[i].append(time.perf_counter() - t0)
-            except Exception:
-                errors[i] += 1
-            k += 1
+    from flad_core import codec
+    from flad_edge.celladapt.service import REQUEST_TYPE, RESPONSE_TYPE, SERVICE, make_request, path_to_waypoints
 
-    threads = [threading.Thread(target=vehicle, args=(i,)) for i in range(n_clients)]
+    ctx = zmq.Context()
+    socks = []
+    for i in range(n_clients):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, f"bench-v{i}".encode())
+        s.connect(addr)
+        socks.append(s)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    index = {s: i for i, s in enumerate(socks)}
+    sent_at = [0.0] * n_clients
+    k = [0] * n_clients
+    lat: list[float] = []
+    errors = 0
+
+    def send(i: int) -> None:
+        j = (i * 7 + k[i]) % len(feats)
+        req = make_request(feats[j], instr[(i + k[i]) % len(instr)], vehicle_id=f"v{i}", timeout_s=5.0)
+        k[i] += 1
+        sent_at[i] = time.perf_counter()
+        socks[i].send_multipart([b"", str(k[i]).encode(), SERVICE.encode(), REQUEST_TYPE.encode(),
+                                 codec.encode(req, REQUEST_TYPE)])
+
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    t_end = t0 + seconds
+    for i in range(n_clients):
+        send(i)
+    in_flight = n_clients
+    while in_flight:
+        for sock, _ in poller.poll(1000):
+            i = index[sock]
+            _, _, status, _rtype, payload = sock.recv_multipart()
+            now = time.perf_counter()
+            if status == b"ok":
+                path_to_waypoints(codec.decode(payload, RESPONSE_TYPE))
+                lat.append(now - sent_at[i])
+            else:
+                errors += 1
+            if now < t_end:
+                send(i)
+            else:
+                in_flight -= 1
+        if time.perf_counter() > t_end + 10:
+            break
     wall = time.perf_counter() - t0
-    bus.close()
-    all_lat = [x for xs in lat for x in xs]
-    out.put({"requests": sum(counts), "errors": sum(errors), "wall_s": wall,
-             "p50_ms": _pct(all_lat, 50), "p99_ms": _pct(all_lat, 99)})
+    for s in socks:
+        s.close(0)
+    ctx.term()
+    out.put({"requests": len(lat), "errors": errors, "wall_s": wall, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
+             "load_generator": "one thread, one DEALER socket per vehicle, one request in flight each"})
+
+
+def _service_block(model: Any, data: Any, seconds: float, repeats: int = 3) -> dict[str, Any]:
+    """Batch-1 latency with one client, and 8 concurrent vehicles with and without dynamic batching.
+
+    The two 8-vehicle modes alternate `repeats` times (seconds / repeats each) and the speedup is the median
+    of the per-pair ratios, so a burst of load from elsewhere on a shared host hits both sides of a pair.
+    """
+    one = _service_load(model, data, 1, seconds / 2, 16, 2.0)
+    pairs = []
+    for _ in range(repeats):
+        nobatch = _service_load(model, data, 8, seconds / repeats, 1, 0.0)
+        batched = _service_load(model, data, 8, seconds / repeats, 16, 2.0)
+        pairs.append((nobatch, batched))
+    ratios = [b["throughput_rps"] / max(n["throughput_rps"], 1e-9) for n, b in pairs]
+    mid = sorted(range(repeats), key=lambda i: ratios[i])[repeats // 2]
+    return {"adm_batch1_one_client": one, "adm_8_clients_no_batching": pairs[mid][0],
+            "adm_8_clients_dynamic_batching": pairs[mid][1],
+            "batching_speedup": round(ratios[mid], 2), "batching_speedup_per_pair": [round(r, 2) for r in ratios],
+            "note": "the two 8-client rows are the median pair of alternating runs"}
+
+
+class _SyntheticRequests:
+    """Features of the model's shape (values do not change a forward pass's cost) and real instruction texts."""
+
+    def __init__(self, model: Any, n: int = 64, seed: int = 0) -> None:
+        from flad_sim.instructions import N_COMMANDS, instruction_text
+
+        g = torch.Generator().manual_seed(seed)
+        a = model.cfg.adapter
+        self.features = torch.randn(n, a.n_feature_tokens, a.d_feature, generator=g)
+        self.instructions = [instruction_text(i % N_COMMANDS, 10.0 + 5 * (i % 7), variant=i % 3) for i in range(n)]
+
+
+def _service_only(args: argparse.Namespace) -> int:
+    from .model import ADLLM
+
+    model = ADLLM.from_pretrained(args.service_only).eval()
+    load0 = os.getloadavg()
+    service = _service_block(model, _SyntheticRequests(model), args.load_seconds)
+    result = {"bench": "llm", "mode": "service-only", "model_dir": args.service_only, "service": service,
+              "goals": {"service_p50_le_30ms_batch1": service["adm_batch1_one_client"]["p50_ms"] <= 30.0,
+                        "batching_ge_3x_throughput_8_clients": service["batching_speedup"] >= 3.0},
+              "conditions": {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": 1,
+                             "loadavg_start": [round(x, 2) for x in load0],
+                             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                             "features": "synthetic, the model's shape"}}
+    print(json.dumps(result, default=float))
+    return 0
 
 
 def _service_load(model: Any, data: Any, n_clients: int, seconds: float, max_batch: int, wait_ms: float
@@ -105,7 +180,7 @@ def _service_load(model: Any, data: Any, n_clients: int, seconds: float, max_bat
         r = q.get(timeout=seconds + 120)
         p.join(30)
         stats = svc.stats.to_dict()
-    r["throughput_rps"] = round(r["requests"] / seconds, 1)
+    r["throughput_rps"] = round(r["requests"] / r["wall_s"], 1)
     r["p50_ms"], r["p99_ms"] = round(r["p50_ms"], 3), round(r["p99_ms"], 3)
     r["service"] = {k: stats[k] for k in ("ok", "errors", "timeouts", "batches", "mean_batch")}
     r.update({"clients": n_clients, "max_batch": max_batch, "max_wait_ms": wait_ms, "seconds": seconds})
@@ -246,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--load-seconds", type=float, default=8.0)
     ap.add_argument("--no-closed-loop", action="store_true")
+    ap.add_argument("--service-only", default="", metavar="MODEL_DIR",
+                    help="only the waypoint-service load test, on a saved ADM (`save_pretrained` dir)")
     ap.add_argument("--runs-dir", default=None)
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "flad" / "celladapt"))
     args = ap.parse_args(argv)
@@ -258,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train import evaluate
 
     seed_everything(0)
+    if args.service_only:
+        return _service_only(args)
     t_start = time.perf_counter()
     run = RunDir.create("bench-llm", vars(args), root=Path(args.runs_dir) if args.runs_dir else None, log=False)
     load0 = os.getloadavg()
@@ -291,9 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         p.pop("trainable", None)
     lat = {name: _latency(models[name], held, 200) for name in ("ad_llm", "adm")}
     lat["general"] = _latency(models["general"], held, 50)
-    one = _service_load(models["adm"], held, 1, args.load_seconds / 2, 16, 2.0)
-    nobatch = _service_load(models["adm"], held, 8, args.load_seconds, 1, 0.0)
-    batched = _service_load(models["adm"], held, 8, args.load_seconds, 16, 2.0)
+    service = _service_block(models["adm"], held, args.load_seconds)
+    one = service["adm_batch1_one_client"]
     tl, sl = open_loop["ad_llm"]["wp_l1"], open_loop["adm"]["wp_l1"]
     result: dict[str, Any] = {
         "bench": "llm",
@@ -318,9 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                  "edge_l1_after": round(res["ad_llm_after_lora_edge_l1"], 4),
                  "held_out_l1_before_lora": round(res["ad_llm_before_lora_held_out"]["wp_l1"], 4)},
         "latency_batch1_inprocess": lat,
-        "service": {"adm_batch1_one_client": one, "adm_8_clients_no_batching": nobatch,
-                    "adm_8_clients_dynamic_batching": batched,
-                    "batching_speedup": round(batched["throughput_rps"] / max(nobatch["throughput_rps"], 1e-9), 2)},
+        "service": service,
         "phases": res["phases"],
     }
     if not args.no_closed_loop:
