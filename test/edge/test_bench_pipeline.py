@@ -83,7 +83,8 @@ def test_auto_time_scale_makes_the_fastest_device_slower_than_the_host():
 
 
 def test_quick_run_prints_one_json_object(capsys):
-    code = bp.main(["--quick", "--json", "--no-torch-pipelining", "--codecs", "fp32", "int8"])
+    code = bp.main(["--quick", "--json", "--no-torch-pipelining", "--codecs", "fp32", "int8",
+                    "--modes", "labels_forward"])
     out = capsys.readouterr().out.strip()
     assert code == 0
     assert out.count("\n") == 0                     # exactly one line: one JSON object
@@ -99,3 +100,61 @@ def test_quick_run_prints_one_json_object(capsys):
     assert data["codecs"]["int8"]["bytes_per_sample"] < data["codecs"]["fp32"]["bytes_per_sample"]
     assert set(data["goals"]) >= {"fhdp_vs_standalone", "fhdp_vs_random", "fhdp_vs_ideal", "fhdp_vs_torch_pipelining",
                                   "int8_byte_reduction", "int8_loss_within_2pct"}
+
+
+def test_summarize_takes_the_loss_from_the_data_owner_of_a_u_shaped_pipeline():
+    def rec(index, losses, link):
+        return {"idle": False, "index": index, "vehicle": f"v{index}", "range": [index, index + 1],
+                "link_bytes_per_step": link,
+                "steps": [{"t0": float(i), "t1": i + 1.0, "loss": loss, "compute_s": 0.1, "emulated_compute_s": 0.1,
+                           "wait_s": 0.0, "bytes_sent": 10} for i, loss in enumerate(losses)]}
+
+    results = [rec(0, [3.0, 2.0], {"next": 5.0, "turn": 2.0, "turn_to": 1}),
+               rec(1, [None, None], {"prev": 4.0, "turn": 2.0, "turn_to": 0})]
+    out = bp.summarize(results, batch_size=2, warmup=0, time_scale=1.0)
+    assert out["losses"] == [3.0, 2.0] and out["final_loss"] == pytest.approx(2.5)
+    assert sorted(out["link_bytes_per_step"]) == [[0, 1, 2.0], [0, 1, 5.0], [1, 0, 2.0], [1, 0, 4.0]]
+
+
+def _codec_run(bytes_per_sample, loss):
+    return {"bytes_per_sample": bytes_per_sample, "final_loss": loss, "losses": [loss], "samples_per_s": 1.0,
+            "stages": [["a", 0, 1]], "link_bytes_per_step": []}
+
+
+def test_int8_goal_is_judged_on_the_mode_with_less_traffic():
+    tables = {"labels_forward": bp.codec_table({"fp32": _codec_run(1000.0, 1.0), "int8": _codec_run(300.0, 1.001)}),
+              "u_shaped": bp.codec_table({"fp32": _codec_run(1600.0, 1.0), "int8": _codec_run(400.0, 1.03)}),
+              "labels_forward_same_cuts": bp.codec_table({"fp32": _codec_run(100.0, 1.0),
+                                                          "int8": _codec_run(10.0, 1.0)})}
+    modes = bp.codec_modes(tables)
+    assert modes["less_traffic"] == "labels_forward"     # the diagnostic same-cuts mode is never the pick
+    assert modes["labels_forward_over_u_bytes"]["int8"] == pytest.approx(0.75)
+    goals = bp.codec_goals(modes)
+    assert goals["int8_byte_reduction"] == {"value": pytest.approx(3.3333, abs=1e-4), "target": 3.5, "met": False,
+                                            "mode": "labels_forward"}
+    assert goals["int8_loss_within_2pct"]["met"] is True
+    assert goals["int8_byte_reduction_u_shaped"]["met"] is True
+    assert goals["int8_loss_within_2pct_u_shaped"]["met"] is False
+    # with less U-shaped traffic, the goal follows the U-shaped mode
+    tables["u_shaped"] = bp.codec_table({"fp32": _codec_run(800.0, 1.0), "int8": _codec_run(200.0, 1.0)})
+    goals = bp.codec_goals(bp.codec_modes(tables))
+    assert goals["int8_byte_reduction"]["mode"] == "u_shaped" and goals["int8_byte_reduction"]["met"] is True
+
+
+def test_codecs_only_run_reports_both_modes(capsys):
+    code = bp.main(["--quick", "--json", "--only", "codecs", "--codecs", "fp32", "int8"])
+    data = json.loads(capsys.readouterr().out.strip())
+    assert code == 0 and data["only"] == "codecs"
+    assert "throughput_samples_per_s_emulated" not in data and "standalone" not in data
+    modes = data["codec_modes"]["modes"]
+    assert set(modes) == {"labels_forward", "u_shaped", "labels_forward_same_cuts"}
+    for table in modes.values():
+        assert set(table) == {"fp32", "int8"}
+        for row in table.values():
+            assert row["bytes_per_sample"] > 0 and row["final_loss"] > 0
+    # U-shaped: the trunk ends where the heads start, and the data owner's stage sends over the turnaround
+    u_stages = modes["u_shaped"]["fp32"]["stages"]
+    assert u_stages[-1][2] < data["layers"]
+    assert [s[:2] for s in modes["labels_forward_same_cuts"]["fp32"]["stages"][:-1]] == [s[:2] for s in u_stages[:-1]]
+    assert data["codec_modes"]["less_traffic"] in ("labels_forward", "u_shaped")
+    assert data["goals"]["int8_byte_reduction"]["mode"] == data["codec_modes"]["less_traffic"]

@@ -13,6 +13,8 @@ import sys
 import time
 
 import pytest
+from _fhdp_audit import LABELS, audits, owner_digests, sent_digests
+from _fhdp_audit import RAW_SENSORS as RAW_SENSORS_BY_NAME
 
 from flad_vehicle.encoder.config import get_config
 from flad_vehicle.encoder.model import VisionEncoder
@@ -93,3 +95,8 @@ def test_no_raw_sensor_tensor_leaves_a_vehicle(demo_run):
             assert not RAW_SENSORS & set(rec["names"]), (path.name, rec)
             sent_activations += rec.get("kind") == 0
     assert sent_activations > 0   # cluster members did send activations (and they were checked)
+    # by content as well: no micro-batch slice of a vehicle's raw sensor tensors is in any frame; the labels
+    # are (this run is labels-forward), which shows the content check finds a tensor that does leave
+    sent = sent_digests(audits(run))
+    assert not owner_digests(run, RAW_SENSORS_BY_NAME, 4, 2, 4) & sent
+    assert owner_digests(run, LABELS, 4, 2, 4) & sent

@@ -18,11 +18,13 @@ from flad_vehicle.encoder.config import get_config
 from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder, batch_to_torch
 from flad_vehicle.encoder.partition import Partitioner
 from flad_vehicle.encoder.synthetic import synthetic_batches
-from flad_vehicle.fhdp.links import Inbox, OutLink
+from flad_vehicle.fhdp.links import Inbox, OutLink, tensor_digest
 from flad_vehicle.fhdp.optim import stage_adamw
 from flad_vehicle.fhdp.runner import StageRunner
+from flad_vehicle.fhdp.ushape import head_start, u_stages
 
 RAW_SENSORS = {"rgb_front", "rgb_left", "rgb_right", "rgb_rear", "lidar"}
+LABELS = set(LABEL_INPUTS)
 
 
 def reference_step(model, batch, clip):
@@ -35,9 +37,15 @@ def reference_step(model, batch, clip):
     return float(loss.detach()), float(norm), grads
 
 
-def run_pipeline(model, batch, cuts, schedule, n_micro, clip, port_base, codec="fp32", steps=1):
+def run_pipeline(model, batch, cuts, schedule, n_micro, clip, port_base, codec="fp32", steps=1, u_shaped=False):
+    """Runs `steps` pipelined steps; with `u_shaped`, `cuts` cut the trunk and stage 0 also holds the heads."""
     part = Partitioner(model)
-    stages = part.stages(cuts)
+    head = None
+    if u_shaped:
+        bounds = [0, *cuts, head_start(part.graph)]
+        stages, head = u_stages(part, [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)])
+    else:
+        stages = part.stages(cuts)
     k = len(stages)
     ctx = zmq.Context()
     addrs = [f"tcp://127.0.0.1:{port_base + i}" for i in range(k)]
@@ -46,10 +54,16 @@ def run_pipeline(model, batch, cuts, schedule, n_micro, clip, port_base, codec="
     for i, stage in enumerate(stages):
         prev = OutLink(ctx, f"s{i - 1}", addrs[i - 1], i, codec=codec) if i > 0 else None
         nxt = OutLink(ctx, f"s{i + 1}", addrs[i + 1], i, codec=codec) if i < k - 1 else None
-        links += [x for x in (prev, nxt) if x]
+        turn = None
+        if u_shaped and i in (0, k - 1):
+            peer = k - 1 if i == 0 else 0
+            turn = OutLink(ctx, f"s{peer}", addrs[peer], i, codec=codec)
+        links += [x for x in (prev, nxt, turn) if x]
+        trained = torch.nn.ModuleList([stage, head.stage]) if (u_shaped and i == 0) else stage
         runners.append(StageRunner(stage, i, k, inbox=inboxes[i], prev=prev, next=nxt,
-                                   optimizer=stage_adamw(stage, model), schedule=schedule, n_micro=n_micro,
-                                   grad_clip=clip, label_names=LABEL_INPUTS, timeout_s=60))
+                                   optimizer=stage_adamw(trained, model), schedule=schedule, n_micro=n_micro,
+                                   grad_clip=clip, label_names=LABEL_INPUTS, timeout_s=60, u_shaped=u_shaped,
+                                   head=head if i == 0 else None, turn=turn))
     grads: dict[str, torch.Tensor] = {}
     results: list = [None] * k
     errors: list = []
@@ -57,14 +71,18 @@ def run_pipeline(model, batch, cuts, schedule, n_micro, clip, port_base, codec="
     def work(i):
         try:
             for step in range(steps):
-                feed = {n: batch[n] for n in stages[0].inputs} if i == 0 else None
+                feed = {n: batch[n] for n in runners[0].batch_inputs} if i == 0 else None
                 if step == steps - 1:
                     # capture gradients just before the optimizer consumes them
                     opt = runners[i].optimizer
                     orig = opt.step
 
-                    def capture(*a, orig=orig, **kw):
-                        for n, p in stages[i].named_parameters():
+                    named = list(stages[i].named_parameters())
+                    if head is not None and i == 0:
+                        named += list(head.stage.named_parameters())
+
+                    def capture(*a, orig=orig, named=named, **kw):
+                        for n, p in named:
                             if p.grad is not None:
                                 grads[n] = p.grad.clone()
                         return orig(*a, **kw)
@@ -94,18 +112,24 @@ def setup():
     return model, batch
 
 
-@pytest.mark.parametrize(("cuts", "schedule", "n_micro"), [
-    ((10,), "gpipe", 3), ((10,), "1f1b", 3), ((6, 16), "gpipe", 2), ((6, 16), "1f1b", 3), ((4, 12), "1f1b", 6),
+@pytest.mark.parametrize(("cuts", "schedule", "n_micro", "u_shaped"), [
+    ((10,), "gpipe", 3, False), ((10,), "1f1b", 3, False), ((6, 16), "gpipe", 2, False), ((6, 16), "1f1b", 3, False),
+    ((4, 12), "1f1b", 6, False),
+    # U-shaped: the cuts split the trunk [0, 18); stage 0 also runs the heads and the loss
+    ((10,), "gpipe", 3, True), ((10,), "1f1b", 3, True), ((6, 16), "gpipe", 2, True), ((6, 16), "1f1b", 3, True),
+    ((4, 12), "1f1b", 6, True), ((17,), "1f1b", 2, True),
 ])
-def test_pipelined_step_equals_single_process(setup, port_base, cuts, schedule, n_micro):
+def test_pipelined_step_equals_single_process(setup, port_base, cuts, schedule, n_micro, u_shaped):
     model, batch = setup
     ref_model, pipe_model = copy.deepcopy(model), copy.deepcopy(model)
     n_layers = len(Partitioner(model).graph)
     cuts = tuple(c for c in cuts if c < n_layers)
     ref_loss, ref_norm, ref_grads = reference_step(ref_model, batch, clip=1.0)   # clip=1 actually clips
-    results, grads, links = run_pipeline(pipe_model, batch, cuts, schedule, n_micro, clip=1.0, port_base=port_base)
-    last = results[-1]
-    assert last.loss == pytest.approx(ref_loss, rel=1e-5)
+    results, grads, links = run_pipeline(pipe_model, batch, cuts, schedule, n_micro, clip=1.0, port_base=port_base,
+                                         u_shaped=u_shaped)
+    loss_owner = results[0] if u_shaped else results[-1]
+    assert [r.loss is not None for r in results] == [r is loss_owner for r in results]
+    assert loss_owner.loss == pytest.approx(ref_loss, rel=1e-5)
     assert results[0].grad_norm == pytest.approx(ref_norm, rel=1e-4)
     ref_by_name = dict(ref_grads)
     for name, g in grads.items():
@@ -124,11 +148,27 @@ def test_pipelined_step_equals_single_process(setup, port_base, cuts, schedule, 
         noise_elems += int(noise.sum())
         total_elems += noise.numel()
     assert noise_elems < 0.05 * total_elems
-    # data stays home: no raw sensor tensor was ever sent on any link
+    # data stays home: no raw sensor tensor was ever sent on any link, and in a U-shape no label either
+    sent_digests = {d for link in links for rec in link.stats.audit for d in rec.digests}
+    label_digests = {tensor_digest(c) for n in LABELS for c in torch.tensor_split(batch[n], n_micro)}
+    raw_digests = {tensor_digest(c) for n in RAW_SENSORS for c in torch.tensor_split(batch[n], n_micro)}
     for link in links:
         for rec in link.stats.audit:
             assert not RAW_SENSORS & set(rec.names), rec
+            assert len(rec.digests) == len(rec.names)
+            if u_shaped:
+                assert not LABELS & set(rec.names), rec
+    assert not raw_digests & sent_digests
+    # the audit sees labels where they do travel: the content check can fail
+    assert bool(label_digests & sent_digests) is not u_shaped
     assert any(rec.kind == tensorframe.KIND_ACTIVATION for link in links for rec in link.stats.audit)
+    if u_shaped:
+        # the turnaround hop: the last trunk stage sends its features to stage 0, which returns their gradient
+        k = len(results)
+        assert any(rec.kind == tensorframe.KIND_ACTIVATION for link in links if link.stage_index == k - 1
+                   for rec in link.stats.audit if rec.to == "s0")
+        assert any(rec.kind == tensorframe.KIND_GRADIENT for link in links if link.stage_index == 0
+                   for rec in link.stats.audit if rec.to == f"s{k - 1}")
 
 
 def test_in_flight_bounded_by_schedule(setup, port_base):
@@ -137,3 +177,25 @@ def test_in_flight_bounded_by_schedule(setup, port_base):
     assert [r.peak_in_flight for r in results] == [3, 2, 1]
     results, _, _ = run_pipeline(copy.deepcopy(model), batch, (6, 16), "gpipe", 6, clip=None, port_base=port_base)
     assert [r.peak_in_flight for r in results] == [6, 6, 6]
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_u_shaped_codecs_compress_the_turnaround(setup, port_base, codec):
+    model, batch = setup
+    ref_loss, _, _ = reference_step(copy.deepcopy(model), batch, clip=1.0)
+    plain, _, plain_links = run_pipeline(copy.deepcopy(model), batch, (6, 16), "1f1b", 3, clip=1.0,
+                                         port_base=port_base, u_shaped=True)
+    packed, _, packed_links = run_pipeline(copy.deepcopy(model), batch, (6, 16), "1f1b", 3, clip=1.0,
+                                           port_base=port_base + 8, codec=codec, u_shaped=True)
+
+    def turnaround_bytes(links, kind):
+        # the last trunk stage (2) sends its features to stage 0; stage 0 returns their gradient to stage 2
+        src, dst = (2, "s0") if kind == tensorframe.KIND_ACTIVATION else (0, "s2")
+        return sum(rec.nbytes for link in links if link.stage_index == src for rec in link.stats.audit
+                   if rec.to == dst and rec.kind == kind)
+
+    ratio = 3.5 if codec == "int8" else 1.9
+    for kind in (tensorframe.KIND_ACTIVATION, tensorframe.KIND_GRADIENT):
+        assert turnaround_bytes(packed_links, kind) * ratio < turnaround_bytes(plain_links, kind), kind
+    assert plain[0].loss == pytest.approx(ref_loss, rel=1e-5)
+    assert packed[0].loss == pytest.approx(ref_loss, rel=1e-2)   # the first step's loss sees only forward rounding

@@ -13,8 +13,10 @@ One run measures, with the same tiny encoder (same seed), the same data stream a
   (c) random partitions of the same cluster (random order and cuts, fixed seed; mean of several draws);
   (d) `torch.distributed.pipelining` (gloo) on SWIFT's partition (`bench_pipeline_torchpp`);
   (e) the ideal pipeline bound from the measured per-stage times of (a);
-and bytes per sample and loss after N steps for each stage-traffic codec. `--noniid` adds the non-IID study
-(`bench_pipeline_noniid`).
+and bytes per sample and loss after N steps for each stage-traffic codec, in both modes: labels-forward (labels
+ride to the last stage) and U-shaped (the data owner keeps heads, loss and labels; `flad_vehicle.fhdp.ushape`),
+each on its own SWIFT partition; the int8 goal is judged on the mode with less traffic. `--only codecs` runs just
+that sweep. `--noniid` adds the non-IID study (`bench_pipeline_noniid`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ GOALS = {"fhdp_vs_standalone": 0.75, "fhdp_vs_random": 1.4, "fhdp_vs_ideal": 0.9
 
 @dataclass
 class BenchConfig:
-    """What one bench run does (defaults: the full run, ~6-8 min on a loaded 2-core host)."""
+    """What one bench run does (defaults: the full run; its codec sweep alone, 4 codecs x 3 modes, took ~8 min
+    on a loaded 2-core host -- `--modes` trims it)."""
 
     encoder: str = "tiny"
     data: str = "data/fleet"            # fleet dataset root, or "synthetic"
@@ -65,6 +68,7 @@ class BenchConfig:
     seed: int = 0
     base_port: int = 0                  # 0: pick free ports
     codecs: tuple[str, ...] = CODECS
+    modes: tuple[str, ...] = ("labels_forward", "u_shaped", "labels_forward_same_cuts")   # codec sweep (MODES)
     extra: dict = field(default_factory=dict)
 
 
@@ -133,9 +137,13 @@ def summarize(results: Sequence[dict], batch_size: int, warmup: int, time_scale:
             links.append([r["index"], r["index"] + 1, lb["next"]])
         if lb.get("prev"):
             links.append([r["index"], r["index"] - 1, lb["prev"]])
+        if lb.get("turn"):   # U-shaped: the turnaround hop between the last trunk stage and the data owner
+            links.append([r["index"], lb["turn_to"], lb["turn"]])
     all_steps = [r["steps"] for r in busy]
     bytes_total = sum(s["bytes_sent"] for st in all_steps for s in st)
-    losses = [s["loss"] for s in busy[-1]["steps"] if s["loss"] is not None]
+    # the loss stage: the last one, or the data owner of a U-shaped pipeline
+    losses = next(([s["loss"] for s in r["steps"] if s["loss"] is not None] for r in reversed(busy)
+                   if any(s["loss"] is not None for s in r["steps"])), [])
     return {
         "stages": [[r["vehicle"], *r["range"]] for r in busy],
         "samples_per_s": batch_size * n / emulated,
@@ -201,16 +209,16 @@ class BenchFleet:
         return [f"tcp://127.0.0.1:{p}" for p in ports]
 
     def run(self, pipeline: Sequence[tuple[str, int, int]], *, steps: int, codec: str = "fp32",
-            n_micro: int | None = None, warmup: int | None = None) -> dict[str, Any]:
+            n_micro: int | None = None, warmup: int | None = None, u_shaped: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         warmup = cfg.warmup if warmup is None else warmup
-        log.info("running %s (%s, %d steps)", pipeline, codec, steps)
+        log.info("running %s (%s%s, %d steps)", pipeline, codec, ", U-shaped" if u_shaped else "", steps)
         t0 = time.monotonic()
         cmd = {"op": "run", "pipeline": [list(p) for p in pipeline], "addresses": self._addresses(len(pipeline)),
                "codec": codec, "steps": steps, "warmup": warmup, "seed": cfg.seed, "encoder": cfg.encoder,
                "schedule": cfg.schedule, "n_micro": n_micro or cfg.n_micro, "batch_size": cfg.batch_size,
                "time_scale": self.time_scale, "host_tflops": self.host_tflops, "data": cfg.data,
-               "data_owner": cfg.data_owner}
+               "data_owner": cfg.data_owner, "u_shaped": u_shaped}
         for c in self.conns.values():
             c.send(cmd)
         results = []
@@ -226,6 +234,7 @@ class BenchFleet:
                  time.monotonic() - t0)
         out["codec"] = codec
         out["n_micro"] = cmd["n_micro"]
+        out["u_shaped"] = u_shaped
         return out
 
     def close(self) -> None:
@@ -251,14 +260,24 @@ def layer_profile(encoder: str) -> dict:
     return profile_model(VisionEncoder(get_config(encoder)), batch, measure=False)
 
 
-def swift_pipeline(cfg: BenchConfig, profile: dict, first: str | None) -> tuple[list[tuple[str, int, int]], dict]:
-    """SWIFT's pipeline for the cluster (exact planner, bottleneck objective), optionally with a fixed first stage."""
+def swift_pipeline(cfg: BenchConfig, profile: dict, first: str | None, u_shaped: bool = False
+                   ) -> tuple[list[tuple[str, int, int]], dict]:
+    """SWIFT's pipeline for the cluster (exact planner, bottleneck objective), optionally with a fixed first stage.
+
+    With `u_shaped`, SWIFT cuts the trunk of the U-shaped profile (`ushape.u_profile`: heads on the data owner)."""
     from flad_core.fleet import PAPER_PROFILES
     from flad_edge.swift import Cluster, Vehicle, plan
     from flad_edge.swift.model import load_profile
 
     vs = [Vehicle(v, PAPER_PROFILES[p].mem_bytes, PAPER_PROFILES[p].tflops, PAPER_PROFILES[p].link_mbps, 1.0)
           for v, p in cfg.cluster]
+    if u_shaped:
+        from flad_vehicle.encoder.config import get_config
+        from flad_vehicle.encoder.model import VisionEncoder
+        from flad_vehicle.encoder.partition import Partitioner
+        from flad_vehicle.fhdp.ushape import u_profile
+
+        profile = u_profile(profile, Partitioner(VisionEncoder(get_config(cfg.encoder))).graph)
     p = plan(Cluster(vs, n_batch=cfg.batch_size), load_profile(profile), "exact", first=first, objective="bottleneck")
     if not p.feasible:
         raise RuntimeError(f"SWIFT found no pipeline (first={first}): {p.reason}")
@@ -278,6 +297,86 @@ def _goal(value: float | None, target: float, higher_is_better: bool = True) -> 
         return {"value": None, "target": target, "met": None}
     met = value >= target if higher_is_better else value <= target
     return {"value": round(value, 4), "target": target, "met": bool(met)}
+
+
+# labels_forward / u_shaped: each on its own SWIFT partition (what FHDP would run); labels_forward_same_cuts: the
+# labels-forward mode on the U-shaped plan's cuts (last stage: the rest of the trunk + the heads), which isolates
+# the effect of the mode from that of the partition
+MODES = ("labels_forward", "u_shaped", "labels_forward_same_cuts")
+
+
+def codec_table(codec_runs: dict[str, dict]) -> dict[str, dict]:
+    """Bytes per sample, final loss and the ratios to fp32 of one mode's codec runs."""
+    fp32 = codec_runs.get("fp32")
+    out = {}
+    for codec, r in codec_runs.items():
+        out[codec] = {"bytes_per_sample": r["bytes_per_sample"], "final_loss": r["final_loss"],
+                      "losses": r["losses"], "samples_per_s": r["samples_per_s"], "stages": r["stages"],
+                      "link_bytes_per_step": r["link_bytes_per_step"],
+                      "byte_reduction_vs_fp32": _ratio(fp32["bytes_per_sample"], r["bytes_per_sample"]) if fp32
+                      else None,
+                      "loss_rel_diff_vs_fp32": (abs(r["final_loss"] - fp32["final_loss"]) / fp32["final_loss"])
+                      if fp32 and fp32["final_loss"] else None}
+    return out
+
+
+def codec_modes(tables: dict[str, dict[str, dict]]) -> dict[str, Any]:
+    """Both modes side by side, and the mode with less traffic (fewest int8 bytes per sample, else fp32)."""
+    def traffic(mode: str) -> float:
+        t = tables[mode]
+        row = t.get("int8") or t.get("fp32") or next(iter(t.values()))
+        return row["bytes_per_sample"]
+
+    modes = [m for m in MODES if tables.get(m)]
+    candidates = [m for m in modes if m != "labels_forward_same_cuts"]   # the diagnostic mode is no candidate
+    best = min(candidates, key=traffic) if candidates else None
+    return {"modes": {m: tables[m] for m in modes}, "less_traffic": best,
+            "labels_forward_over_u_bytes": {c: _ratio(tables["labels_forward"][c]["bytes_per_sample"],
+                                                      tables["u_shaped"][c]["bytes_per_sample"])
+                                            for c in tables.get("u_shaped", {})
+                                            if c in tables.get("labels_forward", {})},
+            "same_cuts_labels_forward_over_u_bytes": {
+                c: _ratio(tables["labels_forward_same_cuts"][c]["bytes_per_sample"],
+                          tables["u_shaped"][c]["bytes_per_sample"])
+                for c in tables.get("u_shaped", {}) if c in tables.get("labels_forward_same_cuts", {})},
+            "note": "labels_forward: labels travel with the activations to the last stage (the loss there); "
+                    "u_shaped: the data owner keeps heads, loss and labels, the last trunk stage returns its "
+                    "features (turnaround hop). Each mode runs its own SWIFT partition. bytes_per_sample counts "
+                    "every frame every stage sent (activations, gradients, turnaround, clip control)."}
+
+
+def codec_goals(modes: dict[str, Any]) -> dict[str, Any]:
+    """The int8 goals, measured on the mode with less traffic (and reported for each mode)."""
+    best = modes["less_traffic"]
+    row = modes["modes"].get(best, {}).get("int8", {}) if best else {}
+    goals = {"int8_byte_reduction": _goal(row.get("byte_reduction_vs_fp32"), GOALS["int8_byte_reduction"]),
+             "int8_loss_within_2pct": _goal(row.get("loss_rel_diff_vs_fp32"), GOALS["int8_loss_rel_diff_max"],
+                                            higher_is_better=False)}
+    for g in goals.values():
+        g["mode"] = best
+    for mode, table in modes["modes"].items():
+        i8 = table.get("int8", {})
+        goals[f"int8_byte_reduction_{mode}"] = _goal(i8.get("byte_reduction_vs_fp32"), GOALS["int8_byte_reduction"])
+        goals[f"int8_loss_within_2pct_{mode}"] = _goal(i8.get("loss_rel_diff_vs_fp32"),
+                                                       GOALS["int8_loss_rel_diff_max"], higher_is_better=False)
+    return goals
+
+
+def run_codec_sweep(cfg: BenchConfig, fleet: BenchFleet, profile: dict) -> dict[str, dict[str, dict]]:
+    """One run per codec and mode (see MODES); returns {mode: {codec: run}}."""
+    runs: dict[str, dict[str, dict]] = {}
+    n_layers = len(profile["layers"])
+    for mode in cfg.modes:
+        u = mode == "u_shaped"
+        pipe, pred = swift_pipeline(cfg, profile, None, u_shaped=mode != "labels_forward")
+        if mode == "labels_forward_same_cuts":
+            pipe = [*pipe[:-1], (pipe[-1][0], pipe[-1][1], n_layers)]
+        runs[mode] = {}
+        for codec in cfg.codecs:
+            r = fleet.run(pipe, steps=max(cfg.codec_steps, cfg.steps), codec=codec, u_shaped=u)
+            r.update(pred)
+            runs[mode][codec] = r
+    return runs
 
 
 def conditions(cfg: BenchConfig, host_tflops: float, time_scale: float) -> dict[str, Any]:
@@ -324,11 +423,10 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         # (b) standalone first: the reference every ratio divides by
         standalone = fleet.run([(agx, 0, n_layers)], steps=cfg.steps, n_micro=1)
         standalone["device"] = agx
-        # (a) + codecs: SWIFT's pipeline, one run per codec (fp32 is configuration (a))
-        codec_runs = {}
-        for codec in cfg.codecs:
-            codec_runs[codec] = fleet.run(swift, steps=max(cfg.codec_steps, cfg.steps), codec=codec)
-        fhdp = codec_runs.get("fp32") or fleet.run(swift, steps=cfg.steps)
+        # (a) + codecs: SWIFT's pipeline, one run per codec and mode (labels-forward fp32 is configuration (a))
+        sweep = run_codec_sweep(cfg, fleet, profile)
+        codec_runs = sweep.get("labels_forward", {})
+        fhdp = dict(codec_runs.get("fp32") or fleet.run(swift, steps=cfg.steps))
         fhdp.update(swift_pred)
         # the essential pipelines FHDP rotates through (each member first)
         rotation = None
@@ -375,17 +473,9 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         except Exception as exc:  # reported, never faked
             log.exception("torch.distributed.pipelining run failed")
             tpp = {"works": False, "error": f"{type(exc).__name__}: {exc}"}
-    fp32 = codec_runs.get("fp32")
-    codecs = {}
-    for codec, r in codec_runs.items():
-        codecs[codec] = {"bytes_per_sample": r["bytes_per_sample"], "final_loss": r["final_loss"],
-                         "losses": r["losses"], "samples_per_s": r["samples_per_s"],
-                         "byte_reduction_vs_fp32": _ratio(fp32["bytes_per_sample"], r["bytes_per_sample"]) if fp32
-                         else None,
-                         "loss_rel_diff_vs_fp32": (abs(r["final_loss"] - fp32["final_loss"]) / fp32["final_loss"])
-                         if fp32 and fp32["final_loss"] else None}
+    codecs = codec_table(codec_runs)
+    modes = codec_modes({mode: codec_table(r) for mode, r in sweep.items()})
     a = fhdp["samples_per_s"]
-    int8 = codecs.get("int8", {})
     goals = {
         "fhdp_vs_standalone": _goal(_ratio(a, standalone["samples_per_s"]), GOALS["fhdp_vs_standalone"]),
         "fhdp_vs_random": _goal(_ratio(a, rand["samples_per_s"]), GOALS["fhdp_vs_random"]),
@@ -393,9 +483,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         "fhdp_vs_link_aware_bound": _goal(_ratio(a, ideal["link_aware_bound"]["samples_per_s"]),
                                           GOALS["fhdp_vs_ideal"]),
         "fhdp_vs_torch_pipelining": _goal(_ratio(a, tpp.get("samples_per_s")), GOALS["fhdp_vs_torch_pipelining"]),
-        "int8_byte_reduction": _goal(int8.get("byte_reduction_vs_fp32"), GOALS["int8_byte_reduction"]),
-        "int8_loss_within_2pct": _goal(int8.get("loss_rel_diff_vs_fp32"), GOALS["int8_loss_rel_diff_max"],
-                                       higher_is_better=False),
+        **codec_goals(modes),
     }
     if rotation:
         goals["rotation_vs_standalone"] = _goal(_ratio(rotation["samples_per_s"], standalone["samples_per_s"]),
@@ -406,9 +494,35 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             "torch_pipelining": tpp.get("samples_per_s"), "ideal_bound": ideal["samples_per_s"],
             "fhdp_rotation": rotation["samples_per_s"] if rotation else None},
         "fhdp_swift": fhdp, "standalone": standalone, "random": rand, "torch_pipelining": tpp, "ideal": ideal,
-        "rotation": rotation, "codecs": codecs, "goals": goals,
+        "rotation": rotation, "codecs": codecs, "codec_modes": modes, "goals": goals,
         "bench_seconds": round(time.monotonic() - t_start, 1),
     })
+    out["conditions"]["loadavg_end"] = list(os.getloadavg())
+    return out
+
+
+def run_codecs_only(cfg: BenchConfig) -> dict[str, Any]:
+    """Only the stage-traffic codec sweep, in both modes (`--only codecs`): bytes and losses are not timing
+    figures, so unlike the throughput ratios they do not depend on how loaded the host is."""
+    from flad_core.emulation import host_tflops as calibrate
+    from flad_core.fleet import PAPER_PROFILES
+
+    t_start = time.monotonic()
+    host = calibrate()
+    fastest = max(PAPER_PROFILES[p].tflops for _, p in cfg.cluster)
+    ts = cfg.time_scale or auto_time_scale(host, fastest, cfg.agx_factor)
+    profile = layer_profile(cfg.encoder)
+    out: dict[str, Any] = {"conditions": conditions(cfg, host, ts), "layers": len(profile["layers"]),
+                           "only": "codecs"}
+    fleet = BenchFleet(cfg, host, ts)
+    try:
+        sweep = run_codec_sweep(cfg, fleet, profile)
+    finally:
+        fleet.close()
+    codecs = codec_table(sweep.get("labels_forward", {}))
+    modes = codec_modes({mode: codec_table(r) for mode, r in sweep.items()})
+    out.update({"codecs": codecs, "codec_modes": modes, "goals": codec_goals(modes),
+                "bench_seconds": round(time.monotonic() - t_start, 1)})
     out["conditions"]["loadavg_end"] = list(os.getloadavg())
     return out
 
@@ -422,6 +536,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         cfg.extra["quick"] = "smoke run: numbers are not meaningful"
     if args.codecs:
         cfg.codecs = tuple(args.codecs)
+    if args.modes:
+        cfg.modes = tuple(args.modes)
     for name in ("steps", "time_scale", "agx_factor", "batch_size", "n_micro", "codec_steps", "random_draws",
                  "random_steps", "seed",
                  "data", "schedule"):
@@ -455,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="fleet dataset root or 'synthetic' (default data/fleet)")
     parser.add_argument("--codecs", nargs="+", choices=CODECS, default=None,
                         help=f"codecs to sweep (default: {' '.join(CODECS)})")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                        help="stage-traffic modes of the codec sweep (default: all three)")
+    parser.add_argument("--only", choices=("codecs",), default=None,
+                        help="run only one part: `codecs` = the codec sweep in both modes (no throughput runs)")
     parser.add_argument("--agx-factor", type=float, default=None,
                         help="with the auto time scale: how much slower than one host core the fastest device runs")
     parser.add_argument("--no-torch-pipelining", action="store_true")
@@ -470,7 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args)
     out: dict[str, Any] = {"bench": "pipeline"}
     code = 0
-    if not args.noniid_only:
+    if args.only == "codecs":
+        out.update(run_codecs_only(cfg))
+    elif not args.noniid_only:
         out.update(run_throughput(cfg))
     if args.noniid or args.noniid_only:
         from .bench_pipeline_noniid import NoniidConfig, run_noniid

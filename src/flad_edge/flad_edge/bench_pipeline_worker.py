@@ -35,6 +35,7 @@ def run_stage(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float
     from flad_vehicle.fhdp.links import Inbox, OutLink
     from flad_vehicle.fhdp.optim import stage_adamw
     from flad_vehicle.fhdp.runner import StageRunner
+    from flad_vehicle.fhdp.ushape import u_stages
 
     pipeline = [tuple(p) for p in cmd["pipeline"]]
     members = [v for v, _, _ in pipeline]
@@ -44,8 +45,16 @@ def run_stage(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float
     k = len(pipeline)
     torch.manual_seed(cmd["seed"])
     model = VisionEncoder(get_config(cmd["encoder"]))
-    stage = Partitioner(model).stage((pipeline[index][1], pipeline[index][2]))
-    optimizer = stage_adamw(stage, model) if any(True for _ in stage.parameters()) else None
+    u = bool(cmd.get("u_shaped")) and k > 1
+    head = None
+    if u:   # the ranges cut the trunk; stage 0 also holds the heads and the loss
+        trunk, head = u_stages(Partitioner(model), [(s, e) for _, s, e in pipeline])
+        stage = trunk[index]
+        head = head if index == 0 else None
+    else:
+        stage = Partitioner(model).stage((pipeline[index][1], pipeline[index][2]))
+    trained = torch.nn.ModuleList([stage, head.stage]) if head is not None else stage
+    optimizer = stage_adamw(trained, model) if any(True for _ in trained.parameters()) else None
     ts = cmd["time_scale"]
     inbox = Inbox(ctx, cmd["addresses"][index])
     links = []
@@ -58,7 +67,9 @@ def run_stage(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float
 
     prev = link(index - 1) if index > 0 else None
     nxt = link(index + 1) if index < k - 1 else None
+    turn = link(k - 1 if index == 0 else 0) if u and index in (0, k - 1) else None
     runner = StageRunner(stage, index, k, inbox=inbox, prev=prev, next=nxt, optimizer=optimizer,
+                         u_shaped=u, head=head, turn=turn,
                          schedule=cmd["schedule"], n_micro=cmd["n_micro"], grad_clip=5.0, label_names=LABEL_INPUTS,
                          dilation=ComputeDilation(tflops, ts, host_tflops_ref=cmd["host_tflops"]), timeout_s=300.0)
     batches = _batches(cmd["data"], cmd["data_owner"], cmd["batch_size"], cmd["seed"]) if index == 0 else None
@@ -68,7 +79,7 @@ def run_stage(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float
             batch = None
             if batches is not None:
                 full = next(batches)
-                batch = {n: full[n] for n in stage.inputs}
+                batch = {n: full[n] for n in runner.batch_inputs}
             t0 = time.monotonic()
             res = runner.run_step(step, batch)
             t1 = time.monotonic()
@@ -79,7 +90,9 @@ def run_stage(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float
         for x in (*links, inbox):
             x.close()
     n = max(1, len(steps))
-    link_bytes = {"prev": prev.stats.bytes / n if prev else 0.0, "next": nxt.stats.bytes / n if nxt else 0.0}
+    link_bytes = {"prev": prev.stats.bytes / n if prev else 0.0, "next": nxt.stats.bytes / n if nxt else 0.0,
+                  "turn": turn.stats.bytes / n if turn else 0.0,
+                  "turn_to": (k - 1 if index == 0 else 0) if turn else None}
     return {"idle": False, "vehicle": vehicle, "index": index, "range": [pipeline[index][1], pipeline[index][2]],
             "steps": steps, "link_bytes_per_step": link_bytes}
 

@@ -34,6 +34,7 @@ from flad_vehicle.encoder.config import get_config
 from flad_vehicle.encoder.model import VisionEncoder
 from flad_vehicle.encoder.partition import Partitioner
 from flad_vehicle.fhdp.layerstore import LayerStore
+from flad_vehicle.fhdp.ushape import head_start, u_profile
 from flad_vehicle.fhdp.worker import (
     EDGE_OWNER,
     SERVICE_ASSIGN,
@@ -70,12 +71,18 @@ class FhdpConfig:
     # False: traditional HDP, a cluster runs only its first pipeline (only that member's data is used), for
     # len(members) x local_steps steps so the step/sample budget per round is the same (non-IID studies).
     rotate: bool = True
+    # True: U-shaped pipelines -- each pipeline's data owner (stage 0) also holds the task heads and the loss;
+    # the last trunk stage returns its features to it, so labels never leave the vehicle that owns them
+    # (flad_vehicle.fhdp.ushape). False (default): labels travel with the activations to the last stage.
+    u_shaped: bool = False
 
     def validate(self) -> None:
         if self.schedule not in ("gpipe", "1f1b"):
             raise ValueError(f"schedule must be gpipe or 1f1b, got {self.schedule!r}")
         if self.n_micro < 1 or self.batch_size < self.n_micro:
             raise ValueError("need 1 <= n_micro <= batch_size")
+        if not isinstance(self.u_shaped, bool):
+            raise ValueError(f"u_shaped must be true or false, got {self.u_shaped!r}")
 
 
 @dataclass
@@ -109,6 +116,7 @@ class FhdpEdge:
             req = "flad_msgs/msg/LayerRequest" if service == SERVICE_EDGE_LAYERS else "flad_msgs/msg/StepReport"
             self.bus.serve(service, req, rtype, handler)
         self.version = 0
+        self.collectors: dict[int, RoundCollector] = {}
 
     # -- reports from vehicles (bus thread) ----------------------------------------------------------
     def _slot(self, kind: str, pipeline_id: str, vehicle: str) -> threading.Event:
@@ -166,7 +174,11 @@ class FhdpEdge:
         from flad_edge.swift import Cluster, Vehicle, plan
         from flad_edge.swift.model import load_profile
 
-        profile = load_profile(self.layer_profile())
+        raw = self.layer_profile()
+        if self.cfg.u_shaped:
+            # SWIFT cuts the trunk only; the heads are the data owner's extra layers (see ushape.u_profile)
+            raw = u_profile(raw, self.part.graph)
+        profile = load_profile(raw)
         profiles = self.fleet.all_profiles()
         cluster = Cluster([Vehicle(m, profiles[self.fleet.vehicle(m).profile].mem_bytes,
                                    profiles[self.fleet.vehicle(m).profile].tflops,
@@ -177,7 +189,10 @@ class FhdpEdge:
             p = plan(cluster, profile, self.cfg.planner, first=first, objective="bottleneck")
             if not p.feasible:
                 raise RuntimeError(f"SWIFT found no pipeline with {first} first: {p.reason}")
-            pipelines.append([(str(v), s, e) for v, (s, e) in zip(p.path, p.ranges, strict=True)])
+            pipe = [(str(v), s, e) for v, (s, e) in zip(p.path, p.ranges, strict=True)]
+            if len(pipe) == 1:   # one stage (U-shaped or not): the whole model, heads included
+                pipe = [(pipe[0][0], 0, len(self.layers))]
+            pipelines.append(pipe)
         return pipelines
 
     def layer_profile(self) -> dict:
@@ -200,12 +215,32 @@ class FhdpEdge:
                              method=self.cfg.planner, stages=stages)
         return codec.new(
             "flad_msgs/msg/PipelineAssignment", header=codec.header(),
-            pipeline_id=f"r{rnd}-{client.id}-{pipeline[0][0]}-{uuid.uuid4().hex[:6]}", round=rnd, template=template,
+            pipeline_id=f"r{rnd}-{client.id}-{pipeline[0][0]}-{uuid.uuid4().hex[:6]}", round=rnd,
+            pipeline_template=template,
             member_ids=client.members, member_control_addresses=[specs[m].control for m in client.members],
             stage_inbox_addresses=[specs[v].data for v, _, _ in pipeline], layer_owner=owners,
             schedule=self.cfg.schedule, codec=self.cfg.codec, n_micro=self.cfg.n_micro,
             batch_size=self.cfg.batch_size, steps=steps or self.cfg.local_steps, first_step=first_step,
-            time_scale=self.cfg.time_scale)
+            time_scale=self.cfg.time_scale, u_shaped=self.u_shaped(pipeline))
+
+    def u_shaped(self, pipeline: list[tuple[str, int, int]]) -> bool:
+        """A multi-stage pipeline runs U-shaped when configured (one stage has no hop: it is the whole model)."""
+        return self.cfg.u_shaped and len(pipeline) > 1
+
+    def loss_stage(self, pipeline: list[tuple[str, int, int]]) -> int:
+        """Index of the stage that computes (and reports) the loss."""
+        return 0 if self.u_shaped(pipeline) else len(pipeline) - 1
+
+    def owners_after(self, pipeline: list[tuple[str, int, int]], owners: list[str]) -> list[str]:
+        """Layer holders once `pipeline` has run: its stages' ranges, and the heads on its data owner if U-shaped."""
+        owners = list(owners)
+        for v, s, e in pipeline:
+            for i in range(s, e):
+                owners[i] = v
+        if self.u_shaped(pipeline):
+            for i in range(head_start(self.part.graph), len(self.layers)):
+                owners[i] = pipeline[0][0]
+        return owners
 
     def train_client(self, client: Client, rnd: int, timeout_s: float) -> dict[str, Any]:
         """Run the client's pipelines in rotation; return its update (layers fetched back) and stats."""
@@ -223,7 +258,7 @@ class FhdpEdge:
             for v in members:
                 self.bus.request(SERVICE_START, a, "flad_msgs/msg/Ack", address=specs[v].control)
             reports = self._wait("report", a.pipeline_id, members, timeout_s)
-            last = reports[members[-1]]
+            last = reports[members[self.loss_stage(pipeline)]]
             moved = sum(r.layer_bytes_fetched for r in ready.values()) if owners[0] != EDGE_OWNER else 0
             stats["moved_bytes"] += moved
             stats["samples"] += n_steps * self.cfg.batch_size
@@ -231,9 +266,7 @@ class FhdpEdge:
                                        "loss": last.loss, "wall_s": max(r.wall_s for r in reports.values()),
                                        "moved_bytes": moved})
             step += n_steps
-            for v, s, e in pipeline:
-                for i in range(s, e):
-                    owners[i] = v
+            owners = self.owners_after(pipeline, owners)
         # gather the client's model back, layer by layer from their owners
         state: dict[str, torch.Tensor] = {}
         by_owner: dict[str, list[str]] = {}
@@ -249,6 +282,7 @@ class FhdpEdge:
     def run_round(self, rnd: int, clients: list[Client]) -> dict[str, Any]:
         t0 = time.monotonic()
         collector = RoundCollector(rnd, [c.id for c in clients], self.cfg.round_deadline_s, self.cfg.quorum)
+        self.collectors[rnd] = collector   # kept: a straggler's late offer is refused (and recorded) here
         results: dict[str, dict] = {}
         errors: dict[str, str] = {}
 
@@ -294,18 +328,28 @@ def wait_for_vehicles(edge: EdgeServer, ids: list[str], timeout_s: float = 120.0
     raise TimeoutError(f"vehicles {sorted(set(ids) - alive)} did not register within {timeout_s:.0f} s")
 
 
-def plan_table(clients: list[Client]) -> Table:
-    table = Table(title="FHDP clients this edge trains (each cluster is one FL client)")
+def plan_table(clients: list[Client], heads: tuple[int, int] | None = None) -> Table:
+    """The clients and their pipelines; `heads` = (H, n): U-shaped, the data owner also holds layers [H, n)."""
+    title = "FHDP clients this edge trains (each cluster is one FL client)"
+    if heads is not None:
+        title += f"; U-shaped: heads [{heads[0]}:{heads[1]}) on each data owner"
+    table = Table(title=title)
     for col in ("client", "members", "essential pipelines (vehicle[layers])"):
         table.add_column(col)
+
+    def fmt(p: list[tuple[str, int, int]]) -> str:
+        text = " -> ".join(f"{v}[{s}:{e})" for v, s, e in p)
+        return text + (f" -> {p[0][0]}[{heads[0]}:{heads[1]})" if heads is not None and len(p) > 1 else "")
+
     for c in clients:
-        pipes = "\n".join(" -> ".join(f"{v}[{s}:{e})" for v, s, e in p) for p in c.pipelines)
+        pipes = "\n".join(fmt(p) for p in c.pipelines)
         table.add_row(c.id, ", ".join(c.members), pipes)
     return table
 
 
 def run_training(fleet: FleetConfig, cfg: FhdpConfig, run: RunDir | None, console: Console,
-                 use_cloud: bool = False, recovery: bool = False) -> list[dict[str, Any]]:
+                 use_cloud: bool = False, recovery: bool = False, edge: EdgeServer | None = None
+                 ) -> list[dict[str, Any]]:
     """The edge's whole job: wait for the fleet, plan clients, run the rounds (with the cloud tier), report.
 
     With `recovery`, clusters survive departures (quick recovery: backups, preventive templates, layer moves).
@@ -313,13 +357,16 @@ def run_training(fleet: FleetConfig, cfg: FhdpConfig, run: RunDir | None, consol
     if recovery:
         from flad_edge.fhdp_recovery import RecoveringFhdpEdge
 
-        fhdp: FhdpEdge = RecoveringFhdpEdge(fleet, cfg, run=run)
+        if cfg.u_shaped:
+            raise ValueError("quick recovery does not support U-shaped pipelines yet (set u_shaped: false)")
+
+        fhdp: FhdpEdge = RecoveringFhdpEdge(fleet, cfg, run=run, edge=edge)
     else:
-        fhdp = FhdpEdge(fleet, cfg, run)
+        fhdp = FhdpEdge(fleet, cfg, run, edge=edge)
     try:
         wait_for_vehicles(fhdp.edge, [v.id for v in fleet.vehicles])
         clients = fhdp.clients()
-        console.print(plan_table(clients))
+        console.print(plan_table(clients, (head_start(fhdp.part.graph), len(fhdp.layers)) if cfg.u_shaped else None))
         summaries = []
         with Progress(TextColumn("[bold]FHDP"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
@@ -387,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=120)
     try:
         run_training(fleet, cfg, run, console, use_cloud=args.cloud, recovery=args.recovery)
-    except (TimeoutError, RuntimeError, BusError) as exc:
+    except (TimeoutError, RuntimeError, ValueError, BusError) as exc:
         log.error("FHDP training failed: %s", exc)
         return 1
     return 0

@@ -2,11 +2,13 @@
 
 Frames are `flad_core.tensorframe` multipart messages (zero-copy, checksummed, validated). Every send
 goes through the link's token bucket (emulated link rate) and is recorded in an audit log (tensor
-names, kind, bytes), so tests can prove that raw sensor tensors never leave their vehicle.
+names, kind, bytes and a content digest of every tensor), so tests can prove that raw sensor tensors --
+and, in a U-shaped pipeline, labels -- never leave their vehicle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -37,6 +39,17 @@ class StepAbortedError(RuntimeError):
 ABORT_POLL_S = 0.02
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """Identity of a tensor's content (dtype, shape, bytes), for the audit: a test can prove that a given
+    tensor -- a label, a raw sensor reading -- is in no frame a vehicle sent, whatever its name."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class AuditRecord:
     to: str
@@ -45,6 +58,7 @@ class AuditRecord:
     micro_batch: int
     names: tuple[str, ...]
     nbytes: int
+    digests: tuple[str, ...] = ()     # `tensor_digest` of each named tensor as handed to the link (before the codec)
 
 
 @dataclass
@@ -92,7 +106,8 @@ class OutLink:
                     self.sock.poll(int(ABORT_POLL_S * 1000), zmq.POLLOUT)
         self.stats.frames += 1
         self.stats.bytes += nbytes
-        self.stats.audit.append(AuditRecord(self.peer, kind, step, micro_batch, tuple(tensors), nbytes))
+        self.stats.audit.append(AuditRecord(self.peer, kind, step, micro_batch, tuple(tensors), nbytes,
+                                            tuple(tensor_digest(t) for t in tensors.values())))
         return nbytes
 
     def close(self) -> None:
@@ -133,6 +148,36 @@ class Inbox:
                 continue
             self._receive_one()
         return self._pending[key].pop(0)
+
+    def has(self, kind: int, step: int, micro_batch: int) -> bool:
+        """Whether the frame for (kind, step, micro_batch) is here (reads what already arrived, never blocks)."""
+        while not self._pending.get((kind, step, micro_batch)) and self.sock.poll(0):
+            self._receive_one()
+        return bool(self._pending.get((kind, step, micro_batch)))
+
+    def wait_any(self, keys: list[tuple[int, int, int]], timeout_s: float,
+                 abort: threading.Event | None = None) -> tuple[int, int, int]:
+        """Block until the frame of one of `keys` (kind, step, micro-batch) is here; returns that key.
+
+        A stage with two independent op streams (the data owner of a U-shaped pipeline: its trunk and
+        its heads) waits on both, so neither stream can deadlock the other."""
+        if not keys:
+            raise ValueError("nothing to wait for")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for key in keys:
+                if self._pending.get(key):
+                    return key
+            if abort is not None and abort.is_set():
+                raise StepAbortedError(f"wait for {keys} aborted")
+            remaining = deadline - time.monotonic()
+            slice_s = min(remaining, ABORT_POLL_S) if abort is not None else remaining
+            if remaining <= 0 or not self.sock.poll(int(slice_s * 1000) + 1):
+                if time.monotonic() >= deadline:
+                    want = ", ".join(f"{tensorframe.KIND_NAMES[k]} step {s} mb {m}" for k, s, m in keys)
+                    raise LinkTimeoutError(f"none of [{want}] arrived within {timeout_s:.1f} s")
+                continue
+            self._receive_one()
 
     def _receive_one(self) -> None:
         """Read one frame, validate and decode it into the pending buffer (invalid frames are counted)."""

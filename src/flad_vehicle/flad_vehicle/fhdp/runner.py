@@ -7,9 +7,11 @@ batch, so the accumulated gradients equal those of one whole-batch step. Gradien
 global norm across all stages (partial sums travel upstream, the clip factor travels back down), so
 a pipelined step equals a single-process step, clipping included.
 
-Labels travel with the activations to the last stage, which computes the loss (the documented
-trade-off: labels, unlike raw sensor data, leave the data owner). Raw sensor tensors never do: the
-first stage consumes them, and only its outputs are sent.
+Labels-forward (default): labels travel with the activations to the last stage, which computes the loss
+(the documented trade-off: labels, unlike raw sensor data, leave the data owner). U-shaped (`ushape.py`):
+the data owner also holds the heads and the loss; the last trunk stage returns its features to it, so
+labels never leave it either. Raw sensor tensors never leave in either mode: the first stage consumes
+them, and only its outputs are sent.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -29,6 +32,7 @@ from flad_core.emulation import ComputeDilation, MemoryGuard
 
 from .links import KIND_CONTROL, Inbox, OutLink, StepAbortedError
 from .schedule import Schedule, stage_ops
+from .ushape import HeadPart
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +56,38 @@ class StepResult:
 
 
 class StageRunner:
-    """Runs training steps for one stage of one pipeline."""
+    """Runs training steps for one stage of one pipeline.
+
+    Labels-forward (default): the last stage computes the loss. U-shaped (`u_shaped=True`): no trunk stage
+    computes it; the first stage also gets `head` (the heads and the loss, see `ushape.py`) and a `turn`
+    link to the last trunk stage, which gets a `turn` link back to the first. The schedule is that of a
+    pipeline with one more (virtual) stage, the heads, which the first stage runs on its own thread of ops.
+    """
 
     def __init__(self, stage, index: int, n_stages: int, *, inbox: Inbox, prev: OutLink | None,
                  next: OutLink | None, optimizer: torch.optim.Optimizer | None, schedule: Schedule = "1f1b",
                  n_micro: int = 4, grad_clip: float | None = None, label_names: Collection[str] = (),
                  dilation: ComputeDilation | None = None, memory: MemoryGuard | None = None,
-                 timeout_s: float = 60.0, loss_key: str = "loss", abort: threading.Event | None = None) -> None:
+                 timeout_s: float = 60.0, loss_key: str = "loss", abort: threading.Event | None = None,
+                 u_shaped: bool = False, head: HeadPart | None = None, turn: OutLink | None = None) -> None:
         if (index == 0) != (prev is None) or (index == n_stages - 1) != (next is None):
             raise ValueError("the first stage has no upstream link and the last no downstream link")
+        if u_shaped:
+            if n_stages < 2:
+                raise ValueError("a U-shaped pipeline needs at least two stages")
+            if (index == 0) != (head is not None):
+                raise ValueError("in a U-shaped pipeline exactly the first stage holds the heads")
+            if (index in (0, n_stages - 1)) != (turn is not None):
+                raise ValueError("in a U-shaped pipeline the first and the last stage need the turnaround link")
+        elif head is not None or turn is not None:
+            raise ValueError("heads and a turnaround link belong to U-shaped pipelines only")
         self.stage, self.index, self.n_stages = stage, index, n_stages
         self.inbox, self.prev, self.next = inbox, prev, next
+        self.u_shaped, self.head, self.turn = u_shaped, head, turn
         self.optimizer = optimizer
-        self.ops = stage_ops(schedule, n_stages, index, n_micro)
+        n_virtual = n_stages + 1 if u_shaped else n_stages
+        self.ops = stage_ops(schedule, n_virtual, index, n_micro)
+        self.head_ops = stage_ops(schedule, n_virtual, n_stages, n_micro) if head is not None else []
         self.n_micro = n_micro
         self.grad_clip = grad_clip
         self.label_names = set(label_names)
@@ -72,6 +95,8 @@ class StageRunner:
         self.timeout_s = timeout_s
         self.loss_key = loss_key
         self.abort = abort   # set by the edge when a member left: blocked waits end with StepAbortedError
+        # what the forward sends downstream (a U-shaped first stage keeps its head-only tensors home)
+        self.send_names = tuple(head.first_sends) if head is not None else None   # None: every output
 
     @property
     def is_first(self) -> bool:
@@ -80,6 +105,11 @@ class StageRunner:
     @property
     def is_last(self) -> bool:
         return self.index == self.n_stages - 1
+
+    @property
+    def owns_loss(self) -> bool:
+        """This stage computes the loss: the last stage, or the data owner of a U-shaped pipeline."""
+        return self.head is not None if self.u_shaped else self.is_last
 
     # -- helpers ------------------------------------------------------------------------------------
     def _compute(self, fn: Callable[[], object], res: StepResult) -> object:
@@ -108,80 +138,157 @@ class StageRunner:
     def _grads_to_send(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {k: t.grad for k, t in inputs.items() if isinstance(t, Tensor) and t.grad is not None}
 
+    def parameters(self) -> list[Tensor]:
+        """Every parameter this stage trains (a U-shaped first stage: its trunk layers and the heads)."""
+        params = list(self.stage.parameters())
+        if self.head is not None:
+            params += list(self.head.parameters())
+        return params
+
+    @property
+    def batch_inputs(self) -> tuple[str, ...]:
+        """The batch fields the first stage must be given (a U-shaped one also needs the labels)."""
+        names = tuple(self.stage.inputs)
+        if self.head is not None:
+            names += tuple(n for n in self.head.from_batch if n not in names)
+        return names
+
+    def _needs(self, part: str, kind: str, m: int, step: int) -> tuple[int, int, int] | None:
+        """The frame an op waits for: (frame kind, step, micro-batch), or None when it needs no frame."""
+        if part == "H":      # heads: F takes the turnaround features, B starts from the local loss
+            return (tensorframe.KIND_ACTIVATION, step, m) if kind == "F" else None
+        if kind == "F":
+            return None if self.is_first else (tensorframe.KIND_ACTIVATION, step, m)
+        return None if (self.owns_loss and self.head is None) else (tensorframe.KIND_GRADIENT, step, m)
+
     # -- one step -----------------------------------------------------------------------------------
     def run_step(self, step: int, batch: Mapping[str, Tensor] | None = None) -> StepResult:
         """Run one training step. The first stage passes its batch (its stage inputs, labels included)."""
         res = StepResult(step)
         t_start = time.perf_counter()
+        st = _StepState()
         if self.is_first:
             if batch is None:
                 raise ValueError("the first stage needs the batch")
-            missing = set(self.stage.inputs) - set(batch)
+            needed = set(self.batch_inputs)
+            missing = needed - set(batch)
             if missing:
                 raise ValueError(f"batch lacks stage inputs {sorted(missing)}")
-            batch_size = int(next(iter(batch.values())).shape[0])
-            if batch_size < self.n_micro:
-                raise ValueError(f"batch of {batch_size} cannot be split into {self.n_micro} micro-batches")
-            chunks = {k: torch.tensor_split(batch[k], self.n_micro) for k in self.stage.inputs}
-        saved: dict[int, tuple[dict, dict]] = {}
-        loss_total = 0.0
-        in_flight = 0
-        for kind, m in self.ops:
-            if kind == "F":
-                if self.is_first:
-                    inputs = {k: chunks[k][m] for k in self.stage.inputs}
-                    total = batch_size
-                else:
-                    wire = self._recv(tensorframe.KIND_ACTIVATION, step, m, res)
-                    total = int(wire.pop(BATCH_KEY))
-                    inputs = self._received(wire)
-                with torch.enable_grad():
-                    outputs = self._compute(lambda inputs=inputs: self.stage(inputs), res)
-                if self.is_last:
-                    mb_size = _batch_dim(inputs)
-                    scaled = outputs[self.loss_key] * (mb_size / total)
-                    loss_total += float(scaled.detach())
-                    outputs = {self.loss_key: scaled}
-                else:
-                    send = dict(outputs)
-                    send[BATCH_KEY] = torch.tensor(total, dtype=torch.int64)
-                    res.bytes_sent += self.next.send(send, kind=tensorframe.KIND_ACTIVATION, step=step,
-                                                     micro_batch=m, abort=self.abort)
-                saved[m] = (inputs, outputs)
-                in_flight += 1
-                res.peak_in_flight = max(res.peak_in_flight, in_flight)
-                if self.memory is not None:
-                    self.memory.check()
+            st.batch_size = int(next(iter(batch.values())).shape[0])
+            if st.batch_size < self.n_micro:
+                raise ValueError(f"batch of {st.batch_size} cannot be split into {self.n_micro} micro-batches")
+            st.chunks = {k: torch.tensor_split(batch[k], self.n_micro) for k in sorted(needed)}
+        queues = [("H", deque(self.head_ops)), ("T", deque(self.ops))] if self.head is not None \
+            else [("T", deque(self.ops))]
+        run = {("T", "F"): self._trunk_forward, ("T", "B"): self._trunk_backward,
+               ("H", "F"): self._head_forward, ("H", "B"): self._head_backward}
+        while any(q for _, q in queues):
+            waiting = []
+            for part, q in queues:
+                if not q:
+                    continue
+                kind, m = q[0]
+                if part == "T" and kind == "B" and self.head is not None and m not in st.kept_grads:
+                    continue     # the data owner's trunk backward needs its heads' backward of m first
+                key = self._needs(part, kind, m, step)
+                if key is None or self.inbox.has(*key):
+                    q.popleft()
+                    run[(part, kind)](step, m, st, res)
+                    break
+                waiting.append(key)
             else:
-                inputs, outputs = saved.pop(m)
-                if self.is_last:
-                    self._compute(lambda o=outputs: torch.autograd.backward([o[self.loss_key]]), res)
-                else:
-                    grads = self._recv(tensorframe.KIND_GRADIENT, step, m, res)
-                    pairs = [(outputs[k], g) for k, g in grads.items() if k in outputs and outputs[k].requires_grad]
-                    if pairs:
-                        self._compute(lambda p=pairs: torch.autograd.backward([a for a, _ in p],
-                                                                              [g for _, g in p]), res)
-                if not self.is_first:
-                    res.bytes_sent += self.prev.send(self._grads_to_send(inputs), kind=tensorframe.KIND_GRADIENT,
-                                                     step=step, micro_batch=m, abort=self.abort)
-                in_flight -= 1
+                if not waiting:
+                    raise RuntimeError(f"stage {self.index}: schedule deadlock at step {step}")
+                t0 = time.perf_counter()
+                self.inbox.wait_any(waiting, self.timeout_s, abort=self.abort)
+                res.wait_s += time.perf_counter() - t0
+        res.peak_in_flight = st.peak_in_flight
         if self.grad_clip is not None:
             res.grad_norm = self._clip(step, res)
         if self.abort is not None and self.abort.is_set():
             raise StepAbortedError(f"step {step} aborted before its optimizer step")
         if self.optimizer is not None:
             self._compute(self._optimizer_step, res)
-        if self.is_last:
-            res.loss = loss_total
+        if self.owns_loss:
+            res.loss = st.loss_total
         res.wall_s = time.perf_counter() - t_start
         return res
+
+    def _trunk_forward(self, step: int, m: int, st: _StepState, res: StepResult) -> None:
+        if self.is_first:
+            inputs = {k: st.chunks[k][m] for k in self.stage.inputs}
+            total = st.batch_size
+        else:
+            wire = self._recv(tensorframe.KIND_ACTIVATION, step, m, res)
+            bk = wire.pop(BATCH_KEY, None)
+            total = int(bk) if bk is not None else None
+            inputs = self._received(wire)
+        with torch.enable_grad():
+            outputs = self._compute(lambda inputs=inputs: self.stage(inputs), res)
+        if self.owns_loss and self.head is None:
+            if total is None:
+                raise ValueError("the loss stage got no batch size with its activations")
+            scaled = outputs[self.loss_key] * (_batch_dim(inputs) / total)
+            st.loss_total += float(scaled.detach())
+            outputs = {self.loss_key: scaled}
+        elif self.u_shaped and self.is_last:
+            # the turnaround: the trunk's features go back to the data owner, which holds heads and labels
+            res.bytes_sent += self.turn.send(dict(outputs), kind=tensorframe.KIND_ACTIVATION, step=step,
+                                             micro_batch=m, abort=self.abort)
+        else:
+            send = dict(outputs) if self.send_names is None else {k: outputs[k] for k in self.send_names}
+            if not self.u_shaped:
+                send[BATCH_KEY] = torch.tensor(total, dtype=torch.int64)
+            res.bytes_sent += self.next.send(send, kind=tensorframe.KIND_ACTIVATION, step=step, micro_batch=m,
+                                             abort=self.abort)
+        st.saved[m] = (inputs, outputs)
+        st.in_flight += 1
+        st.peak_in_flight = max(st.peak_in_flight, st.in_flight)
+        if self.memory is not None:
+            self.memory.check()
+
+    def _trunk_backward(self, step: int, m: int, st: _StepState, res: StepResult) -> None:
+        inputs, outputs = st.saved.pop(m)
+        if self.owns_loss and self.head is None:
+            self._compute(lambda o=outputs: torch.autograd.backward([o[self.loss_key]]), res)
+        else:
+            grads = self._recv(tensorframe.KIND_GRADIENT, step, m, res)
+            if self.head is not None:
+                # a tensor both sent down the trunk and read by the heads gets both gradients
+                for k, g in st.kept_grads.pop(m).items():
+                    grads[k] = grads[k] + g if k in grads else g
+            pairs = [(outputs[k], g) for k, g in grads.items() if k in outputs and outputs[k].requires_grad]
+            if pairs:
+                self._compute(lambda p=pairs: torch.autograd.backward([a for a, _ in p], [g for _, g in p]), res)
+        if not self.is_first:
+            res.bytes_sent += self.prev.send(self._grads_to_send(inputs), kind=tensorframe.KIND_GRADIENT,
+                                             step=step, micro_batch=m, abort=self.abort)
+        st.in_flight -= 1
+
+    def _head_forward(self, step: int, m: int, st: _StepState, res: StepResult) -> None:
+        turned = self._received(self._recv(tensorframe.KIND_ACTIVATION, step, m, res))
+        _, trunk_out = st.saved[m]
+        kept = {k: trunk_out[k].detach().requires_grad_(trunk_out[k].is_floating_point()) for k in self.head.kept}
+        local = {k: st.chunks[k][m] for k in self.head.from_batch}
+        with torch.enable_grad():
+            out = self._compute(lambda: self.head.stage({**local, **kept, **turned}), res)
+        mb_size = int(st.chunks[self.stage.inputs[0]][m].shape[0])
+        scaled = out[self.loss_key] * (mb_size / st.batch_size)
+        st.loss_total += float(scaled.detach())
+        st.head_saved[m] = (kept, turned, scaled)
+
+    def _head_backward(self, step: int, m: int, st: _StepState, res: StepResult) -> None:
+        kept, turned, scaled = st.head_saved.pop(m)
+        self._compute(lambda: torch.autograd.backward([scaled]), res)
+        res.bytes_sent += self.turn.send(self._grads_to_send(turned), kind=tensorframe.KIND_GRADIENT, step=step,
+                                         micro_batch=m, abort=self.abort)
+        st.kept_grads[m] = self._grads_to_send(kept)
 
     def discard_partial_step(self) -> None:
         """After an abort: drop the partial gradients, so the weights stay as of the last completed step."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
-        for p in self.stage.parameters():
+        for p in self.parameters():
             p.grad = None
 
     def _optimizer_step(self) -> None:
@@ -189,7 +296,7 @@ class StageRunner:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _local_sq_norm(self) -> Tensor:
-        grads = [p.grad.detach().double().pow(2).sum() for p in self.stage.parameters() if p.grad is not None]
+        grads = [p.grad.detach().double().pow(2).sum() for p in self.parameters() if p.grad is not None]
         return torch.stack(grads).sum() if grads else torch.zeros((), dtype=torch.float64)
 
     def _clip(self, step: int, res: StepResult) -> float:
@@ -210,10 +317,24 @@ class StageRunner:
                             "coef": torch.tensor(coef, dtype=torch.float64)},
                            kind=KIND_CONTROL, step=step, micro_batch=CLIP_MB, compress=False, abort=self.abort)
         if coef < 1.0:
-            for p in self.stage.parameters():
+            for p in self.parameters():
                 if p.grad is not None:
                     p.grad.mul_(coef)
         return norm
+
+
+@dataclass
+class _StepState:
+    """Per-step bookkeeping shared by a stage's op handlers."""
+
+    batch_size: int = 0
+    chunks: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)
+    saved: dict[int, tuple[dict, dict]] = field(default_factory=dict)
+    head_saved: dict[int, tuple[dict, dict, Tensor]] = field(default_factory=dict)
+    kept_grads: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    loss_total: float = 0.0
+    in_flight: int = 0
+    peak_in_flight: int = 0
 
 
 def _batch_dim(tensors: Mapping[str, Tensor]) -> int:

@@ -6,6 +6,9 @@ The edge drives training with `flad_msgs/PipelineAssignment`s, in two phases per
      the edge `edge/ready`. Only layers whose owner changes move (dynamic stage exchange).
   2. `vehicle/start`: run the assignment's steps as that stage (the data owner feeds its own batches),
      then report to `edge/report` with timings, bytes and the loss.
+With `u_shaped`, the template's ranges cut the encoder's trunk and stage 0 (the data owner) also holds the
+heads and the loss (`ushape.py`): labels never leave the vehicle; when the rotation makes another member
+the data owner, the heads move to it like any other layer whose owner changes.
 Between the phases and afterwards the vehicle serves `vehicle/layers` so peers (and the edge, at the
 end of a round) can fetch the layers it owns. A resource-sufficient vehicle is simply a one-stage
 pipeline of its own.
@@ -56,6 +59,7 @@ from .layerstore import LayerStore
 from .links import Inbox, LinkStats, OutLink, StepAbortedError
 from .optim import stage_adamw
 from .runner import StageRunner
+from .ushape import head_layers, u_stages
 
 log = logging.getLogger("flad_vehicle.fhdp.worker")
 
@@ -144,11 +148,11 @@ class FhdpVehicle:
     """One vehicle's FHDP trainer (see the module docstring)."""
 
     def __init__(self, fleet, vehicle_id: str, data: str = "synthetic", encoder: str = "tiny", seed: int = 0,
-                 threads: int = 1, audit_dir: Path | None = None) -> None:
+                 threads: int = 1, audit_dir: Path | None = None, bus=None) -> None:
         torch.set_num_threads(threads)
         seed_everything(seed)
         self.fleet = fleet
-        self.agent = VehicleAgent(fleet, vehicle_id)
+        self.agent = VehicleAgent(fleet, vehicle_id, bus=bus)  # bus: a RosBus in the ROS 2 node
         self.spec = self.agent.spec
         if not self.spec.control or not self.spec.data:
             raise ValueError(f"vehicle {vehicle_id} needs `control` and `data` addresses in the fleet file")
@@ -238,12 +242,14 @@ class FhdpVehicle:
 
     # -- phase 1: take the stage, moving only the layers whose owner changes ---------------------------
     def prepare(self, a) -> None:
-        stages = list(a.template.stages)
+        stages = list(a.pipeline_template.stages)
         mine = [s for s in stages if s.vehicle_id == self.spec.id]
         if len(mine) != 1:
             raise ValueError(f"{self.spec.id} appears {len(mine)} times in pipeline {a.pipeline_id}")
         me = mine[0]
         wanted = self.store.layers_in(me.layer_start, me.layer_end)
+        if a.u_shaped and me.stage_index == 0 and len(stages) > 1:
+            wanted += [h for h in head_layers(self.part.graph) if h not in wanted]   # the heads live with the data
         owners = list(a.layer_owner)
         if len(owners) != len(self.store.layer_names):
             raise ValueError(f"layer_owner lists {len(owners)} layers, the encoder has {len(self.store.layer_names)}")
@@ -282,13 +288,24 @@ class FhdpVehicle:
             raise ValueError(f"start for {a.pipeline_id} before it was prepared")
         # layers that moved to other stages are no longer ours (their new owners fetched them in phase 1)
         self.store.release([layer for layer in list(self.store.owned) if layer not in cur["wanted"]])
-        index, n_stages = cur["stage_index"], len(a.template.stages)
-        stage = self.part.stage(cur["range"])
+        index, n_stages = cur["stage_index"], len(a.pipeline_template.stages)
+        u = bool(a.u_shaped) and n_stages > 1
+        head = None
+        if u:
+            ranges = [(s.layer_start, s.layer_end)
+                      for s in sorted(a.pipeline_template.stages, key=lambda s: s.stage_index)]
+            trunk, head = u_stages(self.part, ranges)
+            stage = trunk[index]
+            if index != 0:
+                head = None
+        else:
+            stage = self.part.stage(cur["range"])
+        trained = torch.nn.ModuleList([stage, head.stage]) if head is not None else stage
         # a parameter-free stage (e.g. only the loss layer) has nothing to optimise
-        optimizer = stage_adamw(stage, self.model) if any(True for _ in stage.parameters()) else None
+        optimizer = stage_adamw(trained, self.model) if any(True for _ in trained.parameters()) else None
         if optimizer is not None:
             self.store.attach(optimizer)
-        stage_ids = [s.vehicle_id for s in sorted(a.template.stages, key=lambda s: s.stage_index)]
+        stage_ids = [s.vehicle_id for s in sorted(a.pipeline_template.stages, key=lambda s: s.stage_index)]
         scale = a.time_scale if a.time_scale > 0 else 1.0
 
         def link(peer_index: int) -> OutLink:
@@ -298,7 +315,10 @@ class FhdpVehicle:
 
         prev = link(index - 1) if index > 0 else None
         nxt = link(index + 1) if index < n_stages - 1 else None
+        # U-shaped: the turnaround hop between the last trunk stage and the data owner (both ways)
+        turn = link(n_stages - 1 if index == 0 else 0) if u and index in (0, n_stages - 1) else None
         runner = StageRunner(stage, index, n_stages, inbox=self.inbox, prev=prev, next=nxt, optimizer=optimizer,
+                             u_shaped=u, head=head, turn=turn,
                              schedule=a.schedule or "1f1b", n_micro=max(1, a.n_micro), grad_clip=5.0,
                              label_names=LABEL_INPUTS, dilation=ComputeDilation(self.profile.tflops, scale),
                              memory=MemoryGuard(self.profile.mem_bytes, self.spec.profile),
@@ -310,6 +330,7 @@ class FhdpVehicle:
         if stale:
             log.info("%s: dropped %d stale frame group(s) before step %d", self.spec.id, stale, a.first_step)
         batches = self._batches_for(a) if index == 0 else None
+        loss_stage = 0 if u else n_stages - 1
         totals = {"loss": 0.0, "wall": 0.0, "compute": 0.0, "emulated": 0.0, "wait": 0.0, "bytes": 0}
         done = 0
         aborted = ""
@@ -324,7 +345,7 @@ class FhdpVehicle:
                 totals["emulated"] += res.emulated_compute_s
                 totals["wait"] += res.wait_s
                 totals["bytes"] += res.bytes_sent
-                if a.publish_progress and index == n_stages - 1:
+                if a.publish_progress and index == loss_stage:
                     self._publish_progress(a, index, done, res.loss)
                 if a.backup_every and done % a.backup_every == 0:
                     self._backup(a, optimizer, cur["wanted"], a.first_step + i)
@@ -337,11 +358,11 @@ class FhdpVehicle:
         finally:
             if optimizer is not None:
                 self.store.detach(optimizer)
-            for lk in (prev, nxt):
+            for lk in (prev, nxt, turn):
                 if lk is not None:
                     lk.close()
             self.agent.state = "idle"
-        loss = totals["loss"] / max(1, done) if index == n_stages - 1 and done else None
+        loss = totals["loss"] / max(1, done) if index == loss_stage and done else None
         self._write_audit()
         self._report(a, service=SERVICE_EDGE_REPORT, steps=done, loss=loss, wall=totals["wall"],
                      compute=totals["compute"], emulated=totals["emulated"], wait=totals["wait"],
