@@ -29,5 +29,9 @@ setup(
     maintainer_email="dev@flad.invalid",
     description="Edge and cloud layer: SWIFT, orchestrator, aggregation, recovery, CELLAdapt, waypoint service.",
     license="Apache-2.0",
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "orchestrator_node = flad_edge.nodes.orchestrator:main",
+        "cloud_node = flad_edge.nodes.cloud:main",
+        "waypoint_node = flad_edge.nodes.waypoint_node:main",
+    ]},
 )

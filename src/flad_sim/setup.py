@@ -29,5 +29,7 @@ setup(
     maintainer_email="dev@flad.invalid",
     description="Embedded driving world (CARLA stand-in), sensors, expert, metrics, datasets, CARLA adapter.",
     license="Apache-2.0",
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "world_bridge = flad_sim.nodes.world_bridge:main",
+    ]},
 )

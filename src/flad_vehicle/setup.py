@@ -29,5 +29,10 @@ setup(
     maintainer_email="dev@flad.invalid",
     description="Vehicle layer: vision encoder, partitioner, stage worker, trainer, PID controller, nodes.",
     license="Apache-2.0",
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "stage_worker_node = flad_vehicle.nodes.stage_worker:main",
+        "vehicle_node = flad_vehicle.nodes.stage_worker:main",
+        "encoder_node = flad_vehicle.nodes.encoder_node:main",
+        "controller_node = flad_vehicle.nodes.controller_node:main",
+    ]},
 )

@@ -5,16 +5,22 @@ bytes, handed to rclpy as serialized messages (`raw=True` subscriptions, `publis
 per-type conversion code exists. Request/reply (the control plane) stays on ZeroMQ, as DESIGN.md
 §3 prescribes, through an embedded `ZmqBus`.
 
-QoS follows the stream: sensor topics (`/carla/...` images, point clouds) are best-effort with a
+QoS follows the stream: sensor topics (images, point clouds, IMU, GNSS) are best-effort with a
 shallow queue (`qos_profile_sensor_data`); everything else is reliable.
 
-Exercised only where rclpy imports (the real-ROS test tier); importing this module without ROS
-raises ImportError, and `make_bus` then falls back to ZeroMQ.
+Spinning: a RosBus that creates its own node spins it on a background executor; one handed an
+existing `node` leaves spinning to that node's owner (`ros_node.run_node`), since a node can belong
+to one executor only.
+
+Exercised only where rclpy imports (the real-ROS test tier, test_ros/); importing this module without
+ROS raises ImportError, and `make_bus(transport="auto")` then falls back to ZeroMQ.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import re
 import threading
 from typing import Any
 
@@ -22,67 +28,127 @@ import rclpy
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from rosidl_runtime_py.utilities import get_message
 
 from flad_core import codec
-from flad_core.bus import Bus, BusConfig, Callback, Handler, ZmqBus
+from flad_core.bus import Bus, BusConfig, BusError, Callback, Handler, ZmqBus
 from flad_core.security import SecurityConfig
 
 log = logging.getLogger(__name__)
 
-SENSOR_TYPES = {"sensor_msgs/msg/Image", "sensor_msgs/msg/PointCloud2", "sensor_msgs/msg/CompressedImage",
-                "sensor_msgs/msg/Imu", "sensor_msgs/msg/NavSatFix"}
+SENSOR_TYPES = frozenset({"sensor_msgs/msg/Image", "sensor_msgs/msg/PointCloud2", "sensor_msgs/msg/CompressedImage",
+                          "sensor_msgs/msg/Imu", "sensor_msgs/msg/NavSatFix", "sensor_msgs/msg/LaserScan"})
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+
+# rclpy's default context is process-wide: the buses that had to initialise it share it, and the last
+# of them to close shuts it down (a context someone else initialised is left to its owner).
+_context_lock = threading.Lock()
+_context_users = 0
 
 
 def qos_for(topic: str, typename: str) -> QoSProfile:
     """Best-effort for sensor streams (fresh data beats complete data), reliable for the rest."""
-    return qos_profile_sensor_data if typename in SENSOR_TYPES else RELIABLE
+    return qos_profile_sensor_data if codec.normalize_type(typename) in SENSOR_TYPES else RELIABLE
+
+
+def ros_message_type(typename: str) -> type:
+    """The rclpy (rosidl-generated) class of `pkg/msg/Name`; BusError naming the type if it is not built.
+
+    (rosidl_runtime_py.utilities.get_message does the same, but no wheel of it exists on PyPI.)
+    """
+    name = codec.normalize_type(typename)
+    package, kind, cls_name = name.split("/")
+    try:
+        return getattr(importlib.import_module(f"{package}.{kind}"), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise BusError(f"{name}: no generated ROS type ({exc}); is the interface package built and sourced?") from exc
+
+
+def node_name(identity: str) -> str:
+    """A valid ROS node name for a FLAD identity (`v-0` -> `v_0`)."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", identity)
+    return name if re.match(r"[A-Za-z_]", name) else f"n_{name}"
+
+
+def _acquire_context() -> bool:
+    """Initialise rclpy if nobody has; True when this caller now shares the bus-owned context."""
+    global _context_users
+    with _context_lock:
+        if _context_users == 0 and rclpy.ok():
+            return False
+        if _context_users == 0:
+            rclpy.init()
+        _context_users += 1
+        return True
+
+
+def _release_context() -> None:
+    global _context_users
+    with _context_lock:
+        _context_users -= 1
+        if _context_users == 0 and rclpy.ok():
+            rclpy.shutdown()
 
 
 class RosBus(Bus):
-    """Pub/sub on rclpy topics; request/reply on ZeroMQ. Callbacks run on a background executor."""
+    """Pub/sub on rclpy topics; request/reply on ZeroMQ. Callbacks run on rclpy executor threads."""
 
     def __init__(self, identity: str, cfg: BusConfig | None = None, security: SecurityConfig | None = None,
                  node: Node | None = None) -> None:
-        if not rclpy.ok():
-            rclpy.init()
+        self._own_context = _acquire_context()
         self.identity = identity
-        self.node = node or rclpy.create_node(identity.replace("-", "_"))
+        self.node = node or rclpy.create_node(node_name(identity))
         self._own_node = node is None
         self._publishers: dict[str, Any] = {}
         self._subscriptions: list[Any] = []
         self._lock = threading.Lock()
+        self._closed = False
         self._zmq = ZmqBus(identity, cfg, security)
-        self.dropped = 0
-        self._executor = MultiThreadedExecutor()
-        self._executor.add_node(self.node)
-        self._spin = threading.Thread(target=self._executor.spin, name=f"rosbus-{identity}", daemon=True)
-        self._spin.start()
+        self.dropped = 0   # messages rejected by validation (counted, logged), as on ZmqBus
+        self._executor: MultiThreadedExecutor | None = None
+        self._spin: threading.Thread | None = None
+        if self._own_node:
+            self._executor = MultiThreadedExecutor()
+            self._executor.add_node(self.node)
+            self._spin = threading.Thread(target=self._executor.spin, name=f"rosbus-{identity}", daemon=True)
+            self._spin.start()
 
     def publish(self, topic: str, msg: Any) -> None:
+        """Encode `msg` once (rosbags CDR) and publish the bytes; the publisher is made on first use."""
         typename = codec.normalize_type(msg.__msgtype__)
+        payload = codec.encode(msg, typename)
         with self._lock:
+            if self._closed:
+                raise BusError("bus is closed")
             pub = self._publishers.get(topic)
             if pub is None:
-                pub = self.node.create_publisher(get_message(typename), topic, qos_for(topic, typename))
+                pub = self.node.create_publisher(ros_message_type(typename), topic, qos_for(topic, typename))
                 self._publishers[topic] = pub
-        pub.publish(codec.encode(msg, typename))  # rclpy publishes serialized bytes as they are
+        pub.publish(payload)  # bytes: rclpy publishes a serialized message as it is
 
     def subscribe(self, topic: str, typename: str, callback: Callback, *, finite: bool = False) -> None:
+        """Call `callback(msg)` for every valid `typename` message on `topic`; malformed ones are counted."""
         typename = codec.normalize_type(typename)
+        codec.message_class(typename)
 
         def on_raw(data: bytes) -> None:
             try:
                 msg = codec.decode(data, typename, finite=finite)
             except codec.CodecError as exc:
-                self.dropped += 1
+                with self._lock:
+                    self.dropped += 1
                 log.warning("rejected message on %s: %s", topic, exc)
                 return
-            callback(msg)
+            try:
+                callback(msg)
+            except Exception:   # as on ZmqBus: one bad callback must not stop the executor's spin
+                log.exception("subscriber callback for %s raised", topic)
 
-        sub = self.node.create_subscription(get_message(typename), topic, on_raw, qos_for(topic, typename), raw=True)
-        self._subscriptions.append(sub)
+        with self._lock:
+            if self._closed:
+                raise BusError("bus is closed")
+            sub = self.node.create_subscription(ros_message_type(typename), topic, on_raw,
+                                                qos_for(topic, typename), raw=True)
+            self._subscriptions.append(sub)
 
     def serve(self, service: str, request_type: str, response_type: str, handler: Handler,
               address: str | None = None) -> None:
@@ -93,8 +159,26 @@ class RosBus(Bus):
         return self._zmq.request(service, msg, response_type, timeout_s, address)
 
     def close(self) -> None:
-        self._executor.shutdown()
+        """Stop spinning (own node), drop publishers and subscriptions, close ZeroMQ; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            endpoints = [*self._publishers.values(), *self._subscriptions]
+            self._publishers.clear()
+            self._subscriptions.clear()
+        if self._executor is not None:
+            self._executor.shutdown(timeout_sec=2.0)
+        if self._spin is not None:
+            self._spin.join(timeout=2.0)
         if self._own_node:
-            self.node.destroy_node()
+            self.node.destroy_node()     # destroys its publishers and subscriptions too
+        else:
+            for ep in endpoints:         # the owner keeps its node; take back only what this bus made
+                if hasattr(ep, "publish"):
+                    self.node.destroy_publisher(ep)
+                else:
+                    self.node.destroy_subscription(ep)
         self._zmq.close()
-
+        if self._own_context:
+            _release_context()

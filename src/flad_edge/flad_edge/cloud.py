@@ -30,11 +30,11 @@ SERVICE_UPLOAD, SERVICE_GLOBAL = "cloud/upload", "cloud/global"
 
 
 class CloudServer:
-    def __init__(self, fleet, edges: list[str], deadline_s: float = 600.0) -> None:
+    def __init__(self, fleet, edges: list[str], deadline_s: float = 600.0, bus=None) -> None:
         self.fleet = fleet
         self.edges = edges
         self.deadline_s = deadline_s
-        self.bus = ZmqBus(fleet.cloud.id, fleet.bus, security_for(fleet, fleet.cloud.id))
+        self.bus = bus or ZmqBus(fleet.cloud.id, fleet.bus, security_for(fleet, fleet.cloud.id))
         self.rounds: dict[int, RoundCollector] = {}
         self.assemblers: dict[str, wts.ChunkAssembler] = {}
         self.results: dict[int, list] = {}     # round -> chunk messages of the global model

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from flad_core import codec
 from flad_core.atomic import atomic_write_json
-from flad_core.bus import BusHub, ZmqBus
+from flad_core.bus import Bus, BusHub, ZmqBus
 from flad_core.fleet import FleetConfig
 from flad_core.procs import install_stop_handlers
 from flad_core.roles import add_role_args, fleet_from_args, security_for, setup_role_logging
@@ -54,11 +54,11 @@ class VehicleRecord:
 class EdgeServer:
     """Registry of the vehicles in this edge's coverage, fed by the bus."""
 
-    def __init__(self, fleet: FleetConfig, host_hub: bool = True) -> None:
+    def __init__(self, fleet: FleetConfig, host_hub: bool = True, bus: Bus | None = None) -> None:
         self.fleet = fleet
         security = security_for(fleet, fleet.edge.id)
         self.hub = BusHub(fleet.bus, security, fleet.edge.id) if host_hub else None
-        self.bus = ZmqBus(fleet.edge.id, fleet.bus, security)
+        self.bus = bus or ZmqBus(fleet.edge.id, fleet.bus, security)  # a RosBus in the ROS 2 node
         self.vehicles: dict[str, VehicleRecord] = {}
         self._lock = threading.Lock()
         self.stop = threading.Event()

@@ -183,3 +183,93 @@ class WorldBridge:
         self.ticks += 1
         if self.ticks % self.sensors_every == 0:
             self.publish()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Closed-loop messages: clock, route guidance, waypoints as nav_msgs/Path, scores and infractions.
+# Plain functions (no sockets), shared by the synchronous world (flad_sim.closed_loop) and the vehicle nodes.
+
+
+def stamp_seconds(header_or_stamp: Any) -> float:
+    """A std_msgs/Header's (or builtin_interfaces/Time's) stamp in seconds."""
+    st = getattr(header_or_stamp, "stamp", header_or_stamp)
+    return float(st.sec) + float(st.nanosec) * 1e-9
+
+
+def stamp_key(header_or_stamp: Any) -> int:
+    """A stamp as integer nanoseconds: an exact key for matching the messages of one frame."""
+    st = getattr(header_or_stamp, "stamp", header_or_stamp)
+    return int(st.sec) * 1_000_000_000 + int(st.nanosec)
+
+
+def time_key(t: float) -> int:
+    """`stamp_key` of the stamp `_stamp(t)` builds (so a float time and a received header compare exactly)."""
+    return stamp_key(_stamp(t))
+
+
+def clock_msg(t: float) -> Any:
+    """rosgraph_msgs/Clock: simulated time, published on /clock each tick in synchronous mode."""
+    return codec.new("rosgraph_msgs/msg/Clock", clock=_stamp(t))
+
+
+def path_msg(waypoints: np.ndarray, t: float, frame_id: str) -> Any:
+    """Waypoints [N, 2] (ego frame: x forward, y left, metres, 0.5 s apart) -> nav_msgs/Path stamped `t`."""
+    header = _header(t, frame_id)
+    poses = [codec.new("geometry_msgs/msg/PoseStamped", header=header, pose=codec.new(
+        "geometry_msgs/msg/Pose", position=codec.new("geometry_msgs/msg/Point", x=float(x), y=float(y), z=0.0),
+        orientation=codec.new("geometry_msgs/msg/Quaternion", w=1.0)))
+        for x, y in np.asarray(waypoints, np.float64).reshape(-1, 2)]
+    return codec.new("nav_msgs/msg/Path", header=header, poses=poses)
+
+
+def waypoints_from_path(msg: Any) -> np.ndarray:
+    """nav_msgs/Path -> float64 [N, 2] (x, y of each pose)."""
+    return np.array([[p.pose.position.x, p.pose.position.y] for p in msg.poses], np.float64).reshape(-1, 2)
+
+
+def pose_from_odometry(msg: Any) -> tuple[float, float, float]:
+    """(x, y, yaw) of a nav_msgs/Odometry (yaw from the quaternion, rotation about z only)."""
+    p, q = msg.pose.pose.position, msg.pose.pose.orientation
+    yaw = math.atan2(2.0 * (q.w * q.z + q.x * q.y), 1.0 - 2.0 * (q.y * q.y + q.z * q.z))
+    return float(p.x), float(p.y), yaw
+
+
+def navigation_msg(labels: dict[str, Any], t: float, role: str, route_length_m: float) -> Any:
+    """flad_msgs/Navigation from `LabelMaker.current()` labels (target point, command, instruction, notice)."""
+    tp = np.asarray(labels["target_point"], np.float64).reshape(2)
+    return codec.new("flad_msgs/msg/Navigation", header=_header(t, f"{role}/base_link"),
+                     target_point=codec.new("geometry_msgs/msg/Point", x=float(tp[0]), y=float(tp[1]), z=0.0),
+                     command=int(labels["command"]), instruction=str(labels["instruction"]),
+                     notice=str(labels["notice"]), route_progress_m=float(labels.get("route_s", 0.0)),
+                     route_length_m=float(route_length_m))
+
+
+def infraction_msg(inf: Any, role: str, t: float | None = None) -> Any:
+    """flad_sim.metrics.Infraction -> flad_msgs/Infraction (stamped at the event time unless `t` is given)."""
+    return codec.new("flad_msgs/msg/Infraction", header=_header(float(inf.time_s if t is None else t), "map"),
+                     role_name=role, kind=inf.kind, time_s=float(inf.time_s), x=float(inf.x), y=float(inf.y),
+                     actor_id=int(inf.actor_id), penalty=float(inf.penalty), info=str(inf.info))
+
+
+def infraction_from_msg(msg: Any) -> dict[str, Any]:
+    return {"kind": msg.kind, "time_s": float(msg.time_s), "x": float(msg.x), "y": float(msg.y),
+            "actor_id": int(msg.actor_id), "penalty": float(msg.penalty), "info": msg.info}
+
+
+def score_msg(record: Any, role: str, t: float, final: bool, status: str | None = None) -> Any:
+    """flad_sim.metrics.RouteRecord -> flad_msgs/DrivingScore."""
+    return codec.new("flad_msgs/msg/DrivingScore", header=_header(t, "map"), role_name=role,
+                     route_id=record.route_id, town=record.town, status=status or record.status, final=bool(final),
+                     route_completion=float(record.rc), infraction_score=float(record.is_),
+                     driving_score=float(record.ds), route_length_m=float(record.route_length_m),
+                     duration_s=float(record.duration_s), outside_lanes_fraction=float(record.outside_lanes_fraction),
+                     infractions=[infraction_msg(i, role, t) for i in record.infractions])
+
+
+def score_from_msg(msg: Any) -> dict[str, Any]:
+    """flad_msgs/DrivingScore -> the RouteRecord-style dict (`rc`, `is`, `ds`, ...) the CLI prints."""
+    return {"role": msg.role_name, "route_id": msg.route_id, "town": msg.town, "status": msg.status,
+            "final": bool(msg.final), "rc": float(msg.route_completion), "is": float(msg.infraction_score),
+            "ds": float(msg.driving_score), "route_length_m": float(msg.route_length_m),
+            "duration_s": float(msg.duration_s), "outside_lanes_fraction": float(msg.outside_lanes_fraction),
+            "infractions": [infraction_from_msg(i) for i in msg.infractions]}

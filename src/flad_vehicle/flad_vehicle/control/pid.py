@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,19 +24,19 @@ from flad_sim.physics import Control
 class PIDConfig:
     """LMDrive's gains (lmdriver_config.py)."""
 
-    turn_kp: float = 1.25
-    turn_ki: float = 0.75
-    turn_kd: float = 0.3
-    turn_n: int = 40
-    speed_kp: float = 5.0
-    speed_ki: float = 0.5
-    speed_kd: float = 1.0
-    speed_n: int = 40
-    max_throttle: float = 0.75
-    brake_speed: float = 0.1      # desired speed below which we brake
-    brake_ratio: float = 1.1      # brake when speed / desired speed exceeds this
-    clip_delta: float = 0.35      # max speed error fed to the longitudinal PID
-    waypoint_dt_s: float = 0.5
+    turn_kp: float = field(default=1.25, metadata={"help": "steering PID proportional gain"})
+    turn_ki: float = field(default=0.75, metadata={"help": "steering PID integral gain"})
+    turn_kd: float = field(default=0.3, metadata={"help": "steering PID derivative gain"})
+    turn_n: int = field(default=40, metadata={"help": "steering PID window (ticks)"})
+    speed_kp: float = field(default=5.0, metadata={"help": "speed PID proportional gain"})
+    speed_ki: float = field(default=0.5, metadata={"help": "speed PID integral gain"})
+    speed_kd: float = field(default=1.0, metadata={"help": "speed PID derivative gain"})
+    speed_n: int = field(default=40, metadata={"help": "speed PID window (ticks)"})
+    max_throttle: float = field(default=0.75, metadata={"help": "throttle ceiling"})
+    brake_speed: float = field(default=0.1, metadata={"help": "brake when the desired speed is below this (m/s)"})
+    brake_ratio: float = field(default=1.1, metadata={"help": "brake when speed / desired speed exceeds this"})
+    clip_delta: float = field(default=0.35, metadata={"help": "max speed error fed to the speed PID (m/s)"})
+    waypoint_dt_s: float = field(default=0.5, metadata={"help": "time between waypoints (s)"})
 
 
 class PIDController:

@@ -1,0 +1,311 @@
+"""Launch plans (flad_edge.launch_plan): what each launch file starts, checked against the real packages.
+
+`launch`/`launch_ros` are not installable here, so the .launch.py files are thin and everything they decide
+is tested through the plan: executables exist as console scripts and modules, parameters are fields of the
+node's config dataclass and pass its validation, the CARLA spawn file matches flad_sim's rig.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import pytest
+import yaml
+
+from flad_core.config import ConfigError, from_dict
+from flad_core.fleet import load_fleet
+from flad_edge import launch_plan as lp
+from flad_edge.nodes.cloud import CloudNodeConfig
+from flad_edge.nodes.orchestrator import OrchestratorNodeConfig
+from flad_vehicle.nodes.stage_worker import StageWorkerNodeConfig, with_edge_host
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch"
+FLEET = load_fleet(LAUNCH / "fleet.yaml")
+
+ALL_PLANS = [
+    ("vehicle", {"vehicle_id": "v001"}),
+    ("edge", {}),
+    ("cloud", {}),
+    ("fleet", {"vehicles": "3", "rounds": "1"}),
+    ("closed_loop_embedded", {"vehicles": "2"}),
+    ("closed_loop_embedded", {"waypoint_source": "encoder_head", "duration_s": "30"}),
+    ("closed_loop_embedded", {"waypoint_source": "expert"}),
+    ("closed_loop_carla", {}),
+]
+
+
+def _setup_py(package: str) -> dict[str, Any]:
+    """console_scripts and LAUNCH_PATTERNS of src/<package>/setup.py, read without running it."""
+    tree = ast.parse((REPO / "src" / package / "setup.py").read_text())
+    out: dict[str, Any] = {"scripts": {}, "patterns": []}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "LAUNCH_PATTERNS" for t in node.targets):
+            out["patterns"] = ast.literal_eval(node.value)
+        if isinstance(node, ast.Dict):
+            for k, v in zip(node.keys, node.values, strict=True):
+                if isinstance(k, ast.Constant) and k.value == "console_scripts":
+                    for line in ast.literal_eval(v):
+                        name, target = (s.strip() for s in line.split("=", 1))
+                        out["scripts"][name] = target
+    return out
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> set[str]:
+    hints = get_type_hints(cls)
+    names: set[str] = set()
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+            names |= _leaf_fields(hint, f"{prefix}{f.name}.")
+        else:
+            names.add(f"{prefix}{f.name}")
+    return names
+
+
+def _config_class(kind: lp.NodeKind) -> type:
+    module, _, name = kind.config.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize(("plan_name", "args"), ALL_PLANS, ids=[f"{p}-{i}" for i, (p, _) in enumerate(ALL_PLANS)])
+def test_every_planned_node_exists_and_its_parameters_fit_its_config(plan_name: str, args: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    plan = lp.make_plan(plan_name, {**args, "run_dir": str(tmp_path)})
+    assert plan.nodes
+    fqns = [n.fqn for n in plan.nodes]
+    assert len(set(fqns)) == len(fqns), f"two nodes share a name: {fqns}"
+    for spec in plan.nodes:
+        kind = spec.kind
+        scripts = _setup_py(kind.package)["scripts"]
+        assert scripts.get(spec.executable) == f"{kind.module}:main", (
+            f"{spec.executable} is not a console_script of {kind.package} pointing at {kind.module}:main")
+        assert importlib.util.find_spec(kind.module) is not None, f"no module {kind.module}"
+        assert callable(importlib.import_module(kind.module).main)
+        cls = _config_class(kind)
+        params = spec.flat_parameters()
+        unknown = set(params) - _leaf_fields(cls)
+        assert not unknown, f"{spec.fqn}: {sorted(unknown)} are not fields of {cls.__name__}"
+        from_dict(cls, spec.parameters, key=spec.name)   # the node would accept these values
+
+
+def test_vehicle_plan_namespaces_a_vehicle_and_passes_its_arguments() -> None:
+    plan = lp.make_plan("vehicle", {"vehicle_id": "v002", "role_name": "hero", "edge_address": "edge.example",
+                                    "fleet": str(LAUNCH / "fleet.yaml")})
+    assert [(n.executable, n.fqn) for n in plan.nodes] == [
+        ("stage_worker_node", "/v002/stage_worker"), ("encoder_node", "/v002/encoder"),
+        ("controller_node", "/v002/controller")]
+    worker, encoder, controller = plan.nodes
+    assert worker.parameters["vehicle_id"] == "v002"
+    assert worker.parameters["edge_address"] == "edge.example"
+    assert worker.parameters["fleet"] == str(LAUNCH / "fleet.yaml")
+    assert encoder.parameters == {"vehicle_id": "v002", "role_name": "hero"}
+    assert controller.parameters == {"vehicle_id": "v002", "role_name": "hero"}
+    # without a role name, the ego is named after the vehicle
+    assert lp.make_plan("vehicle", {"vehicle_id": "v002"}).nodes[1].parameters["role_name"] == "v002"
+
+
+def test_fleet_plan_is_the_demo_over_ros() -> None:
+    plan = lp.make_plan("fleet", {"vehicles": "2", "rounds": "1", "port_base": "9100"})
+    by_exec = [n.executable for n in plan.nodes]
+    assert by_exec == ["cloud_node", "orchestrator_node", "stage_worker_node", "stage_worker_node"]
+    orch = plan.nodes[1].parameters
+    assert orch["cloud"] is True and orch["rounds"] == 1 and orch["expect"] == 2 and orch["port_base"] == 9100
+    assert [n.parameters["vehicle_id"] for n in plan.nodes[2:]] == [v.id for v in FLEET.vehicles[:2]]
+    cp = lp.make_plan("fleet", {"mode": "control_plane"})
+    assert [n.executable for n in cp.nodes].count("stage_worker_node") == len(FLEET.vehicles)
+    assert "cloud_node" not in [n.executable for n in cp.nodes]     # no weights to aggregate
+    assert all(n.parameters["mode"] == "control_plane" for n in cp.nodes)
+
+
+def test_closed_loop_embedded_drives_n_vehicles_with_the_edge_serving() -> None:
+    plan = lp.make_plan("closed_loop_embedded", {"vehicles": "2", "town": "Town02"})
+    world = plan.nodes[0]
+    assert world.executable == "world_bridge"
+    ids = [v.id for v in FLEET.vehicles[:2]]
+    assert world.parameters["roles"] == ids and world.parameters["town"] == "Town02"
+    for vid in ids:
+        assert {n.executable for n in plan.nodes if n.namespace == vid} == {
+            "stage_worker_node", "encoder_node", "controller_node"}
+    orch = next(n for n in plan.nodes if n.executable == "orchestrator_node")
+    assert orch.parameters["mode"] == "control_plane" and orch.parameters["duration_s"] == 0.0
+    wp = next(n for n in plan.nodes if n.executable == "waypoint_node")
+    assert wp.parameters["vehicle_ids"] == ids
+    assert "duration_s" not in world.parameters          # default: drive until every route has ended
+    assert all("waypoint_source" not in n.parameters for n in plan.nodes)   # default: the edge's waypoints
+    with pytest.raises(ConfigError, match="vehicles"):
+        lp.make_plan("closed_loop_embedded", {"vehicles": str(len(FLEET.vehicles) + 1)})
+    expert = lp.make_plan("closed_loop_embedded", {"waypoint_source": "expert", "duration_s": "30"})
+    assert expert.nodes[0].parameters["duration_s"] == 30.0
+    by_exec = {n.executable: n.parameters for n in expert.nodes}
+    assert by_exec["controller_node"]["waypoint_source"] == "expert"
+    assert "waypoint_source" not in by_exec["encoder_node"]
+    head = lp.make_plan("closed_loop_embedded", {"waypoint_source": "encoder_head"})
+    by_exec = {n.executable: n.parameters for n in head.nodes}
+    assert by_exec["controller_node"]["waypoint_source"] == by_exec["encoder_node"]["waypoint_source"] == (
+        "encoder_head")
+
+
+def test_closed_loop_carla_includes_the_bridge_synchronously(tmp_path: Path) -> None:
+    plan = lp.make_plan("closed_loop_carla", {"carla_host": "carla", "carla_port": "2010", "run_dir": str(tmp_path)})
+    bridge, spawn = plan.includes
+    assert (bridge.package, bridge.launch_file) == ("carla_ros_bridge", "carla_ros_bridge.launch.py")
+    assert bridge.arguments["synchronous_mode"] == "True"
+    assert bridge.arguments["fixed_delta_seconds"] == "0.05"
+    assert bridge.arguments["host"] == "carla" and bridge.arguments["port"] == "2010"
+    assert (spawn.package, spawn.arguments["objects_definition_file"]) == (
+        "carla_spawn_objects", str(tmp_path / "flad_objects_hero.json"))
+    assert json.loads(plan.files[spawn.arguments["objects_definition_file"]]) == lp.carla_objects("hero")
+    assert {n.parameters.get("role_name") for n in plan.nodes if n.namespace} - {None} == {"hero"}
+
+
+def test_carla_spawn_objects_match_flad_sims_rig() -> None:
+    """Checked against carla_adapter.rig_sensor_specs (CARLA frame: y right, yaw clockwise) independently."""
+    from flad_sim.carla_adapter import rig_sensor_specs
+    from flad_sim.sensors import RigConfig
+
+    rig = RigConfig()
+    (ego,) = lp.carla_objects("hero")["objects"]
+    assert ego["id"] == "hero" and ego["type"].startswith("vehicle.")
+    sensors = {s["id"]: s for s in ego["sensors"]}
+    specs = {s.name: s for s in rig_sensor_specs(rig)}
+    for cam in rig.cameras:
+        s, spec = sensors[cam.name], specs[cam.name]
+        assert s["type"] == "sensor.camera.rgb"
+        assert (s["image_size_x"], s["image_size_y"]) == (cam.width, cam.height)
+        assert str(s["image_size_x"]) == spec.attributes["image_size_x"]
+        assert s["fov"] == pytest.approx(cam.fov_deg)
+        sp = s["spawn_point"]   # ROS frame (y left, yaw CCW): the mirror of CARLA's
+        assert (sp["x"], -sp["y"], sp["z"]) == pytest.approx((spec.x, spec.y, spec.z))
+        assert -sp["yaw"] == pytest.approx(spec.yaw)
+    assert {"rgb_front", "rgb_left", "rgb_right", "rgb_rear"} <= set(sensors)
+    lidar, spec = sensors["lidar"], specs["lidar"]
+    assert lidar["type"] == "sensor.lidar.ray_cast" and lidar["channels"] == rig.lidar.channels == 32
+    for key in ("range", "upper_fov", "lower_fov", "rotation_frequency", "points_per_second"):
+        assert float(lidar[key]) == pytest.approx(float(spec.attributes[key])), key
+    assert sensors["gnss"]["type"] == "sensor.other.gnss"
+    assert sensors["speedometer"]["type"] == "sensor.pseudo.speedometer"
+    assert sensors["odometry"]["type"] == "sensor.pseudo.odom"
+    assert sensors["control"]["type"] == "sensor.pseudo.control"
+
+
+def test_checked_in_carla_objects_file_is_current() -> None:
+    text = (LAUNCH / "carla_objects.json").read_text()
+    assert text == lp.carla_objects_json("hero"), (
+        "launch/carla_objects.json is stale; regenerate: python -c \"from flad_edge.launch_plan import "
+        "carla_objects_json; open('launch/carla_objects.json', 'w').write(carla_objects_json('hero'))\"")
+
+
+def test_bad_launch_arguments_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"launch\.vehicles"):
+        lp.make_plan("fleet", {"vehicles": "-1"})
+    with pytest.raises(ConfigError, match="vehicle_id"):
+        lp.make_plan("vehicle", {})
+    with pytest.raises(KeyError, match="v999"):
+        lp.make_plan("vehicle", {"vehicle_id": "v999"})
+    with pytest.raises(ConfigError, match="edge_address"):
+        lp.make_plan("vehicle", {"vehicle_id": "v000", "edge_address": "tcp://edge:7110"})
+    with pytest.raises(ConfigError, match="plan"):
+        lp.make_plan("nope")
+    with pytest.raises(ConfigError, match="mode"):
+        lp.make_plan("edge", {"mode": "train"})
+    with pytest.raises(ConfigError, match="colour"):
+        lp.make_plan("edge", {"colour": "red"})
+
+
+def test_params_file_and_ros_args_address_the_node() -> None:
+    spec = lp.NodeSpec("controller_node", "controller", "v001", {"vehicle_id": "v001", "pid": {"turn_kp": 1.5}},
+                       remappings=[("/a", "/b")])
+    data = yaml.safe_load(lp.params_yaml(spec))
+    assert data == {"/v001/controller": {"ros__parameters": {"vehicle_id": "v001", "pid": {"turn_kp": 1.5}}}}
+    assert spec.flat_parameters() == {"vehicle_id": "v001", "pid.turn_kp": 1.5}
+    args = lp.ros_args(spec, Path("/tmp/p.yaml"))
+    assert args == ["--ros-args", "-r", "__node:=controller", "-r", "__ns:=/v001", "-r", "/a:=/b",
+                    "--params-file", "/tmp/p.yaml"]
+    assert lp.node_command(spec, None)[1:3] == ["-m", "flad_vehicle.nodes.controller_node"]
+
+
+def test_edge_address_moves_only_the_edges_endpoints() -> None:
+    moved = with_edge_host(FLEET, "10.1.2.3")
+    assert moved.bus.hub_pub == FLEET.bus.hub_pub.replace("127.0.0.1", "10.1.2.3")
+    assert moved.bus.hub_sub == FLEET.bus.hub_sub.replace("127.0.0.1", "10.1.2.3")
+    for name, address in moved.bus.services.items():
+        original = FLEET.bus.services[name]
+        if name.startswith("edge/"):
+            assert address == original.replace("127.0.0.1", "10.1.2.3"), name
+        else:
+            assert address == original, f"{name} is not the edge's and must not move"
+    assert any(not n.startswith("edge/") for n in moved.bus.services)
+    assert moved.vehicles == FLEET.vehicles
+
+
+def test_node_configs_reject_bad_values_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"orchestrator\.rounds"):
+        from_dict(OrchestratorNodeConfig, {"rounds": -1}, key="orchestrator")
+    with pytest.raises(ConfigError, match=r"orchestrator\.fhdp_config"):
+        from_dict(OrchestratorNodeConfig, {"fhdp_config": str(tmp_path / "missing.yaml")}, key="orchestrator")
+    with pytest.raises(ConfigError, match=r"stage_worker\.vehicle_id"):
+        from_dict(StageWorkerNodeConfig, {"vehicle_id": "9lives"}, key="stage_worker")
+    with pytest.raises(ConfigError, match=r"stage_worker\.vehicle_id"):
+        from_dict(StageWorkerNodeConfig, {}, key="stage_worker")          # required
+    with pytest.raises(ConfigError, match=r"stage_worker\.register_timeout_s"):
+        from_dict(StageWorkerNodeConfig, {"vehicle_id": "v0", "register_timeout_s": 0}, key="stage_worker")
+    with pytest.raises(ConfigError, match=r"cloud\.deadline_s"):
+        from_dict(CloudNodeConfig, {"deadline_s": 0}, key="cloud")
+    assert from_dict(CloudNodeConfig, {"edges": "e1, e2"}).edge_ids("x") == ["e1", "e2"]
+    assert from_dict(CloudNodeConfig, {}).edge_ids("edge-0") == ["edge-0"]
+
+
+def test_every_config_field_has_a_description() -> None:
+    for cls in (OrchestratorNodeConfig, CloudNodeConfig, StageWorkerNodeConfig, lp.PlanArgs):
+        missing = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("help")]
+        assert not missing, f"{cls.__name__}: {missing} have no help text (the ROS parameter description)"
+
+
+def test_launch_files_compile_are_installed_and_name_a_plan() -> None:
+    files = sorted(LAUNCH.glob("*.launch.py"))
+    assert {f.name for f in files} >= {"vehicle.launch.py", "edge.launch.py", "cloud.launch.py",
+                                       "closed_loop_embedded.launch.py", "closed_loop_carla.launch.py"}
+    patterns = {pkg: _setup_py(pkg)["patterns"] for pkg in ("flad_sim", "flad_vehicle", "flad_edge")}
+    for f in files:
+        tree = compile(f.read_text(), str(f), "exec", ast.PyCF_ONLY_AST)
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") ==
+                 "launch_description"]
+        assert len(calls) == 1 and calls[0].args[0].value in lp.PLANS, f.name
+        assert any(fnmatch(f.name, pat) for pats in patterns.values() for pat in pats), (
+            f"{f.name} is installed by no package's setup.py LAUNCH_PATTERNS")
+
+
+def test_generate_launch_description_where_launch_ros_exists() -> None:
+    pytest.importorskip("launch_ros", reason="launch_ros is not installable here (no wheels): "
+                                             "generate_launch_description() is only exercised where ROS 2 is installed")
+    for f in sorted(LAUNCH.glob("*.launch.py")):
+        spec = importlib.util.spec_from_file_location(f.stem.replace(".", "_"), f)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.generate_launch_description().entities
+
+
+def test_flad_launch_cli_dry_run_and_errors(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "flad_core.cli", "launch", "fleet", "vehicles:=2", "--dry-run",
+                          "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(" -m flad_" in ln and "--ros-args" in ln for ln in lines)
+    params = yaml.safe_load((tmp_path / "params_v000_stage_worker.yaml").read_text())
+    assert params["/v000/stage_worker"]["ros__parameters"]["vehicle_id"] == "v000"
+    bad = subprocess.run([sys.executable, "-m", "flad_core.cli", "launch", "fleet", "rounds:=-2", "--dry-run",
+                          "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "launch.rounds" in bad.stderr
+    carla = subprocess.run([sys.executable, "-m", "flad_core.cli", "launch", "closed_loop_carla",
+                            "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert carla.returncode == 2 and "carla_ros_bridge" in carla.stderr
