@@ -1,5 +1,5 @@
 # The two commands of the README. Both set everything up first (scripts/bootstrap.sh).
-.PHONY: demo test lint bootstrap clean ros-tier test-ros
+.PHONY: demo test test-main lint bootstrap clean ros-tier test-ros
 
 bootstrap:
 	./scripts/bootstrap.sh
@@ -8,10 +8,14 @@ demo: bootstrap
 	.venv/bin/flad demo
 
 lint: bootstrap
-	.venv/bin/ruff check src test docker setup.py
+	.venv/bin/ruff check src test test_ros launch docker setup.py
 	.venv/bin/hadolint docker/Dockerfile.vehicle docker/Dockerfile.edge
 
-test: lint
+# `make test`: the main tier, then the real-ROS 2 tier as its own, labelled stage.
+test: test-main test-ros
+
+test-main: lint
+	@echo "== main tier (lint + pytest test/) =="
 	.venv/bin/python -m pytest -q
 
 # The real-ROS 2 tier (ROS 2 Jazzy wheels in .venv-ros, the workspace built by colcon in .ros-ws; see README).
@@ -19,6 +23,7 @@ ros-tier:
 	./scripts/ros_tier.sh
 
 test-ros: ros-tier
+	@echo "== real-ROS tier (rclpy + colcon-built flad_msgs; pytest test_ros/) =="
 	bash -c 'source .ros-ws/env.sh && python -m ruff check test_ros && exec python -m pytest -q test_ros'
 
 clean:

@@ -72,8 +72,14 @@ def _default_for(node: tuple, store) -> Any:
     raise CodecError(str(spec), f"unsupported field node {kind}")
 
 
+#: Default values declared in .msg files (`float64 w 1`), which rosbags' parser drops. Listed by hand because no
+#: library exposes them; among the types FLAD uses only Quaternion has one (test_ros checks against rclpy).
+_MSG_DEFAULTS: dict[str, dict[str, Any]] = {"geometry_msgs/msg/Quaternion": {"w": 1.0}}
+
+
 def new(typename: str, **values: Any) -> Any:
-    """Build a message with every field defaulted (zeros, empty strings and sequences) except `values`."""
+    """Build a message with every field defaulted (the .msg default, else zeros, empty strings and sequences)
+    except `values`."""
     name = normalize_type(typename)
     cls = message_class(name)
     store = typestore()
@@ -82,7 +88,8 @@ def new(typename: str, **values: Any) -> Any:
     unknown = set(values) - known
     if unknown:
         raise CodecError(name, f"unknown field(s) {sorted(unknown)}; fields are {sorted(known)}")
-    kwargs = {fname: values[fname] if fname in values else _default_for(node, store)
+    declared = _MSG_DEFAULTS.get(name, {})
+    kwargs = {fname: values[fname] if fname in values else declared.get(fname, _default_for(node, store))
               for fname, node in field_defs}
     return cls(**kwargs)
 
