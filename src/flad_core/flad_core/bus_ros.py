@@ -25,7 +25,7 @@ import threading
 from typing import Any
 
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
@@ -104,10 +104,10 @@ class RosBus(Bus):
         self._closed = False
         self._zmq = ZmqBus(identity, cfg, security)
         self.dropped = 0   # messages rejected by validation (counted, logged), as on ZmqBus
-        self._executor: MultiThreadedExecutor | None = None
+        self._executor: SingleThreadedExecutor | None = None
         self._spin: threading.Thread | None = None
         if self._own_node:
-            self._executor = MultiThreadedExecutor()
+            self._executor = SingleThreadedExecutor()
             self._executor.add_node(self.node)
             self._spin = threading.Thread(target=self._executor.spin, name=f"rosbus-{identity}", daemon=True)
             self._spin.start()

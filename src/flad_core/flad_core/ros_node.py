@@ -160,7 +160,9 @@ def run_node(make: Callable[[], Node], args: list[str] | None = None,
             stop.set()
 
         signal.signal(signal.SIGTERM, _stop)
-        executor = rclpy.executors.MultiThreadedExecutor()
+        # Single-threaded: FLAD's callbacks only decode and hand over (heavy work runs on the components' own
+        # threads); rclpy's MultiThreadedExecutor.spin_once added up to ~1 s delivery stalls under load.
+        executor = rclpy.executors.SingleThreadedExecutor()
         executor.add_node(node)
         while rclpy.ok() and not stop.is_set():
             executor.spin_once(timeout_sec=0.1)
