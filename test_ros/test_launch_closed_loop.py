@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from _b2_helpers import processes_mentioning, small_fleet
+
+from ros_testing import processes_mentioning, small_fleet
 
 pytestmark = pytest.mark.ros
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _b2_helpers import processes_mentioning, small_fleet
+
+from ros_testing import processes_mentioning, small_fleet
 
 pytestmark = pytest.mark.ros
 

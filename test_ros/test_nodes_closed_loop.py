@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ from flad_vehicle.control.loop import ControllerConfig
 from flad_vehicle.control.pid import PIDConfig
 from flad_vehicle.encoder.stream import EncoderNodeConfig
 
+from ros_testing import start, stop
+
 S, D, INT, BOOL, SA = (ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_INTEGER,
                      ParameterType.PARAMETER_BOOL, ParameterType.PARAMETER_STRING_ARRAY)
 WP = np.array([[2.0, 1.0], [4.0, 2.0], [6.0, 3.0], [8.0, 4.0], [10.0, 5.0]])
@@ -41,23 +42,6 @@ def _help(cls: type, name: str) -> str:
 
 def _node(module: str, name: str, *params: str) -> list[str]:
     return [sys.executable, "-m", module, "--ros-args", "-r", f"__node:={name}", *params]
-
-
-def _start(cmd: list[str], log: Path) -> subprocess.Popen:
-    fh = open(log, "wb")  # noqa: SIM115 - the child keeps it
-    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(os.environ))
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
-    """SIGINT (what ros2 launch sends first); a node that hangs is killed and the test fails on its code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return -9
 
 
 def _alive(tag: str) -> list[int]:
@@ -130,13 +114,13 @@ class _Inbox:
 def test_nodes_declare_typed_described_parameters_and_stop_cleanly_on_sigint(tmp_path: Path, rosbus: Any) -> None:
     tag = f"b1p{os.getpid()}"
     procs = {
-        "world": _start(_node("flad_sim.nodes.world_bridge", f"{tag}_world", "-p", "sensors_every:=0",
+        "world": start(_node("flad_sim.nodes.world_bridge", f"{tag}_world", "-p", "sensors_every:=0",
                               "-p", f"roles:=[{tag}]"), tmp_path / "world.log"),
-        "encoder": _start(_node("flad_vehicle.nodes.encoder_node", f"{tag}_enc", "-p", f"role_name:={tag}"),
+        "encoder": start(_node("flad_vehicle.nodes.encoder_node", f"{tag}_enc", "-p", f"role_name:={tag}"),
                           tmp_path / "encoder.log"),
-        "waypoint": _start(_node("flad_edge.nodes.waypoint_node", f"{tag}_wp", "-p", f"vehicle_ids:=[{tag}]"),
+        "waypoint": start(_node("flad_edge.nodes.waypoint_node", f"{tag}_wp", "-p", f"vehicle_ids:=[{tag}]"),
                            tmp_path / "waypoint.log"),
-        "controller": _start(_node("flad_vehicle.nodes.controller_node", f"{tag}_ctl", "-p", f"vehicle_id:={tag}",
+        "controller": start(_node("flad_vehicle.nodes.controller_node", f"{tag}_ctl", "-p", f"vehicle_id:={tag}",
                                    "-p", "role_name:=nobody"), tmp_path / "controller.log"),
     }
     try:
@@ -157,7 +141,7 @@ def test_nodes_declare_typed_described_parameters_and_stop_cleanly_on_sigint(tmp
         assert ctl["pid.turn_kp"] == (D, _help(PIDConfig, "turn_kp"))
         assert ctl["pid.speed_n"] == (INT, _help(PIDConfig, "speed_n"))
     finally:
-        codes = {name: _stop(p) for name, p in procs.items()}
+        codes = {name: stop(p) for name, p in procs.items()}
     logs = {n: (tmp_path / f"{n}.log").read_text(errors="replace")[-2000:] for n in procs}
     assert codes == {"world": 0, "encoder": 0, "waypoint": 0, "controller": 0}, logs
     assert _alive(tag) == []
@@ -188,7 +172,7 @@ def _odometry(t: float, x: float = 0.0, y: float = 0.0, yaw: float = 0.0, speed:
 def test_controller_node_turns_path_and_odometry_into_the_pids_control(tmp_path: Path, rosbus: Any) -> None:
     tag = f"b1c{os.getpid()}"
     role = "b1hero"
-    proc = _start(_node("flad_vehicle.nodes.controller_node", f"{tag}_ctl", "-p", f"vehicle_id:={tag}",
+    proc = start(_node("flad_vehicle.nodes.controller_node", f"{tag}_ctl", "-p", f"vehicle_id:={tag}",
                         "-p", f"role_name:={role}", "-p", "max_waypoint_age_s:=0.5"), tmp_path / "ctl.log")
     inbox = _Inbox(rosbus, {f"/carla/{role}/vehicle_control_cmd": "carla_msgs/msg/CarlaEgoVehicleControl"})
     ctl_topic = f"/carla/{role}/vehicle_control_cmd"
@@ -222,7 +206,7 @@ def test_controller_node_turns_path_and_odometry_into_the_pids_control(tmp_path:
         pubs = rosbus.node.get_publishers_info_by_topic(ctl_topic)
         assert pubs and all(p.qos_profile.reliability == ReliabilityPolicy.RELIABLE for p in pubs)
     finally:
-        code = _stop(proc)
+        code = stop(proc)
     assert code == 0, (tmp_path / "ctl.log").read_text()[-2000:]
     assert _alive(tag) == []
 
@@ -235,9 +219,9 @@ def test_encoder_and_waypoint_nodes_answer_a_world_frame(tmp_path: Path, rosbus:
     tag = f"b1e{os.getpid()}"
     role = f"{tag}r"
     procs = {
-        "encoder": _start(_node("flad_vehicle.nodes.encoder_node", f"{tag}_enc", "-p", f"vehicle_id:={tag}",
+        "encoder": start(_node("flad_vehicle.nodes.encoder_node", f"{tag}_enc", "-p", f"vehicle_id:={tag}",
                                 "-p", f"role_name:={role}"), tmp_path / "encoder.log"),
-        "waypoint": _start(_node("flad_edge.nodes.waypoint_node", f"{tag}_wp", "-p", f"vehicle_ids:=[{tag}]"),
+        "waypoint": start(_node("flad_edge.nodes.waypoint_node", f"{tag}_wp", "-p", f"vehicle_ids:=[{tag}]"),
                            tmp_path / "waypoint.log"),
     }
     inbox = _Inbox(rosbus, {f"/flad/{tag}/features": "flad_msgs/msg/EncodedFeatures",
@@ -261,6 +245,6 @@ def test_encoder_and_waypoint_nodes_answer_a_world_frame(tmp_path: Path, rosbus:
         assert any(s.node_name == f"{tag}_wp" and s.qos_profile.reliability == ReliabilityPolicy.RELIABLE
                    for s in subs)
     finally:
-        codes = {n: _stop(p) for n, p in procs.items()}
+        codes = {n: stop(p) for n, p in procs.items()}
     assert codes == {"encoder": 0, "waypoint": 0}, {n: (tmp_path / f"{n}.log").read_text()[-1500:] for n in procs}
     assert _alive(tag) == []

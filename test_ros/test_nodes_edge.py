@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from _b2_helpers import describe, node_cmd, processes_mentioning, small_fleet, start, stop
 from rcl_interfaces.msg import ParameterType
 
 from flad_core import codec
 from flad_edge.nodes.cloud import CloudNodeConfig
 from flad_edge.nodes.orchestrator import OrchestratorNodeConfig
 from flad_vehicle.nodes.stage_worker import StageWorkerNodeConfig
+
+from ros_testing import describe, node_cmd, processes_mentioning, small_fleet, start, stop
 
 pytestmark = pytest.mark.ros
 

@@ -602,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             ncfg.rounds = args.noniid_rounds
         if args.noniid_steps is not None:
             ncfg.local_steps = args.noniid_steps
+        if args.data and args.data != "synthetic":
+            ncfg.data = args.data      # e.g. data/fleet-200 for 200 samples per vehicle
         try:
             out["noniid"] = run_noniid(ncfg)
         except Exception as exc:

@@ -14,6 +14,11 @@ import yaml
 
 from flad_core.procs import free_port_base
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
+from flad_testing import processes_mentioning  # one copy, in the main tier's helpers
+
+__all__ = ["describe", "node_cmd", "processes_mentioning", "small_fleet", "start", "stop"]
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,22 +35,6 @@ def small_fleet(tmp: Path, ids: tuple[str, ...] = ("v000", "v002", "v003"), clus
     fhdp_file = tmp / "fhdp.yaml"
     fhdp_file.write_text(yaml.safe_dump(fhdp, sort_keys=False))
     return fleet_file, fhdp_file, free_port_base(24)
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs of live (non-zombie) processes whose command line contains `text` (Linux /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if text in cmdline and ") Z " not in stat:
-            pids.append(int(entry.name))
-    return pids
 
 
 def node_cmd(module: str, *ros_args: str) -> list[str]:
