@@ -27,8 +27,15 @@ exec 9>"$WS/.lock"
 flock 9
 
 command -v "$PY" >/dev/null || die "$PY not found: the ROS Jazzy wheels are cp311 builds (set ROS_TIER_PYTHON)"
-command -v cmake >/dev/null || die "cmake not found (pip install cmake==3.31.6 into .venv-ros, or apt-get install cmake)"
-command -v g++ >/dev/null || die "g++ not found: colcon compiles the C/C++ type support of the message packages"
+# colcon compiles the C/C++ type support of the message packages: it needs a C++ compiler and cmake. A machine
+# without them gets them here (g++ from Debian when root; cmake from PyPI into .venv-ros, below).
+if ! command -v g++ >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing g++ (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+  fi
+  command -v g++ >/dev/null || die "g++ not found: colcon compiles the C/C++ type support of the message packages"
+fi
 
 stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 hash_files() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; }
@@ -44,6 +51,11 @@ if ! stamp_ok "$VENV/.stamp-ros-wheels" "$req_hash"; then
   log "installing the ROS 2 Jazzy wheels (hash-checked)"
   "$VENV/bin/python" -m pip install --quiet --progress-bar off --require-hashes -r ros/requirements-jazzy.txt
   echo "$req_hash" >"$VENV/.stamp-ros-wheels"
+fi
+
+if ! command -v cmake >/dev/null && [ ! -x "$VENV/bin/cmake" ]; then
+  log "installing cmake from PyPI into .venv-ros"
+  "$VENV/bin/python" -m pip install --quiet --progress-bar off cmake==3.31.6
 fi
 
 # 2. FLAD itself (editable; torch==2.13.0 CPU comes from the local wheel cache).
