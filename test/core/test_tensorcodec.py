@@ -17,10 +17,12 @@ from flad_core import tensorframe as tf
 def test_round_trip_error_bounds(shape, seed, codec, scale):
     t = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
     labels = torch.arange(3)
-    enc = tc.encode({"act": t, "lbl": labels}, codec)
+    waypoints = torch.randn(2, 5, 2, generator=torch.Generator().manual_seed(seed + 1)) * 7.3   # a float label
+    enc = tc.encode({"act": t, "lbl": labels, "waypoints": waypoints}, codec, exact={"waypoints"})
     _, wire = tf.unpack(tf.pack(enc))                     # through a real frame
     back = tc.decode(wire)
-    assert set(back) == {"act", "lbl"} and torch.equal(back["lbl"], labels)
+    assert set(back) == {"act", "lbl", "waypoints"} and torch.equal(back["lbl"], labels)
+    assert torch.equal(back["waypoints"], waypoints)      # labels travel bit-exact under every codec
     assert back["act"].dtype == t.dtype and back["act"].shape == t.shape
     err = (back["act"] - t).abs()
     if codec == "fp32":

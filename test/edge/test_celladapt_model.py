@@ -5,6 +5,8 @@ Everything is offline: tiny randomly-initialised LLaMA configs and a tokenizer b
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -165,3 +167,19 @@ def test_feature_set_cache_round_trip(tmp_path, data: FeatureSet) -> None:
     back = FeatureSet.load(tmp_path / "f.npz")
     assert torch.equal(back.features, data.features) and back.instructions == data.instructions
     assert len(data.select(towns=["Town01"])) + len(data.select(exclude_towns=["Town01"])) == len(data)
+
+
+def test_waypoint_metrics_by_hand():
+    from flad_edge.celladapt.train import waypoint_metrics
+
+    gt = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [5.0, 0.0]],
+                       [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.5, 0.0]]])   # moving, then standing
+    pred = gt * torch.tensor([0.8, 1.0]) + torch.tensor([0.0, 0.3])  # 20 % short, 0.3 m lateral offset
+    m = waypoint_metrics(pred, gt)
+    # x errors 0.2..1.0 (sample 0) and 0..0.1 (sample 1); y errors 0.3 everywhere
+    l1_0 = (sum(0.2 * k for k in range(1, 6)) + 5 * 0.3) / 10
+    l1_1 = (0.1 + 5 * 0.3) / 10
+    assert m["wp_l1"] == pytest.approx((l1_0 + l1_1) / 2)
+    assert m["wp_fde"] == pytest.approx((math.hypot(1.0, 0.3) + math.hypot(0.1, 0.3)) / 2)
+    assert m["progress_ratio"] == pytest.approx(math.hypot(4.0, 0.3) / 5.0)   # only the moving sample counts
+    assert waypoint_metrics(gt[1:], gt[1:])["progress_ratio"] is None         # nobody moving: no ratio

@@ -51,11 +51,15 @@ def test_features_to_waypoints_for_several_vehicles(port_base: int) -> None:
     try:
         deadline = time.monotonic() + 30
         t = 1.0
-        while not (got["v0"] and got["v1"]) and time.monotonic() < deadline:
-            for vid in got:                     # re-sent (same stamp) until every subscription is up
+        # navigation first, re-sent until the node has it: a frame whose navigation has not arrived (its
+        # subscription not yet up) is answered with the default instruction, which is not what is checked here
+        while not all(stream.has_navigation(v) for v in got) and time.monotonic() < deadline:
+            for vid in got:
                 car_bus.publish(f"/flad/{vid}/navigation", _nav(t, *texts[vid]))
             time.sleep(0.05)
-            for vid in got:
+        assert all(stream.has_navigation(v) for v in got)
+        while not (got["v0"] and got["v1"]) and time.monotonic() < deadline:
+            for vid in got:                     # re-sent (same stamp) until every subscription is up
                 msg = features_to_msg(feats[vid], vid, 0)
                 msg.header = B._header(t, f"{vid}/base_link")
                 car_bus.publish(f"/flad/{vid}/features", msg)

@@ -199,3 +199,23 @@ def test_u_shaped_codecs_compress_the_turnaround(setup, port_base, codec):
         assert turnaround_bytes(packed_links, kind) * ratio < turnaround_bytes(plain_links, kind), kind
     assert plain[0].loss == pytest.approx(ref_loss, rel=1e-5)
     assert packed[0].loss == pytest.approx(ref_loss, rel=1e-2)   # the first step's loss sees only forward rounding
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "int8"])
+def test_labels_forward_labels_arrive_bit_exact_under_lossy_codecs(setup, port_base, codec):
+    """Labels-forward ships the labels with the activations; a lossy codec compresses the activations only."""
+    _, batch = setup
+    ctx = zmq.Context()
+    inbox = Inbox(ctx, f"tcp://127.0.0.1:{port_base}")
+    out = OutLink(ctx, "s1", f"tcp://127.0.0.1:{port_base}", 0, codec=codec)
+    act = torch.randn(6, 40, 64)
+    sent = {"dec.2": act, **{k: batch[k] for k in LABEL_INPUTS}}
+    out.send(sent, kind=tensorframe.KIND_ACTIVATION, step=0, micro_batch=0)
+    _, got = inbox.get(tensorframe.KIND_ACTIVATION, 0, 0, timeout_s=5)
+    out.close()
+    inbox.close()
+    ctx.term()
+    for k in LABEL_INPUTS:
+        assert got[k].dtype == batch[k].dtype and torch.equal(got[k], batch[k]), k
+    assert not torch.equal(got["dec.2"], act)                 # the activation itself did go through the codec
+    assert torch.allclose(got["dec.2"], act, atol=act.abs().max().item() / 100)

@@ -6,12 +6,14 @@ A codec turns one float tensor into a few tensors that travel in a tensor frame,
   bf16  bfloat16 (2x fewer bytes, fp32's range)
   int8  symmetric per-channel quantisation over the last dimension: int8 values + one float32 scale per
         channel (~4x fewer bytes for wide tensors)
-Non-float tensors (labels, indices) are never compressed. Decoding restores the original dtype.
+Non-float tensors (labels, indices) are never compressed, nor are the float tensors named in `exact`
+(labels such as waypoints: a lossy codec must never change the targets a stage trains on). Decoding
+restores the original dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -30,15 +32,15 @@ def _int8_encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(t.shape) if t.dim() else q.reshape(()), scale
 
 
-def encode(tensors: Mapping[str, torch.Tensor], codec: str) -> dict[str, torch.Tensor]:
-    """Compress the float tensors of `tensors` with `codec`; others pass through unchanged."""
+def encode(tensors: Mapping[str, torch.Tensor], codec: str, exact: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """Compress the float tensors of `tensors` with `codec`; others, and those named in `exact`, pass unchanged."""
     if codec not in CODECS:
         raise CodecError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if _SEP in name:
             raise CodecError(f"tensor name {name!r} contains a reserved separator")
-        if codec == "fp32" or not t.is_floating_point():
+        if codec == "fp32" or not t.is_floating_point() or name in exact:
             out[name] = t
         elif codec == "fp16":
             out[f"{name}{_SEP}fp16{_SEP}{_dtype_tag(t)}"] = t.detach().half()

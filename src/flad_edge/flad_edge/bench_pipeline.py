@@ -6,7 +6,7 @@ profile's TFLOPS (`ComputeDilation`) and shapes every send to its profile's link
 slowed by one global `time_scale` so that even the fastest emulated device is slower than this host's core
 (by default the AGX's dilation factor is 2). Emulated time = wall time / time_scale.
 
-One run measures, with the same tiny encoder (same seed), the same data stream and the same profiles:
+One run measures, with the same encoder (same seed), the same data stream and the same profiles:
   (a) FHDP with SWIFT's partition (exact planner, bottleneck objective, SWIFT picks the first stage), plus the
       throughput of the cluster's essential pipelines in rotation (each member first, as FHDP trains);
   (b) standalone: the whole model on the AGX-profile process;
@@ -17,6 +17,12 @@ and bytes per sample and loss after N steps for each stage-traffic codec, in bot
 ride to the last stage) and U-shaped (the data owner keeps heads, loss and labels; `flad_vehicle.fhdp.ushape`),
 each on its own SWIFT partition; the int8 goal is judged on the mode with less traffic. `--only codecs` runs just
 that sweep. `--noniid` adds the non-IID study (`bench_pipeline_noniid`).
+
+The encoder is the tiny config by default. At Table 1's 14-22 Mb/s links the tiny encoder is link-bound (its
+compute per sample is small next to the activations it sends), so SWIFT gives the Nanos almost nothing and
+a pipeline cannot beat the AGX alone; `--encoder paper` (LMDrive-sized, the paper's setting) is the
+compute-bound case pipeline parallelism is for (much slower to run: ~1 s per sample on one host core).
+Labels always travel bit-exact; the codecs compress activations and gradients only.
 """
 
 from __future__ import annotations
@@ -540,7 +546,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         cfg.modes = tuple(args.modes)
     for name in ("steps", "time_scale", "agx_factor", "batch_size", "n_micro", "codec_steps", "random_draws",
                  "random_steps", "seed",
-                 "data", "schedule"):
+                 "data", "schedule", "encoder"):
         v = getattr(args, name, None)
         if v is not None:
             setattr(cfg, name, v)
@@ -568,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-draws", type=int, default=None)
     parser.add_argument("--random-steps", type=int, default=None, help="timed steps per random draw (no warm-up)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--encoder", default=None,
+                        help="encoder config: tiny (default) or paper (LMDrive-sized, ~1 s per sample on one core: "
+                             "a full run takes tens of minutes; the tiny encoder is link-bound at Table 1's rates)")
     parser.add_argument("--data", default=None, help="fleet dataset root or 'synthetic' (default data/fleet)")
     parser.add_argument("--codecs", nargs="+", choices=CODECS, default=None,
                         help=f"codecs to sweep (default: {' '.join(CODECS)})")

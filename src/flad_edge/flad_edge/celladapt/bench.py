@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data import cached_features
     from .pipeline import PipelineConfig, run_pipeline
-    from .train import evaluate
+    from .train import evaluate, waypoint_metrics
 
     seed_everything(0)
     if args.service_only:
@@ -357,14 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     const_wp = train_set.waypoints.mean(0)
 
     open_loop: dict[str, Any] = {name: evaluate(m, held) for name, m in models.items()}
-    d = held.waypoints - const_wp
-    open_loop["constant"] = {"samples": len(held), "wp_l1": float(d.abs().mean()),
-                             "wp_ade": float(d.norm(dim=-1).mean()), "wp_fde": float(d[:, -1].norm(dim=-1).mean())}
+    open_loop["constant"] = waypoint_metrics(const_wp.expand_as(held.waypoints), held.waypoints)
     if held.encoder_waypoints is not None:
-        e = held.encoder_waypoints - held.waypoints
-        open_loop["encoder_head"] = {"samples": len(held), "wp_l1": float(e.abs().mean()),
-                                     "wp_ade": float(e.norm(dim=-1).mean()),
-                                     "wp_fde": float(e[:, -1].norm(dim=-1).mean())}
+        open_loop["encoder_head"] = waypoint_metrics(held.encoder_waypoints, held.waypoints)
     params = {name: m.parameter_counts() for name, m in models.items()}
     for p in params.values():
         p.pop("trainable", None)

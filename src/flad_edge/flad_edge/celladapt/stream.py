@@ -119,6 +119,11 @@ class WaypointStream:
             while len(nav) > 50:
                 nav.popitem(last=False)
 
+    def has_navigation(self, vid: str) -> bool:
+        """Whether any navigation of `vid` has arrived (before that, its frames get the default instruction)."""
+        with self._cond:
+            return bool(self._nav.get(vid))
+
     def _on_features(self, vid: str, msg: Any) -> None:
         with self._cond:
             self._queue.append(_Item(vid, msg, time.monotonic()))

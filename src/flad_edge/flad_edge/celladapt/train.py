@@ -127,22 +127,36 @@ def fit(model: ADLLM, data: FeatureSet, cfg: FitConfig, teacher: ADLLM | None = 
             "last_loss_mean10": sum(losses[-10:]) / max(1, len(losses[-10:]))}
 
 
+#: a sample counts as "moving" for the progress ratio when its ground-truth last waypoint is this far (m)
+MOVING_M = 2.0
+
+
+def waypoint_metrics(pred: Tensor, gt: Tensor) -> dict[str, float | None]:
+    """Open-loop L1 / ADE / FDE (metres, DESIGN.md §6) and the progress ratio: mean distance of the last
+    predicted waypoint over the ground truth's, on moving samples (< 1: the model plans too slowly, which
+    in closed loop means route timeouts rather than a visible L1 error)."""
+    d = (pred - gt).norm(dim=-1)
+    n = max(len(gt), 1)
+    moving = gt[:, -1].norm(dim=-1) > MOVING_M
+    ratio = (float(pred[moving, -1].norm(dim=-1).mean() / gt[moving, -1].norm(dim=-1).mean())
+             if bool(moving.any()) else None)
+    return {"samples": len(gt), "wp_l1": float((pred - gt).abs().mean(dim=(1, 2)).sum()) / n,
+            "wp_ade": float(d.mean(dim=1).sum()) / n, "wp_fde": float(d[:, -1].sum()) / n,
+            "progress_ratio": ratio}
+
+
 @torch.no_grad()
-def evaluate(model: ADLLM, data: FeatureSet | Iterable[dict], batch_size: int = 64) -> dict[str, float]:
-    """Open-loop waypoint L1 / ADE / FDE (metres, DESIGN.md §6) over a feature set."""
+def evaluate(model: ADLLM, data: FeatureSet | Iterable[dict], batch_size: int = 64) -> dict[str, float | None]:
+    """`waypoint_metrics` of the model's waypoints over a feature set."""
     model.eval()
     batches = data.batches(batch_size, shuffle=False) if isinstance(data, FeatureSet) else data
-    n, l1, ade, fde = 0, 0.0, 0.0, 0.0
+    preds, gts = [], []
     for b in batches:
-        wp = _forward(model, b)["waypoints"]
-        gt = b["waypoints"]
-        d = (wp - gt).norm(dim=-1)
-        n += len(gt)
-        l1 += float((wp - gt).abs().mean(dim=(1, 2)).sum())
-        ade += float(d.mean(dim=1).sum())
-        fde += float(d[:, -1].sum())
-    n = max(n, 1)
-    return {"samples": n, "wp_l1": l1 / n, "wp_ade": ade / n, "wp_fde": fde / n}
+        preds.append(_forward(model, b)["waypoints"])
+        gts.append(b["waypoints"])
+    if not preds:
+        return {"samples": 0, "wp_l1": 0.0, "wp_ade": 0.0, "wp_fde": 0.0, "progress_ratio": None}
+    return waypoint_metrics(torch.cat(preds), torch.cat(gts))
 
 
 def apply_lora(model: ADLLM, settings: LoraSettings | None = None) -> ADLLM:

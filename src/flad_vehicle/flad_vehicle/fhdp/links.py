@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +21,7 @@ import zmq
 
 from flad_core import tensorcodec, tensorframe
 from flad_core.emulation import TokenBucket
+from flad_vehicle.encoder.model import LABEL_INPUTS
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,15 @@ class LinkStats:
 
 
 class OutLink:
-    """Sends frames to one peer's inbox (PUSH), compressed with `codec`, shaped by `bucket`."""
+    """Sends frames to one peer's inbox (PUSH), compressed with `codec`, shaped by `bucket`.
+
+    Tensors named in `exact` (the labels) always travel bit-exact, whatever the codec."""
 
     def __init__(self, ctx: zmq.Context, peer: str, address: str, stage_index: int, *, codec: str = "fp32",
-                 bucket: TokenBucket | None = None, stats: LinkStats | None = None, hwm: int = 64) -> None:
+                 bucket: TokenBucket | None = None, stats: LinkStats | None = None, hwm: int = 64,
+                 exact: Collection[str] = LABEL_INPUTS) -> None:
         self.peer = peer
+        self.exact = frozenset(exact)
         self.address = address
         self.stage_index = stage_index
         self.codec = codec
@@ -87,7 +92,7 @@ class OutLink:
 
     def send(self, tensors: Mapping[str, torch.Tensor], *, kind: int, step: int, micro_batch: int,
              compress: bool = True, abort: threading.Event | None = None) -> int:
-        payload = tensorcodec.encode(tensors, self.codec) if compress else dict(tensors)
+        payload = tensorcodec.encode(tensors, self.codec, self.exact) if compress else dict(tensors)
         frames = tensorframe.pack(payload, kind=kind, step=step, micro_batch=micro_batch, stage=self.stage_index)
         nbytes = sum(memoryview(f).nbytes for f in frames)
         if self.bucket is not None:
