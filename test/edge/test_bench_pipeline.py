@@ -158,3 +158,36 @@ def test_codecs_only_run_reports_both_modes(capsys):
     assert [s[:2] for s in modes["labels_forward_same_cuts"]["fp32"]["stages"][:-1]] == [s[:2] for s in u_stages[:-1]]
     assert data["codec_modes"]["less_traffic"] in ("labels_forward", "u_shaped")
     assert data["goals"]["int8_byte_reduction"]["mode"] == data["codec_modes"]["less_traffic"]
+
+
+def test_cut_traffic_counts_live_tensors_and_keeps_labels_exact():
+    from flad_edge.bench_pipeline import cut_traffic
+
+    rows = cut_traffic("tiny", "synthetic", "v000", ("fp32", "int8"))
+    by_layer = {r["layer"]: r for r in rows}
+    # before the loss only the outputs and labels cross: pred.bev [50,50] f32, pred.tl [4], pred.waypoints [5,2],
+    # the LLM features [31,64] f32, and the labels bev [50,50] u8, tl_state i64, waypoints [5,2] f32
+    loss = by_layer["loss"]
+    assert loss["forward"]["fp32"] == 4 * (2500 + 4 + 10 + 31 * 64) + 2500 + 8 + 40
+    assert loss["backward"]["fp32"] == 4 * (2500 + 4 + 10 + 31 * 64)
+    assert not loss["trained_layers_after"] and by_layer["wp_head"]["trained_layers_after"]
+    # int8 shrinks the predictions (one byte a value + a float32 scale per last-dim channel), never the labels
+    assert loss["forward"]["int8"] == ((2500 + 50 * 4) + (4 + 4 * 4) + (10 + 2 * 4) + (31 * 64 + 64 * 4)
+                                       + 2500 + 8 + 40)
+
+
+def test_link_floor_arithmetic():
+    from flad_edge.bench_pipeline import BenchConfig, link_floor
+
+    traffic = [{"cut_before": 5, "layer": "a", "trained_layers_after": True,
+                "forward": {"fp32": 1_000_000}, "backward": {"fp32": 800_000}},
+               {"cut_before": 6, "layer": "b", "trained_layers_after": True,
+                "forward": {"fp32": 500_000}, "backward": {"fp32": 600_000}},
+               {"cut_before": 7, "layer": "loss", "trained_layers_after": False,    # cheaper but useless
+                "forward": {"fp32": 10}, "backward": {"fp32": 10}}]
+    cfg = BenchConfig(codecs=("fp32",))        # default cluster: 2 Nanos (50 Mb/s) and an AGX (100 Mb/s)
+    f = link_floor(cfg, traffic, standalone_sps=20.0)["codecs"]["fp32"]
+    assert f["cheapest_cut_before"] == 6
+    assert f["link_s_per_sample_fastest"] == pytest.approx(600_000 * 8 / 100e6)
+    assert f["max_pipeline_vs_standalone_fastest_link"] == pytest.approx(0.05 / 0.048)
+    assert f["max_pipeline_vs_standalone_slowest_link"] == pytest.approx(0.05 / 0.096)

@@ -481,6 +481,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             tpp = {"works": False, "error": f"{type(exc).__name__}: {exc}"}
     codecs = codec_table(codec_runs)
     modes = codec_modes({mode: codec_table(r) for mode, r in sweep.items()})
+    floor = link_floor(cfg, cut_traffic(cfg.encoder, cfg.data, cfg.data_owner, cfg.codecs), standalone["samples_per_s"])
     a = fhdp["samples_per_s"]
     goals = {
         "fhdp_vs_standalone": _goal(_ratio(a, standalone["samples_per_s"]), GOALS["fhdp_vs_standalone"]),
@@ -500,9 +501,102 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             "torch_pipelining": tpp.get("samples_per_s"), "ideal_bound": ideal["samples_per_s"],
             "fhdp_rotation": rotation["samples_per_s"] if rotation else None},
         "fhdp_swift": fhdp, "standalone": standalone, "random": rand, "torch_pipelining": tpp, "ideal": ideal,
-        "rotation": rotation, "codecs": codecs, "codec_modes": modes, "goals": goals,
+        "rotation": rotation, "codecs": codecs, "codec_modes": modes, "link_floor": floor, "goals": goals,
         "bench_seconds": round(time.monotonic() - t_start, 1),
     })
+    out["conditions"]["loadavg_end"] = list(os.getloadavg())
+    return out
+
+
+def cut_traffic(encoder: str, data: str, owner: str, codecs: Sequence[str] = CODECS) -> list[dict[str, Any]]:
+    """Bytes per sample crossing each allowed cut, per codec, from one forward pass on one real sample.
+
+    `forward`: every tensor live across the cut (activations, and the labels riding to the last stage);
+    `backward`: the gradients of its trainable float activations. Payload bytes only (no frame headers):
+    what any pipeline with a cut there must move, whatever the scheduler."""
+    import torch
+
+    from flad_core import tensorcodec
+    from flad_vehicle.encoder.config import get_config
+    from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder
+    from flad_vehicle.encoder.partition import Partitioner
+    from flad_vehicle.fhdp.data import vehicle_batches
+
+    model = VisionEncoder(get_config(encoder)).eval()
+    graph = Partitioner(model).graph
+    env = {k: torch.as_tensor(v) for k, v in next(vehicle_batches(data, owner, 1, 0)).items()}
+    with torch.no_grad():
+        for _, layer in model.layer_list(True):
+            outs = layer(*[env[r] for r in layer.reads])
+            env.update(zip(layer.writes, outs, strict=True))
+    layers = dict(model.layer_list(True))
+    last_trained = max(i for i, n in enumerate(graph.names) if any(True for _ in layers[n].parameters()))
+    rows = []
+    for k in range(graph.min_first_end, len(graph.names)):
+        live = {t: env[t] for t in graph.live(k)}
+        grads = {t: v for t, v in live.items() if v.is_floating_point() and t not in LABEL_INPUTS}
+        rows.append({"cut_before": k, "layer": graph.names[k], "trained_layers_after": k <= last_trained,
+                     "forward": {c: tensorcodec.wire_bytes(tensorcodec.encode(live, c, LABEL_INPUTS)) for c in codecs},
+                     "backward": {c: tensorcodec.wire_bytes(tensorcodec.encode(grads, c)) for c in codecs}})
+    return rows
+
+
+def link_floor(cfg: BenchConfig, traffic: list[dict[str, Any]], standalone_sps: float) -> dict[str, Any]:
+    """How fast any pipeline of this cluster could train, bounded by its links alone (emulated rates).
+
+    A pipeline with a cut moves that cut's forward bytes one way and its gradients back, each direction on
+    its own link; per sample that takes at least max(forward, backward) / rate. Only cuts with trained layers
+    after them count (a stage holding just the parameter-free tail -- pooling, the loss -- adds no compute).
+    With the cheapest such cut on the fastest link this bounds every pipeline that shares compute; ratio > 1
+    means links alone need not stop a pipeline from matching standalone, < 1 that no partition can."""
+    from flad_core.fleet import PAPER_PROFILES
+
+    rates = sorted({PAPER_PROFILES[p].link_mbps for _, p in cfg.cluster})
+    out: dict[str, Any] = {"standalone_s_per_sample": 1.0 / standalone_sps if standalone_sps else None,
+                           "link_mbps": {"slowest": rates[0], "fastest": rates[-1]}, "codecs": {}}
+    useful = [r for r in traffic if r["trained_layers_after"]] or traffic
+    for c in cfg.codecs:
+        best = min(useful, key=lambda r: max(r["forward"][c], r["backward"][c]))
+        nbytes = max(best["forward"][c], best["backward"][c])
+        row: dict[str, Any] = {"cheapest_cut_before": best["cut_before"], "layer": best["layer"],
+                               "forward_bytes_per_sample": best["forward"][c],
+                               "backward_bytes_per_sample": best["backward"][c]}
+        for name, mbps in (("fastest", rates[-1]), ("slowest", rates[0])):
+            link_s = nbytes * 8 / (mbps * 1e6)
+            row[f"link_s_per_sample_{name}"] = link_s
+            row[f"max_pipeline_vs_standalone_{name}_link"] = (out["standalone_s_per_sample"] / link_s
+                                                              if out["standalone_s_per_sample"] else None)
+        out["codecs"][c] = row
+    return out
+
+
+def run_floor_only(cfg: BenchConfig) -> dict[str, Any]:
+    """`--only floor`: the standalone run and the links' floor (`link_floor`) -- whether pipelining this encoder
+    over this cluster's links can pay at all, in about a minute even for the paper-size encoder."""
+    from flad_core.emulation import host_tflops as calibrate
+    from flad_core.fleet import PAPER_PROFILES
+
+    t_start = time.monotonic()
+    host = calibrate()
+    fastest = max(PAPER_PROFILES[p].tflops for _, p in cfg.cluster)
+    ts = cfg.time_scale or auto_time_scale(host, fastest, cfg.agx_factor)
+    profile = layer_profile(cfg.encoder)
+    n_layers = len(profile["layers"])
+    swift, swift_pred = swift_pipeline(cfg, profile, None)
+    fleet = BenchFleet(cfg, host, ts)
+    try:
+        agx = max(cfg.cluster, key=lambda x: PAPER_PROFILES[x[1]].tflops)[0]
+        standalone = fleet.run([(agx, 0, n_layers)], steps=cfg.steps, n_micro=1)
+    finally:
+        fleet.close()
+    traffic = cut_traffic(cfg.encoder, cfg.data, cfg.data_owner, cfg.codecs)
+    swift_cuts = {e for _, _, e in swift[:-1]}
+    out: dict[str, Any] = {"conditions": conditions(cfg, host, ts), "layers": n_layers, "only": "floor",
+                           "standalone_samples_per_s": standalone["samples_per_s"],
+                           "swift_partition": swift, **swift_pred,
+                           "swift_cut_traffic": [r for r in traffic if r["cut_before"] in swift_cuts],
+                           "link_floor": link_floor(cfg, traffic, standalone["samples_per_s"]),
+                           "bench_seconds": round(time.monotonic() - t_start, 1)}
     out["conditions"]["loadavg_end"] = list(os.getloadavg())
     return out
 
@@ -582,8 +676,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"codecs to sweep (default: {' '.join(CODECS)})")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
                         help="stage-traffic modes of the codec sweep (default: all three)")
-    parser.add_argument("--only", choices=("codecs",), default=None,
-                        help="run only one part: `codecs` = the codec sweep in both modes (no throughput runs)")
+    parser.add_argument("--only", choices=("codecs", "floor"), default=None,
+                        help="run only one part: `codecs` = the codec sweep in both modes (no throughput runs); "
+                             "`floor` = standalone + the bytes every cut moves and the bound the links alone set")
     parser.add_argument("--agx-factor", type=float, default=None,
                         help="with the auto time scale: how much slower than one host core the fastest device runs")
     parser.add_argument("--no-torch-pipelining", action="store_true")
@@ -601,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     if args.only == "codecs":
         out.update(run_codecs_only(cfg))
+    elif args.only == "floor":
+        out.update(run_floor_only(cfg))
     elif not args.noniid_only:
         out.update(run_throughput(cfg))
     if args.noniid or args.noniid_only:
