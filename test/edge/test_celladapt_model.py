@@ -166,6 +166,7 @@ def test_feature_set_cache_round_trip(tmp_path, data: FeatureSet) -> None:
     data.save(tmp_path / "f.npz")
     back = FeatureSet.load(tmp_path / "f.npz")
     assert torch.equal(back.features, data.features) and back.instructions == data.instructions
+    assert data.eoi is not None and torch.equal(back.eoi, data.eoi)
     assert len(data.select(towns=["Town01"])) + len(data.select(exclude_towns=["Town01"])) == len(data)
 
 
@@ -183,3 +184,37 @@ def test_waypoint_metrics_by_hand():
     assert m["wp_fde"] == pytest.approx((math.hypot(1.0, 0.3) + math.hypot(0.1, 0.3)) / 2)
     assert m["progress_ratio"] == pytest.approx(math.hypot(4.0, 0.3) / 5.0)   # only the moving sample counts
     assert waypoint_metrics(gt[1:], gt[1:])["progress_ratio"] is None         # nobody moving: no ratio
+
+
+def test_end_of_instruction_labels_by_hand():
+    from flad_edge.celladapt.data import end_of_instruction_labels
+
+    cmds = [0, 0, 0, 0, 0, 2, 2, 3, 3, 3]
+    # horizon 2: frames 3, 4 (command 2 at frame 5), 5, 6 (3 at 7) are completing; the last frames are not
+    assert end_of_instruction_labels(cmds, 2).tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0]
+    assert end_of_instruction_labels(cmds, 1).tolist() == [0, 0, 0, 0, 1, 0, 1, 0, 0, 0]
+    assert end_of_instruction_labels([4], 4).tolist() == [0] and end_of_instruction_labels([], 4).tolist() == []
+
+
+def test_eoi_metrics_by_hand():
+    from flad_edge.celladapt.train import eoi_metrics
+
+    logits = torch.tensor([2.0, 1.0, -1.0, -3.0, 0.5, -0.2])
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])    # tp 2, fp 1, fn 1, tn 2
+    m = eoi_metrics(logits, labels)
+    assert m["positive_rate"] == 0.5 and m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["balanced_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_training_learns_the_end_of_instruction_flag(data: FeatureSet) -> None:
+    model = tiny()
+    before = evaluate(model, data)["eoi"]
+    r = fit(model, data, FitConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=2, eoi_weight=1.0))
+    after = evaluate(model, data)["eoi"]
+    assert after["balanced_accuracy"] > max(0.8, before["balanced_accuracy"] or 0.0), (before, after, r)
+    # with the flag switched off its head stays where it started
+    frozen = tiny()
+    w0 = frozen.end_head.weight.detach().clone()
+    fit(frozen, data, FitConfig(steps=5, batch_size=16, lr=3e-3, eoi_weight=0.0))
+    assert torch.equal(frozen.end_head.weight, w0)

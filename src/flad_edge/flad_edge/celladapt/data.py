@@ -22,10 +22,28 @@ from flad_core.atomic import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
 
+#: end-of-instruction label horizon: a frame is labelled 1 when its navigation command changes within the next
+#: this many frames (~1 s at the default 4 recorded frames per second): the instruction is being completed
+EOI_HORIZON_FRAMES = 4
+#: bump when the cached feature format changes, so stale caches are rebuilt rather than misread
+CACHE_FORMAT = b"features-v2-eoi"
+
+
+def end_of_instruction_labels(commands: Sequence[int] | np.ndarray, horizon: int = EOI_HORIZON_FRAMES
+                              ) -> np.ndarray:
+    """LMDrive's "instruction completed" flag from one shard's commands in recording order: 1.0 where one of
+    the next `horizon` frames has another command (the current instruction ends there), else 0.0."""
+    c = np.asarray(commands)
+    out = np.zeros(len(c), np.float32)
+    for h in range(1, min(horizon, len(c) - 1) + 1):
+        out[:-h] = np.maximum(out[:-h], (c[h:] != c[:-h]).astype(np.float32))
+    return out
+
 
 @dataclass
 class FeatureSet:
-    """N samples: features [N,T,D] float32, waypoints [N,5,2] metres (ego frame), texts, town, vehicle."""
+    """N samples: features [N,T,D] float32, waypoints [N,5,2] metres (ego frame), texts, town, vehicle, and
+    (where the data has navigation commands) the end-of-instruction labels [N] (0/1 float)."""
 
     features: Tensor
     waypoints: Tensor
@@ -34,6 +52,7 @@ class FeatureSet:
     towns: list[str]
     vehicles: list[str]
     encoder_waypoints: Tensor | None = None   # the encoder's own head on the same frames (a baseline)
+    eoi: Tensor | None = None                 # end-of-instruction labels (`end_of_instruction_labels`)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -44,7 +63,8 @@ class FeatureSet:
         return FeatureSet(self.features[t], self.waypoints[t], [self.instructions[i] for i in idx],
                           [self.notices[i] for i in idx], [self.towns[i] for i in idx],
                           [self.vehicles[i] for i in idx],
-                          self.encoder_waypoints[t] if self.encoder_waypoints is not None else None)
+                          self.encoder_waypoints[t] if self.encoder_waypoints is not None else None,
+                          self.eoi[t] if self.eoi is not None else None)
 
     def select(self, towns: Sequence[str] | None = None, vehicles: Sequence[str] | None = None,
                exclude_towns: Sequence[str] = ()) -> FeatureSet:
@@ -63,8 +83,11 @@ class FeatureSet:
             if drop_last and len(idx) < batch_size:
                 return
             t = torch.from_numpy(idx)
-            yield {"features": self.features[t], "waypoints": self.waypoints[t],
-                   "instruction": [self.instructions[i] for i in idx], "notice": [self.notices[i] for i in idx]}
+            batch = {"features": self.features[t], "waypoints": self.waypoints[t],
+                     "instruction": [self.instructions[i] for i in idx], "notice": [self.notices[i] for i in idx]}
+            if self.eoi is not None:
+                batch["eoi"] = self.eoi[t]
+            yield batch
 
     def endless(self, batch_size: int, seed: int = 0) -> Iterator[dict]:
         epoch = 0
@@ -76,6 +99,8 @@ class FeatureSet:
         path = Path(path)
         with atomic_open(path, "wb") as fh:
             extra = {} if self.encoder_waypoints is None else {"encoder_waypoints": self.encoder_waypoints.numpy()}
+            if self.eoi is not None:
+                extra["eoi"] = self.eoi.numpy()
             np.savez(fh, features=self.features.numpy(), waypoints=self.waypoints.numpy(), **extra)
         atomic_write_text(path.with_suffix(".json"), json.dumps(
             {"instructions": self.instructions, "notices": self.notices, "towns": self.towns,
@@ -88,7 +113,8 @@ class FeatureSet:
         meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
         fs = cls(torch.from_numpy(arr["features"]), torch.from_numpy(arr["waypoints"]), meta["instructions"],
                  meta["notices"], meta["towns"], meta["vehicles"],
-                 torch.from_numpy(arr["encoder_waypoints"]) if "encoder_waypoints" in arr else None)
+                 torch.from_numpy(arr["encoder_waypoints"]) if "encoder_waypoints" in arr else None,
+                 torch.from_numpy(arr["eoi"]) if "eoi" in arr else None)
         if not (len(fs.instructions) == len(fs.notices) == len(fs.towns) == len(fs) == len(fs.waypoints)):
             raise ValueError(f"{path}: inconsistent feature cache")
         return fs
@@ -103,10 +129,13 @@ def extract_features(encoder, root: str | Path, batch_size: int = 32) -> Feature
     encoder.eval()
     ds = FleetDataset.open(root)
     names = list(encoder.input_names)
-    feats, wps, ewps, ins, nots, towns, vehs = [], [], [], [], [], [], []
+    feats, wps, ewps, ins, nots, towns, vehs, eois = [], [], [], [], [], [], [], []
     for shard in ds.select():
         town = shard.towns[0] if len(shard.towns) == 1 else "mixed"
-        for b in iter_batches(shard, batch_size, shuffle=False, fields=[*names, "waypoints", "instruction", "notice"]):
+        commands: list[np.ndarray] = []
+        for b in iter_batches(shard, batch_size, shuffle=False,
+                              fields=[*names, "waypoints", "instruction", "notice", "command"]):
+            commands.append(np.asarray(b["command"]).reshape(-1))
             out = encoder(batch_to_torch(b, tuple(names)))
             f = out["features"]
             feats.append(f.float())
@@ -116,12 +145,13 @@ def extract_features(encoder, root: str | Path, batch_size: int = 32) -> Feature
             nots += list(b["notice"])
             towns += [town] * len(f)
             vehs += [shard.vehicle_id] * len(f)
-    return FeatureSet(torch.cat(feats), torch.cat(wps), ins, nots, towns, vehs, torch.cat(ewps))
+        eois.append(torch.from_numpy(end_of_instruction_labels(np.concatenate(commands))))
+    return FeatureSet(torch.cat(feats), torch.cat(wps), ins, nots, towns, vehs, torch.cat(ewps), torch.cat(eois))
 
 
 def cached_features(encoder, root: str | Path, checkpoint: str | Path, cache_dir: str | Path) -> FeatureSet:
     """`extract_features`, cached under `cache_dir` by (dataset manifest, encoder checkpoint) digest."""
-    h = hashlib.sha1()
+    h = hashlib.sha1(CACHE_FORMAT)
     h.update((Path(root) / "manifest.json").read_bytes())
     h.update(Path(checkpoint).read_bytes() if checkpoint and Path(checkpoint).exists() else b"random")
     path = Path(cache_dir) / f"features-{h.hexdigest()[:12]}.npz"
@@ -146,5 +176,6 @@ def synthetic_feature_set(n: int = 256, n_tokens: int = 31, d: int = 64, seed: i
     lat = torch.tensor([1.0, -1.0, 0.0, 0.0, 0.6, -0.6])[cmd]
     wp = torch.stack([speed[:, None] * t, lat[:, None] * t ** 2], dim=-1)
     ins = [instruction_text(int(c), None, i) for i, c in enumerate(cmd)]
+    eoi = (f[:, 0, 1] > 1.0).float()        # "completed" is visible in the features (~16 % positives)
     return FeatureSet(f, wp.float(), ins, [""] * n, ["Town01" if i % 2 else "Town02" for i in range(n)],
-                      [f"v{i % 4:03d}" for i in range(n)])
+                      [f"v{i % 4:03d}" for i in range(n)], eoi=eoi)

@@ -35,6 +35,7 @@ class FitConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 10
     alpha: float = 0.5           # distillation: weight of L1 to the teacher (1 - alpha: to ground truth)
+    eoi_weight: float = 0.1      # end-of-instruction flag: weight of its BCE (ground truth; 0 = untrained)
     seconds: float = 0.0         # time budget; 0 = steps only
     seed: int = 0
     log_every: int = 20
@@ -69,9 +70,17 @@ def _forward(model: ADLLM, batch: dict) -> dict[str, Tensor]:
     return model(batch["features"], ids, mask)
 
 
+def eoi_loss(end_logit: Tensor, eoi: Tensor, pos_weight: float = 1.0) -> Tensor:
+    """BCE of the end-of-instruction flag; `pos_weight` offsets how rare completions are."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        end_logit, eoi.to(end_logit.dtype), pos_weight=torch.tensor(pos_weight, dtype=end_logit.dtype))
+
+
 def train_step(model: ADLLM, batch: dict, opt: torch.optim.Optimizer, grad_clip: float = 1.0,
-               teacher: ADLLM | None = None, alpha: float = 1.0) -> dict[str, float]:
-    """One optimiser step: waypoint L1 to ground truth, or (with `teacher`) the distillation loss."""
+               teacher: ADLLM | None = None, alpha: float = 1.0, eoi_weight: float = 0.0,
+               eoi_pos_weight: float = 1.0) -> dict[str, float]:
+    """One optimiser step: waypoint L1 to ground truth, or (with `teacher`) the distillation loss; plus
+    `eoi_weight` x the end-of-instruction BCE (to ground truth) when the batch has `eoi` labels."""
     model.train()
     out = _forward(model, batch)
     gt = batch["waypoints"]
@@ -81,12 +90,18 @@ def train_step(model: ADLLM, batch: dict, opt: torch.optim.Optimizer, grad_clip:
         loss = distill_loss(out["waypoints"], t_wp, gt, alpha)
     else:
         loss = waypoint_l1(out["waypoints"], gt)
+    rec: dict[str, float] = {}
+    if eoi_weight > 0 and batch.get("eoi") is not None and model.end_head.weight.requires_grad:
+        e = eoi_loss(out["end_logit"], batch["eoi"], eoi_pos_weight)
+        loss = loss + eoi_weight * e
+        rec["eoi_bce"] = float(e.detach())
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
     gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
     opt.step()
-    return {"loss": loss.item(), "l1_gt": float(waypoint_l1(out["waypoints"].detach(), gt)), "grad_norm": gnorm}
+    return {"loss": loss.item(), "l1_gt": float(waypoint_l1(out["waypoints"].detach(), gt)), "grad_norm": gnorm,
+            **rec}
 
 
 def make_optimizer(model: ADLLM, cfg: FitConfig) -> torch.optim.AdamW:
@@ -104,6 +119,10 @@ def fit(model: ADLLM, data: FeatureSet, cfg: FitConfig, teacher: ADLLM | None = 
         teacher.eval()
     opt = make_optimizer(model, cfg)
     it = data.endless(cfg.batch_size, seed=cfg.seed)
+    pos_weight = 1.0
+    if data.eoi is not None and len(data):
+        p = float(data.eoi.mean())      # completions are rare: weigh positives by the negative/positive ratio
+        pos_weight = min(max((1 - p) / p, 1.0), 20.0) if p > 0 else 1.0
     t0 = time.perf_counter()
     losses: list[float] = []
     step = 0
@@ -118,7 +137,7 @@ def fit(model: ADLLM, data: FeatureSet, cfg: FitConfig, teacher: ADLLM | None = 
             f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
         for g in opt.param_groups:
             g["lr"] = cfg.lr * f
-        rec = train_step(model, next(it), opt, cfg.grad_clip, teacher, cfg.alpha)
+        rec = train_step(model, next(it), opt, cfg.grad_clip, teacher, cfg.alpha, cfg.eoi_weight, pos_weight)
         losses.append(rec["loss"])
         if on_log is not None and (step % cfg.log_every == 0 or step == 1):
             on_log({"step": step, **rec, "lr": cfg.lr * f, "elapsed_s": round(time.perf_counter() - t0, 2)})
@@ -145,18 +164,39 @@ def waypoint_metrics(pred: Tensor, gt: Tensor) -> dict[str, float | None]:
             "progress_ratio": ratio}
 
 
+def eoi_metrics(end_logit: Tensor, eoi: Tensor) -> dict[str, float | None]:
+    """The end-of-instruction flag at logit 0: positive rate, accuracy, balanced accuracy, precision, recall, F1."""
+    pred, true = end_logit > 0, eoi > 0.5
+    tp, fp = int((pred & true).sum()), int((pred & ~true).sum())
+    fn, tn = int((~pred & true).sum()), int((~pred & ~true).sum())
+    prec = tp / (tp + fp) if tp + fp else None
+    rec = tp / (tp + fn) if tp + fn else None
+    spec = tn / (tn + fp) if tn + fp else None
+    return {"positive_rate": (tp + fn) / max(len(true), 1), "accuracy": (tp + tn) / max(len(true), 1),
+            "balanced_accuracy": (rec + spec) / 2 if rec is not None and spec is not None else None,
+            "precision": prec, "recall": rec,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None}
+
+
 @torch.no_grad()
-def evaluate(model: ADLLM, data: FeatureSet | Iterable[dict], batch_size: int = 64) -> dict[str, float | None]:
-    """`waypoint_metrics` of the model's waypoints over a feature set."""
+def evaluate(model: ADLLM, data: FeatureSet | Iterable[dict], batch_size: int = 64) -> dict[str, Any]:
+    """`waypoint_metrics` of the model's waypoints over a feature set (+ `eoi_metrics` where it has labels)."""
     model.eval()
     batches = data.batches(batch_size, shuffle=False) if isinstance(data, FeatureSet) else data
-    preds, gts = [], []
+    preds, gts, logits, eois = [], [], [], []
     for b in batches:
-        preds.append(_forward(model, b)["waypoints"])
+        out = _forward(model, b)
+        preds.append(out["waypoints"])
         gts.append(b["waypoints"])
+        if b.get("eoi") is not None:
+            logits.append(out["end_logit"])
+            eois.append(b["eoi"])
     if not preds:
         return {"samples": 0, "wp_l1": 0.0, "wp_ade": 0.0, "wp_fde": 0.0, "progress_ratio": None}
-    return waypoint_metrics(torch.cat(preds), torch.cat(gts))
+    res: dict[str, Any] = waypoint_metrics(torch.cat(preds), torch.cat(gts))
+    if eois and len(eois) == len(preds):
+        res["eoi"] = eoi_metrics(torch.cat(logits), torch.cat(eois))
+    return res
 
 
 def apply_lora(model: ADLLM, settings: LoraSettings | None = None) -> ADLLM:
