@@ -168,3 +168,41 @@ def test_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="waypoint_source"):
         from_dict(ControllerConfig, {"waypoint_source": "oracle"})
     assert from_dict(ControllerConfig, {"pid": {"turn_kp": 2.0}}).pid.turn_kp == 2.0
+
+
+def test_creep_rule_restarts_a_car_stuck_on_a_stop_plan_and_respects_the_lidar(rig) -> None:
+    """The node applies WaypointAgent's creep rule: standstill for stuck_after_s with a clear box ahead ->
+    follow the navigation target point at creep_speed; an obstacle in the box ends the creep."""
+    r = rig(waypoint_source="edge", stuck_after_s=1.0, creep_s=2.0, creep_speed=2.0)
+    stop = np.zeros((5, 2))                          # a planner that wants to stand still (e.g. a stale "stop")
+    clear = np.array([[30.0, 0.0, 1.0, 0.5], [-5.0, 0.0, 1.0, 0.5]], np.float32)   # nothing in the box ahead
+    blocked = np.array([[4.0, 0.2, 1.0, 0.5]], np.float32)                           # something 4 m ahead
+    labels = {"target_point": [10.0, 0.0], "command": 3, "instruction": "follow the lane", "notice": ""}
+
+    def tick(t: float, points: np.ndarray) -> object:
+        n = len(r.controls)
+        r.world.publish("/carla/hero/lidar", B.pointcloud_msg(points, t, "hero/lidar"))
+        r.world.publish("/carla/hero/navigation", B.navigation_msg(labels, t, "hero", 100.0))
+        r.world.publish("/flad/v0/waypoints", B.path_msg(stop, t, "v0/base_link"))
+        time.sleep(0.05)
+        r.world.publish("/carla/hero/odometry", _odometry(t))
+        return r.wait(n + 1)[-1]
+
+    early = [tick(t, clear) for t in (0.0, 0.5)]
+    assert all(c.brake == 1.0 and c.throttle == 0.0 for c in early)        # the plan says stop: it stops
+    creeping = tick(1.0, clear)                                            # 1 s at standstill: creep
+    assert creeping.brake == 0.0 and creeping.throttle > 0.0
+    assert r.ctl.creep.creeps == 1
+    assert tick(1.5, blocked).brake == 1.0                                 # obstacle ahead: the creep ends
+
+
+def test_creep_rule_off_means_no_lidar_subscription(rig) -> None:
+    r = rig(waypoint_source="edge", stuck_after_s=0.0)
+    r.world.publish("/flad/v0/waypoints", B.path_msg(np.zeros((5, 2)), 0.0, "v0/base_link"))
+    time.sleep(0.1)
+    for t in (0.0, 5.0, 11.0, 15.0):
+        r.world.publish("/flad/v0/waypoints", B.path_msg(np.zeros((5, 2)), t, "v0/base_link"))
+        time.sleep(0.05)
+        r.world.publish("/carla/hero/odometry", _odometry(t))
+    cs = r.wait(4)
+    assert len(cs) == 4 and all(c.brake == 1.0 for c in cs) and r.ctl.creep.creeps == 0

@@ -86,11 +86,7 @@ class WaypointAgent:
                  plan_every: int = 10, name: str = "agent", stuck_after_s: float = 10.0, creep_s: float = 2.0,
                  creep_speed: float = 2.0, rearm_s: float = 1.0) -> None:
         self.encoder = encoder.eval()
-        self.stuck_after_s = stuck_after_s
-        self.creep_s = creep_s
-        self.creep_speed = creep_speed
-        self.rearm_s = rearm_s
-        self.creeps = 0
+        self.creep = CreepRule(stuck_after_s, creep_s, creep_speed, rearm_s)
         self.source = source
         self.pid = WaypointPID(pid)
         self.plan_every = max(1, plan_every)
@@ -103,8 +99,7 @@ class WaypointAgent:
         self.plan: np.ndarray | None = None
         self.plan_pose = (0.0, 0.0, 0.0)
         self.plan_t = 0.0
-        self.stopped_since: float | None = None
-        self.creep_until = -100.0
+        self.creep.reset()
         self.front_clear = True
 
     @torch.no_grad()
@@ -143,24 +138,50 @@ class WaypointAgent:
             self._replan(obs)
         self.tick += 1
         t, speed = float(obs["time_s"]), float(obs["ego"].speed)
-        wp = self.current_waypoints(obs)
-        if self.stuck_after_s > 0:
-            if abs(speed) >= 0.1:
-                self.stopped_since = None
-            elif self.stopped_since is None:
-                self.stopped_since = t
-            wait = self.rearm_s if t - self.creep_until < 10.0 else self.stuck_after_s
-            if (self.stopped_since is not None and t - self.stopped_since >= wait
-                    and self.front_clear and t >= self.creep_until):
-                self.creep_until = t + self.creep_s
-                self.stopped_since = None
-                self.creeps += 1
-            if t < self.creep_until:
-                if not self.front_clear:
-                    self.creep_until = t
-                else:
-                    wp = creep_waypoints(obs.get("labels", {}).get("target_point"), self.creep_speed)
+        wp = self.creep.apply(t, speed, self.front_clear, obs.get("labels", {}).get("target_point"),
+                              self.current_waypoints(obs))
         return self.pid.step(wp, speed)
+
+    @property
+    def creeps(self) -> int:
+        return self.creep.creeps
+
+
+class CreepRule:
+    """The stuck detector of the module docstring, shared by `WaypointAgent` and the controller node's loop."""
+
+    def __init__(self, stuck_after_s: float = 10.0, creep_s: float = 2.0, creep_speed: float = 2.0,
+                 rearm_s: float = 1.0) -> None:
+        self.stuck_after_s = stuck_after_s
+        self.creep_s = creep_s
+        self.creep_speed = creep_speed
+        self.rearm_s = rearm_s
+        self.creeps = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.stopped_since: float | None = None
+        self.creep_until = -100.0
+
+    def apply(self, t: float, speed: float, front_clear: bool, target_point: Any, wp: np.ndarray) -> np.ndarray:
+        """The waypoints to follow at time `t`: `wp`, or a creep towards `target_point` while creeping."""
+        if self.stuck_after_s <= 0:
+            return wp
+        if abs(speed) >= 0.1:
+            self.stopped_since = None
+        elif self.stopped_since is None:
+            self.stopped_since = t
+        wait = self.rearm_s if t - self.creep_until < 10.0 else self.stuck_after_s
+        if self.stopped_since is not None and t - self.stopped_since >= wait and front_clear and t >= self.creep_until:
+            self.creep_until = t + self.creep_s
+            self.stopped_since = None
+            self.creeps += 1
+        if t < self.creep_until:
+            if not front_clear:
+                self.creep_until = t
+            else:
+                return creep_waypoints(target_point, self.creep_speed)
+        return wp
 
 
 def front_box_clear(lidar: np.ndarray | None, x: tuple[float, float] = (1.5, 9.0), half_width: float = 1.0,

@@ -14,6 +14,11 @@ control is for its current tick):
   odometry is held until the plan for it arrives (or `sync_wait_s` of wall time passed), so the controller
   acts on the frame's own waypoints, not the previous ones; 0 disables holding (CARLA asynchronous mode).
 
+- creeping: the same stuck-detector rule as `WaypointAgent` (`CreepRule`: after `stuck_after_s` at standstill
+  with no LiDAR return in the box ahead, follow the route's target point from /carla/<role>/navigation at
+  `creep_speed` for `creep_s`), fed by /carla/<role>/lidar; `stuck_after_s` = 0 turns it (and both
+  subscriptions) off, and the privileged `expert` source never creeps.
+
 Speed is the odometry's forward twist (the same frame as the pose; /speedometer carries the same value).
 Waypoint sources: `edge` (/flad/<vid>/waypoints from the edge waypoint node), `encoder_head` (the same
 topic, published by the encoder node itself), `expert` (/carla/<role>/expert_waypoints from the world bridge,
@@ -35,7 +40,7 @@ from flad_core.config import ConfigError
 from flad_sim import bridge as B
 from flad_sim.physics import Control
 
-from .agent import resample, to_frame
+from .agent import CreepRule, front_box_clear, resample, to_frame
 from .pid import PIDConfig, WaypointPID, to_ros_control
 
 log = logging.getLogger(__name__)
@@ -66,6 +71,13 @@ class ControllerConfig:
         "help": "synchronous planning: wall seconds to hold a tick for its waypoints before acting without them"})
     carry_forward: bool = field(default=True, metadata={
         "help": "move the plan into the current ego frame at the current time (off: use it as received)"})
+    stuck_after_s: float = field(default=10.0, metadata={
+        "help": "creep rule: seconds at standstill (with a clear LiDAR box ahead) before creeping towards the "
+                "route's target point (0: off; no LiDAR or navigation subscription then)"})
+    creep_s: float = field(default=2.0, metadata={"help": "creep rule: how long one creep lasts (s)"})
+    creep_speed: float = field(default=2.0, metadata={"help": "creep rule: creeping speed (m/s)"})
+    rearm_s: float = field(default=1.0, metadata={
+        "help": "creep rule: standstill before creeping again within 10 s of the last creep (s)"})
     pid: PIDConfig = field(default_factory=PIDConfig)
 
     def validate(self) -> None:
@@ -75,6 +87,9 @@ class ControllerConfig:
             raise ConfigError("max_waypoint_age_s", f"must be > 0, got {self.max_waypoint_age_s}")
         if self.sync_plan_period_s < 0 or self.sync_wait_s < 0:
             raise ConfigError("sync_plan_period_s", "sync_plan_period_s and sync_wait_s must be >= 0")
+        for name in ("stuck_after_s", "creep_s", "creep_speed", "rearm_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -106,8 +121,16 @@ class ControllerLoop:
         self.exit_code = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # the expert source is the privileged reference: it never needs (and never gets) the creep rule
+        stuck = 0.0 if cfg.waypoint_source == "expert" else cfg.stuck_after_s
+        self.creep = CreepRule(stuck, cfg.creep_s, cfg.creep_speed, cfg.rearm_s)
+        self.front_clear = True
+        self.target_point: np.ndarray | None = None
         bus.subscribe(self.waypoint_topic, "nav_msgs/msg/Path", self._on_path, finite=True)
         bus.subscribe(B.topic(cfg.role_name, "odometry"), "nav_msgs/msg/Odometry", self._on_odometry, finite=True)
+        if stuck > 0:
+            bus.subscribe(B.topic(cfg.role_name, "lidar"), "sensor_msgs/msg/PointCloud2", self._on_lidar)
+            bus.subscribe(B.topic(cfg.role_name, "navigation"), "flad_msgs/msg/Navigation", self._on_navigation)
 
     # ------------------------------------------------------------------------------------------ inputs
     def _on_path(self, msg: Any) -> None:
@@ -121,6 +144,19 @@ class ControllerLoop:
                 return                                   # late: a newer plan is in use
             self._plan = _Plan(wp, B.stamp_seconds(msg.header), key)
             self._release(force=False)
+
+    def _on_lidar(self, msg: Any) -> None:
+        try:
+            clear = front_box_clear(B.points_from_msg(msg))
+        except ValueError as exc:
+            log.warning("%s: ignored a point cloud: %s", B.topic(self.cfg.role_name, "lidar"), exc)
+            return
+        with self._lock:
+            self.front_clear = clear
+
+    def _on_navigation(self, msg: Any) -> None:
+        with self._lock:
+            self.target_point = np.array([msg.target_point.x, msg.target_point.y], np.float64)
 
     def _on_odometry(self, msg: Any) -> None:
         key = B.stamp_key(msg.header)
@@ -168,6 +204,7 @@ class ControllerLoop:
                 earlier = [k for k in self._poses if k <= plan.key]
                 plan_pose = self._poses[earlier[-1]] if earlier else pose
             wp = to_frame(resample(wp, max(t - plan.t, 0.0), self.cfg.pid.waypoint_dt_s), plan_pose, pose)
+        wp = self.creep.apply(t, speed, self.front_clear, self.target_point, wp)
         return self.pid.step(wp, speed)
 
     def _act(self, msg: Any) -> None:
