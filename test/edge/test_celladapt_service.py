@@ -164,3 +164,23 @@ def test_request_message_round_trip() -> None:
     assert back.features.vehicle_id == "v007" and back.features.frame == 42 and list(back.features.shape) == [31, 64]
     assert back.instruction == "turn right now" and back.notice == "stop sign ahead"
     assert back.timeout_s == pytest.approx(0.25)
+
+
+def test_window_closes_once_every_active_vehicle_is_queued(model: ADLLM, bus: ZmqBus) -> None:
+    """A lone vehicle is answered without waiting out a long window; while another vehicle is active but has
+    nothing queued, the window is waited out (up to max_wait_ms)."""
+    addr = free_tcp_address()
+    cfg = ServiceConfig(address=addr, max_batch=8, max_wait_ms=2000.0, peer_idle_s=60.0, default_timeout_s=10.0)
+    f = np.zeros((31, 64), np.float32)
+    with WaypointService.for_model(model, cfg) as svc:
+        client = WaypointClient(bus, addr, timeout_s=10.0)
+        t0 = time.monotonic()
+        client.waypoints(f, "follow the lane", vehicle_id="v1")
+        alone = time.monotonic() - t0
+        client.waypoints(f, "follow the lane", vehicle_id="v2")          # v2 becomes active too
+        t0 = time.monotonic()
+        client.waypoints(f, "follow the lane", vehicle_id="v1")          # v2 is active, nothing of it queued
+        waited = time.monotonic() - t0
+    assert alone < 1.0, alone               # far below the 2 s window: everyone active was queued
+    assert waited >= 1.9, waited            # the window ran out (v2 might still have sent something)
+    assert svc.stats.replies_ok == 3

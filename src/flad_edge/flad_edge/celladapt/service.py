@@ -3,10 +3,12 @@
 It speaks the bus's request/reply wire format on its own ROUTER socket, so any `ZmqBus.request(...)`
 client works, but unlike `ZmqBus.serve` (one handler call per request) it batches dynamically: requests
 from many vehicles that arrive within `max_wait_ms` of the oldest queued one (up to `max_batch`) run as one
-forward pass. Every request has a deadline (its `timeout_s`, or the service default); one that expired
-while queued, or whose answer came too late, gets an error reply. A malformed request (bad CDR, wrong
-type, wrong shape/dtype/size, non-finite values, oversized text) gets an error reply and never stops the
-service. It runs on its own thread (or process, `flad llm serve`), independently of FHDP training.
+forward pass. The window closes early once every vehicle (client socket + vehicle_id) heard from in the
+last `peer_idle_s` has a request queued: a vehicle in closed loop has one request in flight, so waiting
+longer would only add latency. Every request has a deadline (its `timeout_s`, or the service default); one
+that expired while queued, or whose answer came too late, gets an error reply. A malformed request (bad
+CDR, wrong type, wrong shape/dtype/size, non-finite values, oversized text) gets an error reply and never
+stops the service. It runs on its own thread (or process, `flad llm serve`), independently of FHDP training.
 
 Wire format (as `flad_core.bus`): request [b"", req_id, service, typename, cdr] (DEALER → ROUTER);
 reply [b"", req_id, b"ok" | b"err", typename, cdr | utf-8 error text].
@@ -48,6 +50,8 @@ class ServiceConfig:
     service: str = SERVICE
     max_batch: int = 16
     max_wait_ms: float = 2.0        # batching window, counted from the oldest queued request
+    close_when_all_queued: bool = True   # run as soon as every recently active vehicle has a request queued
+    peer_idle_s: float = 1.0        # a vehicle silent this long no longer holds the window open
     default_timeout_s: float = 1.0
     threads: int = 0                # torch threads for the forward pass (0: leave as is)
     max_message_bytes: int = 4 * 1024 * 1024
@@ -155,6 +159,7 @@ class WaypointService:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._peers: dict[tuple[bytes, str], float] = {}   # (client socket, vehicle_id) -> its last request
 
     @classmethod
     def for_model(cls, model: Any, cfg: ServiceConfig | None = None, **kw: Any) -> WaypointService:
@@ -237,7 +242,8 @@ class WaypointService:
                         if item is not None:
                             queue.append(item)
                     continue_batching = queue and len(queue) < self.cfg.max_batch and \
-                        (time.monotonic() - queue[0].arrived) * 1000 < self.cfg.max_wait_ms
+                        (time.monotonic() - queue[0].arrived) * 1000 < self.cfg.max_wait_ms and \
+                        not self._everyone_queued(queue)
                     if continue_batching:
                         continue
                 if queue:
@@ -245,6 +251,16 @@ class WaypointService:
                     self._run_batch(sock, batch)
         finally:
             sock.close(0)
+
+    def _everyone_queued(self, queue: list[_Pending]) -> bool:
+        """Whether every client active within `peer_idle_s` has a request in `queue` (the window may close)."""
+        if not self.cfg.close_when_all_queued:
+            return False
+        cutoff = time.monotonic() - self.cfg.peer_idle_s
+        for peer in [p for p, seen in self._peers.items() if seen < cutoff]:
+            del self._peers[peer]
+        queued = {(p.peer, p.vehicle_id) for p in queue}
+        return all(peer in queued for peer in self._peers)
 
     def _reply(self, sock: zmq.Socket, peer: bytes, req_id: bytes, ok: bool, payload: bytes, rtype: str = "") -> None:
         sock.send_multipart([peer, b"", req_id, b"ok" if ok else b"err", rtype.encode(), payload])
@@ -286,6 +302,7 @@ class WaypointService:
             self._error_reply(sock, peer, req_id, f"bad request: {exc}")
             return None
         timeout = timeout or self.cfg.default_timeout_s
+        self._peers[(peer, msg.features.vehicle_id)] = now
         return _Pending(peer, req_id, feats, msg.instruction, msg.notice, msg.features.vehicle_id, now, now + timeout)
 
     def _run_batch(self, sock: zmq.Socket, batch: list[_Pending]) -> None:
