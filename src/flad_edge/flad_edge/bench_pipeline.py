@@ -409,16 +409,22 @@ def conditions(cfg: BenchConfig, host_tflops: float, time_scale: float) -> dict[
     }
 
 
-def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
-    """Configurations (a)-(e) and the codec sweep; returns the JSON-ready figures."""
+def _setup(cfg: BenchConfig) -> tuple[float, float, float, dict]:
+    """Start time, the host's calibrated TFLOPS, the emulation time scale and the encoder's layer profile."""
     from flad_core.emulation import host_tflops as calibrate
     from flad_core.fleet import PAPER_PROFILES
 
     t_start = time.monotonic()
     host = calibrate()
     fastest = max(PAPER_PROFILES[p].tflops for _, p in cfg.cluster)
-    ts = cfg.time_scale or auto_time_scale(host, fastest, cfg.agx_factor)
-    profile = layer_profile(cfg.encoder)
+    return t_start, host, cfg.time_scale or auto_time_scale(host, fastest, cfg.agx_factor), layer_profile(cfg.encoder)
+
+
+def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
+    """Configurations (a)-(e) and the codec sweep; returns the JSON-ready figures."""
+    from flad_core.fleet import PAPER_PROFILES
+
+    t_start, host, ts, profile = _setup(cfg)
     n_layers = len(profile["layers"])
     min_first = int(profile["min_first_stage_end"])
     swift, swift_pred = swift_pipeline(cfg, profile, None)
@@ -573,14 +579,9 @@ def link_floor(cfg: BenchConfig, traffic: list[dict[str, Any]], standalone_sps: 
 def run_floor_only(cfg: BenchConfig) -> dict[str, Any]:
     """`--only floor`: the standalone run and the links' floor (`link_floor`) -- whether pipelining this encoder
     over this cluster's links can pay at all, in about a minute even for the paper-size encoder."""
-    from flad_core.emulation import host_tflops as calibrate
     from flad_core.fleet import PAPER_PROFILES
 
-    t_start = time.monotonic()
-    host = calibrate()
-    fastest = max(PAPER_PROFILES[p].tflops for _, p in cfg.cluster)
-    ts = cfg.time_scale or auto_time_scale(host, fastest, cfg.agx_factor)
-    profile = layer_profile(cfg.encoder)
+    t_start, host, ts, profile = _setup(cfg)
     n_layers = len(profile["layers"])
     swift, swift_pred = swift_pipeline(cfg, profile, None)
     fleet = BenchFleet(cfg, host, ts)
@@ -604,14 +605,7 @@ def run_floor_only(cfg: BenchConfig) -> dict[str, Any]:
 def run_codecs_only(cfg: BenchConfig) -> dict[str, Any]:
     """Only the stage-traffic codec sweep, in both modes (`--only codecs`): bytes and losses are not timing
     figures, so unlike the throughput ratios they do not depend on how loaded the host is."""
-    from flad_core.emulation import host_tflops as calibrate
-    from flad_core.fleet import PAPER_PROFILES
-
-    t_start = time.monotonic()
-    host = calibrate()
-    fastest = max(PAPER_PROFILES[p].tflops for _, p in cfg.cluster)
-    ts = cfg.time_scale or auto_time_scale(host, fastest, cfg.agx_factor)
-    profile = layer_profile(cfg.encoder)
+    t_start, host, ts, profile = _setup(cfg)
     out: dict[str, Any] = {"conditions": conditions(cfg, host, ts), "layers": len(profile["layers"]),
                            "only": "codecs"}
     fleet = BenchFleet(cfg, host, ts)
