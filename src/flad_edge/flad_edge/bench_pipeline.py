@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedule", choices=("gpipe", "1f1b"), default=None)
     parser.add_argument("--random-draws", type=int, default=None)
     parser.add_argument("--random-steps", type=int, default=None, help="timed steps per random draw (no warm-up)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed of every configuration (and of the non-IID study)")
     parser.add_argument("--encoder", default=None,
                         help="encoder config: tiny (default) or paper (LMDrive-sized, ~1 s per sample on one core: "
                              "a full run takes tens of minutes; the tiny encoder is link-bound at Table 1's rates)")
@@ -702,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
             ncfg.rounds = args.noniid_rounds
         if args.noniid_steps is not None:
             ncfg.local_steps = args.noniid_steps
+        if args.seed is not None:
+            ncfg.seed = args.seed          # initial weights and data order of all three configurations
         if args.data and args.data != "synthetic":
             ncfg.data = args.data      # e.g. data/fleet-200 for 200 samples per vehicle
         try:
