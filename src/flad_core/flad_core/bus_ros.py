@@ -167,10 +167,16 @@ class RosBus(Bus):
             endpoints = [*self._publishers.values(), *self._subscriptions]
             self._publishers.clear()
             self._subscriptions.clear()
+        self._zmq.close()                # no service handler runs past this point
         if self._executor is not None:
-            self._executor.shutdown(timeout_sec=2.0)
+            self._executor.shutdown(timeout_sec=10.0)
         if self._spin is not None:
-            self._spin.join(timeout=2.0)
+            self._spin.join(timeout=10.0)
+            if self._spin.is_alive():
+                # destroying a node (or the context) under a still-spinning executor crashes rclpy: leave both
+                # to process exit rather than take the process down
+                log.warning("rosbus %s: the executor did not stop within 10 s; its node is left alive", self.identity)
+                return
         if self._own_node:
             self.node.destroy_node()     # destroys its publishers and subscriptions too
         else:
@@ -179,6 +185,5 @@ class RosBus(Bus):
                     self.node.destroy_publisher(ep)
                 else:
                     self.node.destroy_subscription(ep)
-        self._zmq.close()
         if self._own_context:
             _release_context()
