@@ -55,10 +55,18 @@ def test_codec_byte_ratios_on_wide_activations():
     for codec in ("fp16", "bf16"):
         assert fp32 / _frame_bytes(acts, codec) == pytest.approx(2.0, rel=0.05)
     assert fp32 / _frame_bytes(acts, "int8") > 3.5
-    # integer labels are never compressed, so they cap the ratio of a frame that carries them
-    with_labels = {**acts, "tl_state": torch.zeros(8, dtype=torch.int64), "bev": torch.zeros(8, 50, 50,
-                                                                                          dtype=torch.uint8)}
-    assert _frame_bytes(with_labels, "fp32") / _frame_bytes(with_labels, "int8") < fp32 / _frame_bytes(acts, "int8")
+    # integer labels are never quantised: fp32 sends them raw, int8 deflates them (a mostly empty BEV label is a
+    # few dozen bytes), so they no longer dilute int8's ratio; they still arrive bit-exact
+    bev = torch.zeros(8, 50, 50, dtype=torch.uint8)
+    bev[:, 10:14, 20:23] = 1
+    labels = {"tl_state": torch.arange(8, dtype=torch.int64) % 4, "bev": bev}
+    with_labels = {**acts, **labels}
+    assert _frame_bytes(with_labels, "fp32") - fp32 > bev.numel()
+    assert _frame_bytes(with_labels, "int8") - _frame_bytes(acts, "int8") < bev.numel() // 20
+    _, wire = tensorframe.unpack(tensorframe.pack(tensorcodec.encode(with_labels, "int8"),
+                                                  kind=tensorframe.KIND_ACTIVATION, step=0, micro_batch=0, stage=0))
+    back = tensorcodec.decode(wire)
+    assert all(torch.equal(back[k], v) for k, v in labels.items())
 
 
 def test_summarize_turns_step_records_into_emulated_throughput():
@@ -171,9 +179,12 @@ def test_cut_traffic_counts_live_tensors_and_keeps_labels_exact():
     assert loss["forward"]["fp32"] == 4 * (2500 + 4 + 10 + 31 * 64) + 2500 + 8 + 40
     assert loss["backward"]["fp32"] == 4 * (2500 + 4 + 10 + 31 * 64)
     assert not loss["trained_layers_after"] and by_layer["wp_head"]["trained_layers_after"]
-    # int8 shrinks the predictions (one byte a value + a float32 scale per last-dim channel), never the labels
+    # int8 shrinks the predictions (one byte a value + a float32 scale per last-dim channel); the labels travel
+    # exact, the BEV label deflated (the two small ones raw: packing them would not pay)
+    assert loss["labels"]["raw"] == 2500 + 8 + 40
+    assert 8 + 40 < loss["labels"]["packed"] < 2500 // 4 + 8 + 40
     assert loss["forward"]["int8"] == ((2500 + 50 * 4) + (4 + 4 * 4) + (10 + 2 * 4) + (31 * 64 + 64 * 4)
-                                       + 2500 + 8 + 40)
+                                       + loss["labels"]["packed"])
 
 
 def test_link_floor_arithmetic():

@@ -6,13 +6,19 @@ A codec turns one float tensor into a few tensors that travel in a tensor frame,
   bf16  bfloat16 (2x fewer bytes, fp32's range)
   int8  symmetric per-channel quantisation over the last dimension: int8 values + one float32 scale per
         channel (~4x fewer bytes for wide tensors)
-Non-float tensors (labels, indices) are never compressed, nor are the float tensors named in `exact`
-(labels such as waypoints: a lossy codec must never change the targets a stage trains on). Decoding
-restores the original dtype.
+Non-float tensors (labels, indices) are never quantised, nor are the float tensors named in `exact`
+(labels such as waypoints: a lossy codec must never change the targets a stage trains on). The compressing
+codecs (all but fp32) pack those tensors losslessly instead: DEFLATE (zlib, level 1) over their raw bytes,
+kept only when it saves bytes. In labels-forward pipelines the labels ride along on every hop, and the
+BEV occupancy label (uint8 0/1, 2.5 KB per sample) deflates ~100x, so without packing the exact labels
+dilute int8's ~4x on activations. fp32 stays the raw baseline: nothing is packed or quantised. Decoding
+restores the original dtype, shape and bits.
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from collections.abc import Collection, Mapping
 
 import torch
@@ -32,16 +38,64 @@ def _int8_encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(t.shape) if t.dim() else q.reshape(()), scale
 
 
+_PACKABLE = {str(d).removeprefix("torch."): d for d in (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_PACK_MIN_BYTES = 64   # below this, DEFLATE's framing eats any saving
+
+
+def _pack(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    """Lossless DEFLATE of a tensor the codec must not change; None when it would not save bytes."""
+    raw_n = t.numel() * t.element_size()
+    tag = str(t.dtype).removeprefix("torch.")
+    if raw_n < _PACK_MIN_BYTES or tag not in _PACKABLE:
+        return None
+    raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    packed = zlib.compress(raw, 1)
+    if len(packed) >= raw_n:
+        return None
+    shape = "x".join(str(s) for s in t.shape) or "scalar"
+    return f"{name}{_SEP}zlib{_SEP}{tag}{_SEP}{shape}", torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+
+
+def _unpack(key: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+    name, _, tag, shape_s = key.split(_SEP)
+    dtype = _PACKABLE.get(tag)
+    try:
+        shape = () if shape_s == "scalar" else tuple(int(s) for s in shape_s.split("x"))
+    except ValueError:
+        raise CodecError(f"packed tensor {name!r}: malformed shape {shape_s!r}") from None
+    if dtype is None or t.dtype != torch.uint8 or t.dim() != 1 or any(s < 0 for s in shape):
+        raise CodecError(f"packed tensor {name!r}: bad dtype {tag!r} or payload {t.dtype} {list(t.shape)}")
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    inflate = zlib.decompressobj()
+    try:   # bounded: a hostile or corrupt payload cannot inflate past the declared size
+        raw = inflate.decompress(t.contiguous().numpy().tobytes(), expected + 1)
+    except zlib.error as exc:
+        raise CodecError(f"packed tensor {name!r}: corrupt DEFLATE payload ({exc})") from None
+    if len(raw) != expected or not inflate.eof:
+        raise CodecError(f"packed tensor {name!r}: inflates to {len(raw)}{'+' if not inflate.eof else ''} bytes, "
+                         f"expected {expected} for {tag}{list(shape)}")
+    return name, torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape).clone()
+
+
 def encode(tensors: Mapping[str, torch.Tensor], codec: str, exact: Collection[str] = ()) -> dict[str, torch.Tensor]:
-    """Compress the float tensors of `tensors` with `codec`; others, and those named in `exact`, pass unchanged."""
+    """Compress the float tensors of `tensors` with `codec`; the others, and those named in `exact`, arrive
+    bit-exact (packed losslessly by every codec but fp32, when that saves bytes)."""
     if codec not in CODECS:
         raise CodecError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if _SEP in name:
             raise CodecError(f"tensor name {name!r} contains a reserved separator")
-        if codec == "fp32" or not t.is_floating_point() or name in exact:
+        if codec == "fp32":
             out[name] = t
+        elif not t.is_floating_point() or name in exact:
+            packed = _pack(name, t)
+            if packed is None:
+                out[name] = t
+            else:
+                out[packed[0]] = packed[1]
         elif codec == "fp16":
             out[f"{name}{_SEP}fp16{_SEP}{_dtype_tag(t)}"] = t.detach().half()
         elif codec == "bf16":
@@ -70,6 +124,10 @@ def decode(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         parts = key.split(_SEP)
         if len(parts) == 2 and parts[1] == "scale":
+            continue
+        if len(parts) == 4 and parts[1] == "zlib":
+            name, value = _unpack(key, t)
+            out[name] = value
             continue
         if len(parts) != 3 or parts[2] not in _FROM_TAG:
             raise CodecError(f"malformed codec tensor name {key!r}")

@@ -22,7 +22,8 @@ The encoder is the tiny config by default. At Table 1's 14-22 Mb/s links the tin
 compute per sample is small next to the activations it sends), so SWIFT gives the Nanos almost nothing and
 a pipeline cannot beat the AGX alone; `--encoder paper` (LMDrive-sized, the paper's setting) is the
 compute-bound case pipeline parallelism is for (much slower to run: ~1 s per sample on one host core).
-Labels always travel bit-exact; the codecs compress activations and gradients only.
+Labels always travel bit-exact: the codecs quantise activations and gradients only; fp16, bf16 and int8
+also deflate the labels losslessly (fp32 is the raw baseline: nothing packed).
 """
 
 from __future__ import annotations
@@ -518,8 +519,9 @@ def cut_traffic(encoder: str, data: str, owner: str, codecs: Sequence[str] = COD
     """Bytes per sample crossing each allowed cut, per codec, from one forward pass on one real sample.
 
     `forward`: every tensor live across the cut (activations, and the labels riding to the last stage);
-    `backward`: the gradients of its trainable float activations. Payload bytes only (no frame headers):
-    what any pipeline with a cut there must move, whatever the scheduler."""
+    `backward`: the gradients of its trainable float activations; `labels`: the labels' share of `forward`,
+    raw (fp32 sends them so) and packed (what the compressing codecs send). Payload bytes only (no frame
+    headers): what any pipeline with a cut there must move, whatever the scheduler."""
     import torch
 
     from flad_core import tensorcodec
@@ -541,9 +543,12 @@ def cut_traffic(encoder: str, data: str, owner: str, codecs: Sequence[str] = COD
     for k in range(graph.min_first_end, len(graph.names)):
         live = {t: env[t] for t in graph.live(k)}
         grads = {t: v for t, v in live.items() if v.is_floating_point() and t not in LABEL_INPUTS}
+        labels = {t: v for t, v in live.items() if t in LABEL_INPUTS}
         rows.append({"cut_before": k, "layer": graph.names[k], "trained_layers_after": k <= last_trained,
                      "forward": {c: tensorcodec.wire_bytes(tensorcodec.encode(live, c, LABEL_INPUTS)) for c in codecs},
-                     "backward": {c: tensorcodec.wire_bytes(tensorcodec.encode(grads, c)) for c in codecs}})
+                     "backward": {c: tensorcodec.wire_bytes(tensorcodec.encode(grads, c)) for c in codecs},
+                     "labels": {"raw": tensorcodec.wire_bytes(labels),
+                                "packed": tensorcodec.wire_bytes(tensorcodec.encode(labels, "int8", LABEL_INPUTS))}})
     return rows
 
 
