@@ -202,3 +202,54 @@ def test_link_floor_arithmetic():
     assert f["link_s_per_sample_fastest"] == pytest.approx(600_000 * 8 / 100e6)
     assert f["max_pipeline_vs_standalone_fastest_link"] == pytest.approx(0.05 / 0.048)
     assert f["max_pipeline_vs_standalone_slowest_link"] == pytest.approx(0.05 / 0.096)
+
+
+def test_noniid_seed_summary_arithmetic():
+    from flad_edge.bench_pipeline_noniid import summarize_seeds
+
+    def res(fhdp_tl, hdp_tl, fhdp_wp, hdp_wp):
+        r = {"fhdp": {"tl_accuracy": fhdp_tl, "wp_l1": fhdp_wp, "loss": 0.3},
+             "hdp": {"tl_accuracy": hdp_tl, "wp_l1": hdp_wp, "loss": 1.5},
+             "central": {"tl_accuracy": 0.8, "wp_l1": 0.6, "loss": 0.2},
+             "majority_baseline": {"tl_accuracy": 0.55}}
+        return {"results": r}
+
+    s = summarize_seeds({7: res(0.7, 0.5, 0.7, 1.1), 8: res(0.5, 0.6, 0.6, 0.7), 9: {"error": "boom"}})
+    assert s["seeds"] == [7, 8] and s["failed_seeds"] == [9]
+    assert s["fhdp"]["tl_accuracy"] == {"mean": 0.6, "sd": pytest.approx(0.1414, abs=1e-4), "min": 0.5, "max": 0.7}
+    d = s["fhdp_minus_hdp"]
+    assert d["tl_accuracy"]["mean"] == pytest.approx(0.05) and d["tl_accuracy"]["fhdp_better_in"] == "1/2"
+    assert d["wp_l1"]["fhdp_better_in"] == "2/2" and d["loss"]["mean"] == pytest.approx(-1.2)
+    assert s["fhdp_minus_central"]["tl_accuracy"]["fhdp_better_in"] == "0/2"
+    with pytest.raises(ValueError, match="no seed"):
+        summarize_seeds({1: {"error": "x"}})
+
+
+def test_noniid_study_runs_per_seed_over_real_processes(tmp_path):
+    """`--noniid-only --quick --noniid-seeds 1 2`: FHDP and HDP over real vehicle processes, per seed, summarised."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "fleet"
+    towns = ",".join(f"Town0{i}" for i in range(1, 7))
+    r = subprocess.run([sys.executable, "-m", "flad_core.cli", "sim", "collect", "--source", "synthetic", "--out",
+                        str(data), "--vehicles", "6", "--frames-per-vehicle", "8", "--towns", towns, "--workers", "1",
+                        "--runs-dir", str(tmp_path / "runs"), "--no-progress"], capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "flad_edge.bench_pipeline", "--noniid-only", "--quick", "--data",
+                        str(data), "--noniid-seeds", "1", "2"], capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = json.loads(r.stdout)["noniid"]
+    assert sorted(study["per_seed"]) == ["1", "2"]
+    for seed, one in study["per_seed"].items():
+        assert one["setup"]["seed"] == int(seed)
+        assert [c["towns"] for c in one["setup"]["cluster"]] == [["Town01"], ["Town02"], ["Town03"]]
+        res = one["results"]
+        assert res["fhdp"]["samples_trained"] == res["hdp"]["samples_trained"] == res["central"]["samples_trained"]
+    # different seeds, different initial weights
+    assert study["per_seed"]["1"]["results"]["initial"] != study["per_seed"]["2"]["results"]["initial"]
+    summary = study["summary"]
+    assert summary["seeds"] == [1, 2] and summary["failed_seeds"] == []
+    assert set(summary["fhdp_minus_hdp"]) == {"tl_accuracy", "wp_l1", "loss"}

@@ -687,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noniid-only", action="store_true", help="only the non-IID study")
     parser.add_argument("--noniid-rounds", type=int, default=None)
     parser.add_argument("--noniid-steps", type=int, default=None, help="local steps per pipeline per round")
+    parser.add_argument("--noniid-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="run the non-IID study once per seed and add a summary (mean, sd, paired FHDP - HDP "
+                             "differences); default: the one --seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
@@ -700,23 +703,33 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.noniid_only:
         out.update(run_throughput(cfg))
     if args.noniid or args.noniid_only:
-        from .bench_pipeline_noniid import NoniidConfig, run_noniid
+        from .bench_pipeline_noniid import NoniidConfig, run_noniid, summarize_seeds
 
         ncfg = NoniidConfig(quick=args.quick)
         if args.noniid_rounds is not None:
             ncfg.rounds = args.noniid_rounds
         if args.noniid_steps is not None:
             ncfg.local_steps = args.noniid_steps
-        if args.seed is not None:
-            ncfg.seed = args.seed          # initial weights and data order of all three configurations
         if args.data and args.data != "synthetic":
             ncfg.data = args.data      # e.g. data/fleet-200 for 200 samples per vehicle
-        try:
-            out["noniid"] = run_noniid(ncfg)
-        except Exception as exc:
-            log.exception("non-IID study failed")
-            out["noniid"] = {"error": f"{type(exc).__name__}: {exc}"}
-            code = 1
+        seeds = args.noniid_seeds or [args.seed if args.seed is not None else ncfg.seed]
+        per_seed: dict[int, dict[str, Any]] = {}
+        for seed in seeds:   # the seed sets the initial weights and data order of all three configurations
+            try:
+                ncfg.seed = seed
+                per_seed[seed] = run_noniid(ncfg)
+            except Exception as exc:
+                log.exception("non-IID study failed (seed %d)", seed)
+                per_seed[seed] = {"error": f"{type(exc).__name__}: {exc}"}
+                code = 1
+        if len(seeds) == 1:
+            out["noniid"] = per_seed[seeds[0]]
+        else:
+            out["noniid"] = {"per_seed": per_seed}
+            try:
+                out["noniid"]["summary"] = summarize_seeds(per_seed)
+            except ValueError as exc:
+                out["noniid"]["summary"] = {"error": str(exc)}
     print(json.dumps(out, default=_json_default))
     return code
 

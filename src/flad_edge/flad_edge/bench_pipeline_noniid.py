@@ -216,3 +216,33 @@ def run_noniid(cfg: NoniidConfig) -> dict[str, Any]:
                     for k in ("fhdp", "hdp", "central", "initial", "majority_baseline")},
         "seconds": timings, "total_seconds": round(time.monotonic() - t0, 1),
     }
+
+
+def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Across seeds: mean, sd, min and max of each configuration's held-out metrics, and the paired
+    (same seed, same initial weights) differences FHDP - HDP and FHDP - centralised; lower is better for
+    `wp_l1` and `loss`, higher for `tl_accuracy`."""
+    import statistics
+
+    ok = {seed: r for seed, r in per_seed.items() if "results" in r}
+    if not ok:
+        raise ValueError("no seed of the non-IID study finished")
+    metrics = ("tl_accuracy", "wp_l1", "loss")
+
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"mean": round(statistics.fmean(values), 4),
+                "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+                "min": round(min(values), 4), "max": round(max(values), 4)}
+
+    out: dict[str, Any] = {"seeds": sorted(ok), "failed_seeds": sorted(set(per_seed) - set(ok))}
+    for name in ("fhdp", "hdp", "central"):
+        out[name] = {m: stats([r["results"][name][m] for r in ok.values()]) for m in metrics}
+    out["majority_tl"] = stats([r["results"]["majority_baseline"]["tl_accuracy"] for r in ok.values()])
+    for other in ("hdp", "central"):
+        diffs = {m: [r["results"]["fhdp"][m] - r["results"][other][m] for r in ok.values()] for m in metrics}
+        better = {"tl_accuracy": sum(d > 0 for d in diffs["tl_accuracy"]),
+                  "wp_l1": sum(d < 0 for d in diffs["wp_l1"]), "loss": sum(d < 0 for d in diffs["loss"])}
+        out[f"fhdp_minus_{other}"] = {m: {**stats(diffs[m]), "fhdp_better_in": f"{better[m]}/{len(ok)}"}
+                                      for m in metrics}
+    return out
+
