@@ -98,8 +98,10 @@ def test_quick_run_prints_one_json_object(capsys):
     assert out.count("\n") == 0                     # exactly one line: one JSON object
     data = json.loads(out)
     for key in ("conditions", "throughput_samples_per_s_emulated", "fhdp_swift", "standalone", "random",
-                "torch_pipelining", "ideal", "codecs", "goals"):
+                "torch_pipelining", "ideal", "codecs", "goals", "link_floor", "pipeline_floor"):
         assert key in data, key
+    # the no-run estimate of the best partition, of any kind and with every member training
+    assert set(data["pipeline_floor"]["codecs"]["fp32"]) >= {"any", "useful"}
     assert data["conditions"]["emulated"] is True
     assert set(data["codecs"]) == {"fp32", "int8"}
     tp = data["throughput_samples_per_s_emulated"]
@@ -174,10 +176,14 @@ def test_cut_traffic_counts_live_tensors_and_keeps_labels_exact():
     rows = cut_traffic("tiny", "synthetic", "v000", ("fp32", "int8"))
     by_layer = {r["layer"]: r for r in rows}
     # before the loss only the outputs and labels cross: pred.bev [50,50] f32, pred.tl [4], pred.waypoints [5,2],
-    # the LLM features [31,64] f32, and the labels bev [50,50] u8, tl_state i64, waypoints [5,2] f32
+    # the LLM features [31,64] f32, and the labels bev [50,50] u8, tl_state i64, waypoints [5,2] f32; gradients
+    # come back for the predictions only (the loss does not read the features)
     loss = by_layer["loss"]
     assert loss["forward"]["fp32"] == 4 * (2500 + 4 + 10 + 31 * 64) + 2500 + 8 + 40
-    assert loss["backward"]["fp32"] == 4 * (2500 + 4 + 10 + 31 * 64)
+    assert loss["backward"]["fp32"] == 4 * (2500 + 4 + 10)
+    # before the feature head the decoder output crosses too, but only the feature head reads it there: no gradient
+    assert by_layer["features"]["backward"]["fp32"] == loss["backward"]["fp32"]
+    assert by_layer["wp_head"]["backward"]["fp32"] > loss["backward"]["fp32"] + 4 * 64 * 31
     assert not loss["trained_layers_after"] and by_layer["wp_head"]["trained_layers_after"]
     # int8 shrinks the predictions (one byte a value + a float32 scale per last-dim channel); the labels travel
     # exact, the BEV label deflated (the two small ones raw: packing them would not pay)
@@ -253,3 +259,26 @@ def test_noniid_study_runs_per_seed_over_real_processes(tmp_path):
     summary = study["summary"]
     assert summary["seeds"] == [1, 2] and summary["failed_seeds"] == []
     assert set(summary["fhdp_minus_hdp"]) == {"tl_accuracy", "wp_l1", "loss"}
+
+
+def test_pipeline_floor_estimate_arithmetic():
+    from flad_edge.bench_pipeline import BenchConfig, pipeline_floor
+
+    # 4 layers, FLOPs 70/20/5/5 %, parameters in all but the last; cuts allowed before layers 1..3
+    profile = {"layers": [{"flops": f, "param_bytes": pb} for f, pb in ((70, 1), (20, 1), (5, 1), (5, 0))]}
+    traffic = [{"cut_before": c, "forward": {"fp32": fb}, "backward": {"fp32": bb}}
+               for c, fb, bb in ((1, 100_000, 100_000), (2, 10_000, 10_000), (3, 1_000, 0))]
+    cfg = BenchConfig(codecs=("fp32",))     # agx (3.85 TFLOPS, 100 Mb/s), n1, n2 (0.472 TFLOPS, 50 Mb/s)
+    f = pipeline_floor(cfg, traffic, profile, standalone_sps=100.0)["codecs"]["fp32"]   # 10 ms a sample alone
+    slow = 3.85 / 0.472
+    # any partition: the AGX keeps [0,2) (9 ms); each Nano one 5 % layer (0.5 ms x 8.16); links <= 1.6 ms
+    best = f["any"]
+    assert best["pipeline"][0] == ["agx", 0, 2] and [st[1:] for st in best["pipeline"][1:]] == [[2, 3], [3, 4]]
+    assert best["s_per_sample"] == pytest.approx(0.009) and best["bound_by"] == "compute"
+    assert best["vs_standalone"] == pytest.approx(0.01 / 0.009)
+    # useful: the parameter-free last layer may not be a stage alone, so the cuts must be (1, 2); the Nano with
+    # the 20 % layer is the bottleneck (the 100 KB gradients over its 50 Mb/s link take 16 ms, it computes 16.3)
+    useful = f["useful"]
+    assert useful["pipeline"][0] == ["agx", 0, 1] and [st[1:] for st in useful["pipeline"][1:]] == [[1, 2], [2, 4]]
+    assert useful["s_per_sample"] == pytest.approx(0.002 * slow) and useful["bound_by"] == "compute"
+    assert useful["stage_flops_share"] == [0.7, 0.2, 0.1]

@@ -488,7 +488,8 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             tpp = {"works": False, "error": f"{type(exc).__name__}: {exc}"}
     codecs = codec_table(codec_runs)
     modes = codec_modes({mode: codec_table(r) for mode, r in sweep.items()})
-    floor = link_floor(cfg, cut_traffic(cfg.encoder, cfg.data, cfg.data_owner, cfg.codecs), standalone["samples_per_s"])
+    traffic = cut_traffic(cfg.encoder, cfg.data, cfg.data_owner, cfg.codecs)
+    floor = link_floor(cfg, traffic, standalone["samples_per_s"])
     a = fhdp["samples_per_s"]
     goals = {
         "fhdp_vs_standalone": _goal(_ratio(a, standalone["samples_per_s"]), GOALS["fhdp_vs_standalone"]),
@@ -508,7 +509,8 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             "torch_pipelining": tpp.get("samples_per_s"), "ideal_bound": ideal["samples_per_s"],
             "fhdp_rotation": rotation["samples_per_s"] if rotation else None},
         "fhdp_swift": fhdp, "standalone": standalone, "random": rand, "torch_pipelining": tpp, "ideal": ideal,
-        "rotation": rotation, "codecs": codecs, "codec_modes": modes, "link_floor": floor, "goals": goals,
+        "rotation": rotation, "codecs": codecs, "codec_modes": modes, "link_floor": floor,
+        "pipeline_floor": pipeline_floor(cfg, traffic, profile, standalone["samples_per_s"]), "goals": goals,
         "bench_seconds": round(time.monotonic() - t_start, 1),
     })
     out["conditions"]["loadavg_end"] = list(os.getloadavg())
@@ -539,10 +541,20 @@ def cut_traffic(encoder: str, data: str, owner: str, codecs: Sequence[str] = COD
             env.update(zip(layer.writes, outs, strict=True))
     layers = dict(model.layer_list(True))
     last_trained = max(i for i, n in enumerate(graph.names) if any(True for _ in layers[n].parameters()))
+    # a layer feeds the loss if it is the loss or one of its outputs is read by a layer that does; only tensors
+    # read by such layers after the cut get a gradient back (e.g. what only the LLM feature head reads gets none)
+    feeds_loss = [False] * len(graph.nodes)
+    needed = set(graph.nodes[-1].reads)
+    feeds_loss[-1] = True
+    for i in range(len(graph.nodes) - 2, -1, -1):
+        if needed & set(graph.nodes[i].writes):
+            feeds_loss[i] = True
+            needed |= set(graph.nodes[i].reads)
     rows = []
     for k in range(graph.min_first_end, len(graph.names)):
         live = {t: env[t] for t in graph.live(k)}
-        grads = {t: v for t, v in live.items() if v.is_floating_point() and t not in LABEL_INPUTS}
+        grads = {t: v for t, v in live.items() if v.is_floating_point() and t not in LABEL_INPUTS
+                 and any(feeds_loss[r] and t in graph.nodes[r].reads for r in range(k, len(graph.nodes)))}
         labels = {t: v for t, v in live.items() if t in LABEL_INPUTS}
         rows.append({"cut_before": k, "layer": graph.names[k], "trained_layers_after": k <= last_trained,
                      "forward": {c: tensorcodec.wire_bytes(tensorcodec.encode(live, c, LABEL_INPUTS)) for c in codecs},
@@ -581,6 +593,60 @@ def link_floor(cfg: BenchConfig, traffic: list[dict[str, Any]], standalone_sps: 
     return out
 
 
+def pipeline_floor(cfg: BenchConfig, traffic: list[dict[str, Any]], profile: dict, standalone_sps: float
+                   ) -> dict[str, Any]:
+    """The best any partition of this cluster in which *every member trains something* could do, per codec.
+
+    An estimate, not a run: each stage's compute is the standalone AGX time per sample times the stage's share
+    of the encoder's FLOPs (the layer profile), stretched by AGX TFLOPS / its device's TFLOPS; every directed
+    link (forward: the cut's `forward` bytes at the sender's rate, backward: its gradients at the receiver's)
+    is its own resource, as in the emulation. A pipeline's time per sample is its busiest resource (no fill,
+    drain or overlap losses, so real pipelines do worse). Every vehicle order and every pair of allowed cuts
+    is tried; `useful` keeps only partitions whose every stage holds a layer with parameters (a Nano that
+    holds only pooling or the loss shares no training work). Answers whether the throughput goal vs standalone
+    is reachable at all with this model on this cluster, whatever the scheduler."""
+    import itertools
+
+    from flad_core.fleet import PAPER_PROFILES
+
+    if not standalone_sps:
+        return {"error": "no standalone throughput"}
+    layers = profile["layers"]
+    n = len(layers)
+    flops = [float(layer["flops"]) for layer in layers]
+    total = sum(flops) or 1.0
+    trained = [float(layer["param_bytes"]) > 0 for layer in layers]
+    by_cut = {r["cut_before"]: r for r in traffic}
+    prof = {v: PAPER_PROFILES[p] for v, p in cfg.cluster}
+    fastest = max(d.tflops for d in prof.values())
+    t_alone = 1.0 / standalone_sps
+    k = len(cfg.cluster)
+    out: dict[str, Any] = {"standalone_s_per_sample": t_alone, "estimate": True, "codecs": {}}
+    for codec in cfg.codecs:
+        best: dict[str, Any] = {}
+        for order in itertools.permutations([v for v, _ in cfg.cluster]):
+            for cuts in itertools.combinations(sorted(by_cut), k - 1):
+                bounds = [0, *cuts, n]
+                ranges = list(itertools.pairwise(bounds))
+                compute = [t_alone * sum(flops[a:b]) / total * fastest / prof[v].tflops
+                           for v, (a, b) in zip(order, ranges, strict=True)]
+                links = []
+                for i, c in enumerate(cuts):
+                    row = by_cut[c]
+                    links.append(row["forward"][codec] * 8 / (prof[order[i]].link_mbps * 1e6))
+                    links.append(row["backward"][codec] * 8 / (prof[order[i + 1]].link_mbps * 1e6))
+                step = max(*compute, *links)
+                useful = all(any(trained[a:b]) for a, b in ranges)
+                for kind in ("any", "useful") if useful else ("any",):
+                    if kind not in best or step < best[kind]["s_per_sample"]:
+                        best[kind] = {"vs_standalone": t_alone / step, "s_per_sample": step,
+                                      "pipeline": [[v, a, b] for v, (a, b) in zip(order, ranges, strict=True)],
+                                      "bound_by": "link" if max(links) >= max(compute) else "compute",
+                                      "stage_flops_share": [round(sum(flops[a:b]) / total, 4) for a, b in ranges]}
+        out["codecs"][codec] = best
+    return out
+
+
 def run_floor_only(cfg: BenchConfig) -> dict[str, Any]:
     """`--only floor`: the standalone run and the links' floor (`link_floor`) -- whether pipelining this encoder
     over this cluster's links can pay at all, in about a minute even for the paper-size encoder."""
@@ -602,6 +668,7 @@ def run_floor_only(cfg: BenchConfig) -> dict[str, Any]:
                            "swift_partition": swift, **swift_pred,
                            "swift_cut_traffic": [r for r in traffic if r["cut_before"] in swift_cuts],
                            "link_floor": link_floor(cfg, traffic, standalone["samples_per_s"]),
+                           "pipeline_floor": pipeline_floor(cfg, traffic, profile, standalone["samples_per_s"]),
                            "bench_seconds": round(time.monotonic() - t_start, 1)}
     out["conditions"]["loadavg_end"] = list(os.getloadavg())
     return out
