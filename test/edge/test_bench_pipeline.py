@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -282,3 +283,37 @@ def test_pipeline_floor_estimate_arithmetic():
     assert useful["pipeline"][0] == ["agx", 0, 1] and [st[1:] for st in useful["pipeline"][1:]] == [[1, 2], [2, 4]]
     assert useful["s_per_sample"] == pytest.approx(0.002 * slow) and useful["bound_by"] == "compute"
     assert useful["stage_flops_share"] == [0.7, 0.2, 0.1]
+
+
+def test_torch_pipelining_baseline_trains_like_one_process():
+    """Baseline (d) on a partition whose middle stage has parameters: its losses equal a single-process run of
+    the same model, data and optimizer (torch's first-step metadata inference once left NaN in such a stage's
+    grads: this would catch it)."""
+    from flad_core.emulation import host_tflops
+    from flad_edge.bench_pipeline import BenchConfig
+    from flad_edge.bench_pipeline_torchpp import run_torch_pipelining
+    from flad_vehicle.encoder.config import get_config
+    from flad_vehicle.encoder.model import VisionEncoder
+    from flad_vehicle.encoder.partition import Partitioner
+    from flad_vehicle.fhdp.data import vehicle_batches
+    from flad_vehicle.fhdp.optim import stage_adamw
+
+    cfg = BenchConfig(data="synthetic", steps=3, warmup=0, seed=3)
+    pipeline = [("agx", 0, 12), ("n1", 12, 20), ("n2", 20, 23)]
+    got = run_torch_pipelining(cfg, pipeline, host_tflops(), 1e-4)    # tiny time scale: no emulated slowdown
+    assert got["works"] and all(math.isfinite(x) for x in got["losses"]), got
+
+    torch.manual_seed(cfg.seed)
+    model = VisionEncoder(get_config("tiny"))
+    whole = Partitioner(model).stage((0, 23))
+    opt = stage_adamw(whole, model)
+    batches = vehicle_batches("synthetic", cfg.data_owner, cfg.batch_size, seed=cfg.seed)
+    want = []
+    for _ in range(cfg.steps):
+        loss = model.forward_train(next(batches))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        want.append(float(loss.detach()))
+    assert got["losses"] == pytest.approx(want, rel=1e-4)

@@ -16,12 +16,16 @@ One run measures, with the same encoder (same seed), the same data stream and th
 and bytes per sample and loss after N steps for each stage-traffic codec, in both modes: labels-forward (labels
 ride to the last stage) and U-shaped (the data owner keeps heads, loss and labels; `flad_vehicle.fhdp.ushape`),
 each on its own SWIFT partition; the int8 goal is judged on the mode with less traffic. `--only codecs` runs just
-that sweep. `--noniid` adds the non-IID study (`bench_pipeline_noniid`).
+that sweep. `--noniid` adds the non-IID study (`bench_pipeline_noniid`; `--noniid-seeds` repeats it per seed).
+Without running anything, the JSON also says what any partition could reach: `link_floor` (the bytes of the
+cheapest cut, over the links alone) and `pipeline_floor` (every vehicle order and pair of cuts, FLOP-share
+compute and per-link traffic; the best partition of any kind, and the best in which every member trains).
 
-The encoder is the tiny config by default. At Table 1's 14-22 Mb/s links the tiny encoder is link-bound (its
+The encoder is the tiny config by default. At the emulated 50/100 Mb/s links the tiny encoder is link-bound (its
 compute per sample is small next to the activations it sends), so SWIFT gives the Nanos almost nothing and
-a pipeline cannot beat the AGX alone; `--encoder paper` (LMDrive-sized, the paper's setting) is the
-compute-bound case pipeline parallelism is for (much slower to run: ~1 s per sample on one host core).
+a pipeline cannot beat the AGX alone; `--encoder paper` (LMDrive-sized) has far more compute per sample (much
+slower to run: ~1 s per sample on one host core), but the data owner must keep >= 28 % of its FLOPs before its
+cheapest cut (358 KB a sample in fp32, about the raw sensor input), and the decoder alone is 39 %.
 Labels always travel bit-exact: the codecs quantise activations and gradients only; fp16, bf16 and int8
 also deflate the labels losslessly (fp32 is the raw baseline: nothing packed).
 """

@@ -18,6 +18,7 @@ the schedule's `loss_fn`, undilated (it has no parameters and costs microseconds
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import time
@@ -44,7 +45,7 @@ def _make_dilated_fn():
             with torch.enable_grad():
                 outs = emu.body(*leaves)
             emu.stretch(time.perf_counter() - t0)
-            if emu.send_forward:
+            if emu.send_forward and emu.enabled:
                 emu.bucket_next.consume(_tensor_bytes(outs))
             ctx.emu, ctx.leaves, ctx.outs = emu, leaves, outs
             ret = tuple(o.detach() for o in outs)
@@ -60,7 +61,7 @@ def _make_dilated_fn():
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             emu.stretch(time.perf_counter() - t0)
             in_grads = [leaf.grad if leaf.requires_grad else None for leaf in ctx.leaves]
-            if emu.send_backward:
+            if emu.send_backward and emu.enabled:
                 emu.bucket_prev.consume(_tensor_bytes(in_grads))
             ctx.leaves = ctx.outs = None
             return (None, None, *in_grads)
@@ -74,9 +75,11 @@ class _Emu:
         self.bucket_next, self.bucket_prev = bucket_next, bucket_prev   # one per neighbour, as FHDP's OutLinks
         self.send_forward, self.send_backward = send_forward, send_backward
         self.emulated_s = 0.0
+        self.enabled = True          # off for the untimed priming step: no dilation, no link shaping
 
     def stretch(self, dt: float) -> None:
-        self.emulated_s += self.dilation.stretch(dt)
+        if self.enabled:
+            self.emulated_s += self.dilation.stretch(dt)
 
 
 def _tuple_stage(stage, in_names: Sequence[str], out_names: Sequence[str], skip: Sequence[str]):
@@ -189,6 +192,30 @@ def _rank_main(rank: int, world: int, cmd: dict[str, Any], queue) -> None:
         params = list(stage.parameters())
         opt = stage_adamw(stage, model) if params else None
         batches = vehicle_batches(cmd["data"], cmd["data_owner"], cmd["batch_size"], seed=cmd["seed"])
+
+        def run_step(batch, losses: list) -> None:
+            if is_first:
+                schedule.step(*[batch[n] for n in in_names])
+            elif is_last:
+                schedule.step(target=pack_labels(batch), losses=losses, return_outputs=False)
+            else:
+                schedule.step()
+
+        # torch.distributed.pipelining infers stage metadata on its first step, running the later stages forward
+        # on uninitialised buffers and backward from ones (torch 2.13): on a stage with parameters that leaves
+        # garbage -- NaN with the paper encoder -- in .grad and in BatchNorm's running statistics. So one
+        # untimed, unshaped priming step on the first batch, after which grads and buffers are put back.
+        first = next(batches)
+        saved = {k: v.clone() for k, v in stage.named_buffers()}
+        emu.enabled = False
+        run_step(first, [])
+        emu.enabled = True
+        for p in params:
+            p.grad = None
+        with torch.no_grad():
+            for k, v in stage.named_buffers():
+                v.copy_(saved[k])
+        batches = itertools.chain([first], batches)
         steps = []
         for _ in range(cmd["warmup"] + cmd["steps"]):
             batch = next(batches)
@@ -197,12 +224,7 @@ def _rank_main(rank: int, world: int, cmd: dict[str, Any], queue) -> None:
             emu.emulated_s = 0.0
             t0 = time.monotonic()
             losses: list = []
-            if is_first:
-                schedule.step(*[batch[n] for n in in_names])
-            elif is_last:
-                schedule.step(target=pack_labels(batch), losses=losses, return_outputs=False)
-            else:
-                schedule.step()
+            run_step(batch, losses)
             # global-norm clipping across the pipeline, as FHDP does (clip 5.0)
             sq = torch.zeros((), dtype=torch.float64)
             for p in params:
