@@ -317,3 +317,13 @@ def test_torch_pipelining_baseline_trains_like_one_process():
         opt.step()
         want.append(float(loss.detach()))
     assert got["losses"] == pytest.approx(want, rel=1e-4)
+
+
+def test_pipeline_floor_needs_a_standalone_figure_and_two_vehicles():
+    from flad_edge.bench_pipeline import BenchConfig, pipeline_floor
+
+    profile = {"layers": [{"flops": 1, "param_bytes": 1}] * 2}
+    traffic = [{"cut_before": 1, "forward": {"fp32": 10}, "backward": {"fp32": 10}}]
+    assert "error" in pipeline_floor(BenchConfig(codecs=("fp32",)), traffic, profile, standalone_sps=0.0)
+    alone = BenchConfig(codecs=("fp32",), cluster=(("agx", "jetson_agx"),))
+    assert "one-vehicle" in pipeline_floor(alone, traffic, profile, standalone_sps=10.0)["error"]

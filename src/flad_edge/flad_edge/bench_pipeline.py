@@ -599,7 +599,7 @@ def link_floor(cfg: BenchConfig, traffic: list[dict[str, Any]], standalone_sps: 
 
 def pipeline_floor(cfg: BenchConfig, traffic: list[dict[str, Any]], profile: dict, standalone_sps: float
                    ) -> dict[str, Any]:
-    """The best any partition of this cluster in which *every member trains something* could do, per codec.
+    """The best any partition of this cluster could do, and the best in which every member trains, per codec.
 
     An estimate, not a run: each stage's compute is the standalone AGX time per sample times the stage's share
     of the encoder's FLOPs (the layer profile), stretched by AGX TFLOPS / its device's TFLOPS; every directed
@@ -615,6 +615,8 @@ def pipeline_floor(cfg: BenchConfig, traffic: list[dict[str, Any]], profile: dic
 
     if not standalone_sps:
         return {"error": "no standalone throughput"}
+    if len(cfg.cluster) < 2:
+        return {"error": "a one-vehicle cluster has no pipeline to bound"}
     layers = profile["layers"]
     n = len(layers)
     flops = [float(layer["flops"]) for layer in layers]
