@@ -219,8 +219,6 @@ def _rank_main(rank: int, world: int, cmd: dict[str, Any], queue) -> None:
         steps = []
         for _ in range(cmd["warmup"] + cmd["steps"]):
             batch = next(batches)
-            if is_last:
-                pack_labels(batch)
             emu.emulated_s = 0.0
             t0 = time.monotonic()
             losses: list = []
