@@ -1,14 +1,14 @@
 """Embedded-world closed loop: world_bridge + N vehicles (vehicles:=N) + the edge.
 
-Arguments: every `flad_edge.launch_plan.PlanArgs` field; list them with
+Arguments: every `flad_edge.launch.plan.PlanArgs` field; list them with
 `ros2 launch flad_edge closed_loop_embedded.launch.py --show-args`.
-What starts is decided in flad_edge.launch_plan (ROS-free, tested); `flad launch closed_loop_embedded` starts
+What starts is decided in flad_edge.launch.plan (ROS-free, tested); `flad launch closed_loop_embedded` starts
 the same nodes without the launch package.
 """
 
 from pathlib import Path
 
-from flad_edge.launch_plan import launch_description
+from flad_edge.launch.plan import launch_description
 
 
 def generate_launch_description():

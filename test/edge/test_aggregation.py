@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flad_edge.aggregation import AggregationError, RoundCollector, Update, fedavg, two_tier
+from flad_edge.fl.aggregation import AggregationError, RoundCollector, Update, fedavg, two_tier
 
 
 def test_fedavg_by_hand():

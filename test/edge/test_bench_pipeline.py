@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
+from flad_bench import pipeline as bp
 from flad_core import tensorcodec, tensorframe
-from flad_edge import bench_pipeline as bp
 
 
 def test_ideal_bound_is_fill_plus_micro_batches_times_slowest_plus_drain():
@@ -172,7 +172,7 @@ def test_codecs_only_run_reports_both_modes(capsys):
 
 
 def test_cut_traffic_counts_live_tensors_and_keeps_labels_exact():
-    from flad_edge.bench_pipeline import cut_traffic
+    from flad_bench.pipeline import cut_traffic
 
     rows = cut_traffic("tiny", "synthetic", "v000", ("fp32", "int8"))
     by_layer = {r["layer"]: r for r in rows}
@@ -195,7 +195,7 @@ def test_cut_traffic_counts_live_tensors_and_keeps_labels_exact():
 
 
 def test_link_floor_arithmetic():
-    from flad_edge.bench_pipeline import BenchConfig, link_floor
+    from flad_bench.pipeline import BenchConfig, link_floor
 
     traffic = [{"cut_before": 5, "layer": "a", "trained_layers_after": True,
                 "forward": {"fp32": 1_000_000}, "backward": {"fp32": 800_000}},
@@ -212,7 +212,7 @@ def test_link_floor_arithmetic():
 
 
 def test_noniid_seed_summary_arithmetic():
-    from flad_edge.bench_pipeline_noniid import summarize_seeds
+    from flad_bench.pipeline_noniid import summarize_seeds
 
     def res(fhdp_tl, hdp_tl, fhdp_wp, hdp_wp):
         r = {"fhdp": {"tl_accuracy": fhdp_tl, "wp_l1": fhdp_wp, "loss": 0.3},
@@ -244,7 +244,7 @@ def test_noniid_study_runs_per_seed_over_real_processes(tmp_path):
                         "--runs-dir", str(tmp_path / "runs"), "--no-progress"], capture_output=True, text=True,
                        timeout=240)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "flad_edge.bench_pipeline", "--noniid-only", "--quick", "--data",
+    r = subprocess.run([sys.executable, "-m", "flad_bench.pipeline", "--noniid-only", "--quick", "--data",
                         str(data), "--noniid-seeds", "1", "2"], capture_output=True, text=True, timeout=600,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -263,7 +263,7 @@ def test_noniid_study_runs_per_seed_over_real_processes(tmp_path):
 
 
 def test_pipeline_floor_estimate_arithmetic():
-    from flad_edge.bench_pipeline import BenchConfig, pipeline_floor
+    from flad_bench.pipeline import BenchConfig, pipeline_floor
 
     # 4 layers, FLOPs 70/20/5/5 %, parameters in all but the last; cuts allowed before layers 1..3
     profile = {"layers": [{"flops": f, "param_bytes": pb} for f, pb in ((70, 1), (20, 1), (5, 1), (5, 0))]}
@@ -289,9 +289,9 @@ def test_torch_pipelining_baseline_trains_like_one_process():
     """Baseline (d) on a partition whose middle stage has parameters: its losses equal a single-process run of
     the same model, data and optimizer (torch's first-step metadata inference once left NaN in such a stage's
     grads: this would catch it)."""
+    from flad_bench.pipeline import BenchConfig
+    from flad_bench.pipeline_torchpp import run_torch_pipelining
     from flad_core.emulation import host_tflops
-    from flad_edge.bench_pipeline import BenchConfig
-    from flad_edge.bench_pipeline_torchpp import run_torch_pipelining
     from flad_vehicle.encoder.config import get_config
     from flad_vehicle.encoder.model import VisionEncoder
     from flad_vehicle.encoder.partition import Partitioner
@@ -320,7 +320,7 @@ def test_torch_pipelining_baseline_trains_like_one_process():
 
 
 def test_pipeline_floor_needs_a_standalone_figure_and_two_vehicles():
-    from flad_edge.bench_pipeline import BenchConfig, pipeline_floor
+    from flad_bench.pipeline import BenchConfig, pipeline_floor
 
     profile = {"layers": [{"flops": 1, "param_bytes": 1}] * 2}
     traffic = [{"cut_before": 1, "forward": {"fp32": 10}, "backward": {"fp32": 10}}]

@@ -1,4 +1,4 @@
-"""Launch plans (flad_edge.launch_plan): what each launch file starts, checked against the real packages.
+"""Launch plans (flad_edge.launch.plan): what each launch file starts, checked against the real packages.
 
 `launch`/`launch_ros` are not installable here, so the .launch.py files are thin and everything they decide
 is tested through the plan: executables exist as console scripts and modules, parameters are fields of the
@@ -23,7 +23,7 @@ import yaml
 
 from flad_core.config import ConfigError, from_dict
 from flad_core.fleet import load_fleet
-from flad_edge import launch_plan as lp
+from flad_edge.launch import plan as lp
 from flad_edge.nodes.cloud import CloudNodeConfig
 from flad_edge.nodes.orchestrator import OrchestratorNodeConfig
 from flad_vehicle.nodes.stage_worker import StageWorkerNodeConfig, with_edge_host
@@ -201,7 +201,7 @@ def test_carla_spawn_objects_match_flad_sims_rig() -> None:
 def test_checked_in_carla_objects_file_is_current() -> None:
     text = (LAUNCH / "carla_objects.json").read_text()
     assert text == lp.carla_objects_json("hero"), (
-        "launch/carla_objects.json is stale; regenerate: python -c \"from flad_edge.launch_plan import "
+        "launch/carla_objects.json is stale; regenerate: python -c \"from flad_edge.launch.plan import "
         "carla_objects_json; open('launch/carla_objects.json', 'w').write(carla_objects_json('hero'))\"")
 
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from flad_edge.recovery import BACKUP, departed_share, moved_bytes, plan_moves
-from flad_edge.recovery_live import LiveFleet
+from flad_edge.fhdp.recovery.live import LiveFleet
+from flad_edge.fhdp.recovery.moves import BACKUP, departed_share, moved_bytes, plan_moves
 
 IDS = ["v0", "v1", "v2"]
 STEPS = 6          # per pipeline per round

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from flad_edge.replay import ade_fde, latency_summary
+from flad_edge.eval.replay import ade_fde, latency_summary
 
 torch.set_num_threads(1)
 

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     esub = edge.add_subparsers(dest="edge_command", metavar="EDGE_COMMAND")
     edge.set_defaults(func=lambda args: _help(edge))
     register_swift(esub)
-    from flad_edge.closed_loop import register_closed_loop
+    from flad_edge.eval.closed_loop import register_closed_loop
 
     register_closed_loop(esub)
 

@@ -89,13 +89,13 @@ def run_demo(args: argparse.Namespace) -> int:
     with ProcessGroup(grace_s=8.0) as group:
         try:
             if training:
-                group.start("cloud", python_module_cmd("flad_edge.cloud", *common))
-                edge_cmd = python_module_cmd("flad_edge.fhdp", *common, "--config", str(args.config), "--cloud",
-                                             *(["--rounds", str(args.rounds)] if args.rounds else []),
+                group.start("cloud", python_module_cmd("flad_edge.fl.cloud", *common))
+                edge_cmd = python_module_cmd("flad_edge.fhdp.orchestrator", *common, "--config", str(args.config),
+                                             "--cloud", *(["--rounds", str(args.rounds)] if args.rounds else []),
                                              *(["--recovery"] if args.recovery else []))
                 vehicle_module, vehicle_extra = "flad_vehicle.fhdp.worker", ["--data", str(data)]
             else:
-                edge_cmd = python_module_cmd("flad_edge.edge", *common, "--duration", str(args.duration))
+                edge_cmd = python_module_cmd("flad_edge.fl.edge_server", *common, "--duration", str(args.duration))
                 vehicle_module, vehicle_extra = "flad_vehicle.agent", []
             group.start("edge", edge_cmd, show_stdout=True)
             for v in fleet.vehicles:

@@ -17,8 +17,8 @@ from flad_core import codec
 from flad_core.bus import Bus, BusError, ZmqBus
 from flad_core.fleet import FleetConfig
 from flad_core.procs import install_stop_handlers
+from flad_core.protocol import SERVICE_REGISTER, TOPIC_HEARTBEAT, TOPIC_ROUND, TOPIC_STATUS
 from flad_core.roles import add_role_args, fleet_from_args, security_for, setup_role_logging
-from flad_core.topics import SERVICE_REGISTER, TOPIC_HEARTBEAT, TOPIC_ROUND, TOPIC_STATUS
 
 log = logging.getLogger("flad_vehicle.agent")  # not __name__: this also runs as __main__
 

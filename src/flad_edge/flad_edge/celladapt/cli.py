@@ -44,10 +44,9 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from flad_core.runs import RunDir, seed_everything
+    from flad_edge.celladapt.data import cached_features
+    from flad_edge.celladapt.pipeline import PipelineConfig, run_pipeline
     from flad_vehicle.encoder.checkpoint import load_checkpoint
-
-    from .data import cached_features
-    from .pipeline import PipelineConfig, run_pipeline
 
     torch.set_num_threads(1)
     seed_everything(0)
@@ -70,8 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .model import ADLLM
-    from .service import ServiceConfig, WaypointService
+    from flad_edge.celladapt.model import ADLLM
+    from flad_edge.celladapt.service import ServiceConfig, WaypointService
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     torch.set_num_threads(args.threads)
@@ -93,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _smollm2(args: argparse.Namespace) -> int:
-    from .smollm import ensure_smollm2
+    from flad_edge.celladapt.smollm import ensure_smollm2
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     print(ensure_smollm2(args.out))

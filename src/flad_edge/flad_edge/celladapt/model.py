@@ -184,7 +184,7 @@ class ADLLM(nn.Module):
         else:
             from transformers import LlamaConfig, LlamaForCausalLM
 
-            from .tokenizer import build_tokenizer
+            from flad_edge.celladapt.tokenizer import build_tokenizer
 
             tokenizer = tokenizer or build_tokenizer()
             lc = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .data import FeatureSet
-from .model import ADLLM, AdapterConfig, ADLLMConfig, general_config, student_config, teacher_config
-from .train import FitConfig, LoraSettings, apply_lora, evaluate, fit, merge_lora, trainable_fraction
+from flad_edge.celladapt.data import FeatureSet
+from flad_edge.celladapt.model import ADLLM, AdapterConfig, ADLLMConfig, general_config, student_config, teacher_config
+from flad_edge.celladapt.train import FitConfig, LoraSettings, apply_lora, evaluate, fit, merge_lora, trainable_fraction
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _general(cfg: PipelineConfig) -> ADLLM:
     if cfg.general == "tiny":
         return ADLLM.build(general_config())
     if cfg.general == "smollm2":
-        from .smollm import ensure_smollm2
+        from flad_edge.celladapt.smollm import ensure_smollm2
 
         path = str(ensure_smollm2())
     else:

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from flad_core.config import ConfigError
+from flad_edge.celladapt.service import BadRequestError, msg_to_features
 from flad_sim import bridge as B
-
-from .service import BadRequestError, msg_to_features
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class WaypointNodeConfig:
             raise ConfigError("vehicle_ids", f"need one or more non-empty vehicle ids, got {self.vehicle_ids}")
         if len(set(self.vehicle_ids)) != len(self.vehicle_ids):
             raise ConfigError("vehicle_ids", f"duplicate vehicle ids in {self.vehicle_ids}")
-        from .model import PRESETS
+        from flad_edge.celladapt.model import PRESETS
 
         if not self.model_dir and self.preset not in PRESETS:
             raise ConfigError("preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
@@ -67,7 +66,7 @@ class WaypointNodeConfig:
 
 def load_model(model_dir: str, preset: str = "student") -> Any:
     """The CELLAdapt model from a `save_pretrained` directory, or a tiny random one (clearly logged)."""
-    from .model import ADLLM
+    from flad_edge.celladapt.model import ADLLM
 
     if model_dir:
         model = ADLLM.from_pretrained(model_dir)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import FeatureSet
-from .model import ADLLM
+from flad_edge.celladapt.data import FeatureSet
+from flad_edge.celladapt.model import ADLLM
 
 log = logging.getLogger(__name__)
 

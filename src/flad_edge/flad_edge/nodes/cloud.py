@@ -51,7 +51,7 @@ class CloudJob:
         from flad_core.bus_ros import RosBus
         from flad_core.role_node import load_role_fleet
         from flad_core.roles import security_for
-        from flad_edge.cloud import CloudServer
+        from flad_edge.fl.cloud import CloudServer
 
         fleet = load_role_fleet(cfg.fleet, cfg.port_base)
         bus = RosBus(fleet.cloud.id, fleet.bus, security_for(fleet, fleet.cloud.id), node=node)

@@ -75,7 +75,7 @@ class OrchestratorJob:
         from flad_core.bus_ros import RosBus
         from flad_core.role_node import load_role_fleet
         from flad_core.roles import security_for
-        from flad_edge.edge import EdgeServer
+        from flad_edge.fl.edge_server import EdgeServer
 
         self.cfg = cfg
         self.fleet = load_role_fleet(cfg.fleet, cfg.port_base)
@@ -97,7 +97,7 @@ class OrchestratorJob:
         if cfg.mode == "control_plane":
             expect = len(self.fleet.vehicles) if cfg.expect < 0 else cfg.expect
             return self.edge.run(cfg.duration_s or math.inf, expect=expect, run_dir=run_dir, console=console)
-        from flad_edge.fhdp import load_fhdp_config, run_training
+        from flad_edge.fhdp.orchestrator import load_fhdp_config, run_training
 
         fcfg = load_fhdp_config(fhdp_config_path(cfg))
         if cfg.rounds:

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from flad_sim.physics import Control
-
-from .pid import PIDConfig, WaypointPID
+from flad_vehicle.control.pid import PIDConfig, WaypointPID
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,8 @@ import numpy as np
 from flad_core.config import ConfigError
 from flad_sim import bridge as B
 from flad_sim.physics import Control
-
-from .agent import CreepRule, front_box_clear, resample, to_frame
-from .pid import PIDConfig, WaypointPID, to_ros_control
+from flad_vehicle.control.agent import CreepRule, front_box_clear, resample, to_frame
+from flad_vehicle.control.pid import PIDConfig, WaypointPID, to_ros_control
 
 log = logging.getLogger(__name__)
 

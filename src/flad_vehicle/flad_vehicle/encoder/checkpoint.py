@@ -20,9 +20,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from flad_core.atomic import atomic_write_bytes
-
-from .config import EncoderConfig, get_config
-from .model import VisionEncoder
+from flad_vehicle.encoder.config import EncoderConfig, get_config
+from flad_vehicle.encoder.model import VisionEncoder
 
 FORMAT = "flad-encoder-ckpt/1"
 

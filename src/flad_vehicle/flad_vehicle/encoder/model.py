@@ -24,9 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from flad_sim.schema import BEV_X_RANGE_M, BEV_Y_RANGE_M
-
-from .config import EncoderConfig, get_config
-from .layers import (
+from flad_vehicle.encoder.config import EncoderConfig, get_config
+from flad_vehicle.encoder.layers import (
     BasicBlock,
     BevHead,
     Bottleneck,

@@ -39,8 +39,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .layers import Layer
-from .model import LABEL_INPUTS, VisionEncoder
+from flad_vehicle.encoder.layers import Layer
+from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import VisionEncoder
-from .partition import build_graph
+from flad_vehicle.encoder.model import VisionEncoder
+from flad_vehicle.encoder.partition import build_graph
 
 log = logging.getLogger(__name__)
 

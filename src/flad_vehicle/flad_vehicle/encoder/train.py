@@ -21,11 +21,10 @@ import torch
 from torch import Tensor
 
 from flad_core.runs import RunDir, seed_everything
-
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import get_config
-from .model import LABEL_INPUTS, VisionEncoder, batch_to_torch
-from .synthetic import synthetic_batches
+from flad_vehicle.encoder.checkpoint import load_checkpoint, save_checkpoint
+from flad_vehicle.encoder.config import get_config
+from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder, batch_to_torch
+from flad_vehicle.encoder.synthetic import synthetic_batches
 
 log = logging.getLogger(__name__)
 

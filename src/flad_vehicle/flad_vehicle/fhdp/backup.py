@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .layerstore import LayerStore
+from flad_vehicle.fhdp.layerstore import LayerStore
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,9 @@ from torch import Tensor
 
 from flad_core import tensorframe
 from flad_core.emulation import ComputeDilation, MemoryGuard
-
-from .links import KIND_CONTROL, Inbox, OutLink, StepAbortedError
-from .schedule import Schedule, stage_ops
-from .ushape import HeadPart
+from flad_vehicle.fhdp.links import KIND_CONTROL, Inbox, OutLink, StepAbortedError
+from flad_vehicle.fhdp.schedule import Schedule, stage_ops
+from flad_vehicle.fhdp.ushape import HeadPart
 
 log = logging.getLogger(__name__)
 

@@ -52,14 +52,13 @@ from flad_vehicle.agent import VehicleAgent
 from flad_vehicle.encoder.config import get_config
 from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder
 from flad_vehicle.encoder.partition import Partitioner
-
-from .backup import BackupTracker, BackupUploader
-from .data import vehicle_batches
-from .layerstore import LayerStore
-from .links import Inbox, LinkStats, OutLink, StepAbortedError
-from .optim import stage_adamw
-from .runner import StageRunner
-from .ushape import head_layers, u_stages
+from flad_vehicle.fhdp.backup import BackupTracker, BackupUploader
+from flad_vehicle.fhdp.data import vehicle_batches
+from flad_vehicle.fhdp.layerstore import LayerStore
+from flad_vehicle.fhdp.links import Inbox, LinkStats, OutLink, StepAbortedError
+from flad_vehicle.fhdp.optim import stage_adamw
+from flad_vehicle.fhdp.runner import StageRunner
+from flad_vehicle.fhdp.ushape import head_layers, u_stages
 
 log = logging.getLogger("flad_vehicle.fhdp.worker")
 

@@ -28,16 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flad_edge.fhdp import FhdpConfig
-from flad_edge.fhdp_recovery import RecoveryConfig
+from flad_edge.fhdp.orchestrator import FhdpConfig
+from flad_edge.fhdp.recovery.edge import RecoveryConfig
 
-log = logging.getLogger("flad_edge.chaos")
+log = logging.getLogger("flad_edge.fhdp.recovery.chaos")
 
 KINDS = ("kill", "stop", "cutoff", "planned")
 
 
 def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
-    from flad_edge.recovery_live import LiveFleet
+    from flad_edge.fhdp.recovery.live import LiveFleet
 
     rng = random.Random(args.seed)
     ids = [f"v{i}" for i in range(args.vehicles)]
@@ -189,7 +189,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
-if __name__ == "__main__":   # `python -m flad_edge.chaos ...` until the `flad chaos` entry point is installed
+if __name__ == "__main__":   # `python -m flad_edge.fhdp.recovery.chaos ...` also works without the `flad` script
     from flad_core.runs import setup_logging
 
     _parser = argparse.ArgumentParser(prog="flad")

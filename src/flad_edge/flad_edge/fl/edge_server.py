@@ -24,10 +24,10 @@ from flad_core.atomic import atomic_write_json
 from flad_core.bus import Bus, BusHub, ZmqBus
 from flad_core.fleet import FleetConfig
 from flad_core.procs import install_stop_handlers
+from flad_core.protocol import SERVICE_REGISTER, TOPIC_HEARTBEAT, TOPIC_ROUND, TOPIC_STATUS
 from flad_core.roles import add_role_args, fleet_from_args, security_for, setup_role_logging
-from flad_core.topics import SERVICE_REGISTER, TOPIC_HEARTBEAT, TOPIC_ROUND, TOPIC_STATUS
 
-log = logging.getLogger("flad_edge.edge")  # not __name__: this also runs as __main__
+log = logging.getLogger("flad_edge.fl.edge_server")  # not __name__: this also runs as __main__
 
 Heartbeat = codec.message_class("flad_msgs/msg/Heartbeat")
 RoundControl = codec.message_class("flad_msgs/msg/RoundControl")

@@ -41,10 +41,10 @@ from flad_core.bus import BusError
 from flad_core.fleet import FleetConfig, HeartbeatConfig
 from flad_core.runs import RunDir
 from flad_core.security import make_client
-from flad_edge.backup import BackupStore
-from flad_edge.edge import EdgeServer
-from flad_edge.fhdp import Client, FhdpConfig, FhdpEdge
-from flad_edge.recovery import departed_share, moved_bytes, plan_moves
+from flad_edge.fhdp.orchestrator import Client, FhdpConfig, FhdpEdge
+from flad_edge.fhdp.recovery.backups import BackupStore
+from flad_edge.fhdp.recovery.moves import departed_share, moved_bytes, plan_moves
+from flad_edge.fl.edge_server import EdgeServer
 from flad_vehicle.fhdp.backup import split_by_layer
 from flad_vehicle.fhdp.worker import (
     ABORTED,
@@ -62,7 +62,7 @@ from flad_vehicle.fhdp.worker import (
     fetch_layers,
 )
 
-log = logging.getLogger("flad_edge.fhdp_recovery")
+log = logging.getLogger("flad_edge.fhdp.recovery.edge")
 
 Pipeline = list[tuple[str, int, int]]
 
@@ -629,7 +629,7 @@ class RecoveringFhdpEdge(FhdpEdge):
 
     @staticmethod
     def _owners_of(pipeline: Pipeline) -> list[str]:
-        from flad_edge.recovery import owners
+        from flad_edge.fhdp.recovery.moves import owners
 
         return owners(pipeline, pipeline[-1][2])
 

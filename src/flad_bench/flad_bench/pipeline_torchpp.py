@@ -256,9 +256,8 @@ def run_torch_pipelining(cfg, pipeline: Sequence[tuple[str, int, int]], host_tfl
     """Run baseline (d) on `pipeline`; returns the same figures as an FHDP configuration (emulated)."""
     import torch
 
+    from flad_bench.pipeline import _free_ports, summarize
     from flad_core.fleet import PAPER_PROFILES
-
-    from .bench_pipeline import _free_ports, summarize
 
     profiles = dict(cfg.cluster)
     world = len(pipeline)

@@ -27,9 +27,9 @@ from flad_core import codec
 from flad_core.bus import BusError
 from flad_core.fleet import FleetConfig
 from flad_core.runs import RunDir
-from flad_edge.aggregation import RoundCollector, Update
-from flad_edge.cloud import download, upload
-from flad_edge.edge import EdgeServer
+from flad_edge.fl.aggregation import RoundCollector, Update
+from flad_edge.fl.cloud import download, upload
+from flad_edge.fl.edge_server import EdgeServer
 from flad_vehicle.encoder.config import get_config
 from flad_vehicle.encoder.model import VisionEncoder
 from flad_vehicle.encoder.partition import Partitioner
@@ -47,7 +47,7 @@ from flad_vehicle.fhdp.worker import (
     fetch_layers,
 )
 
-log = logging.getLogger("flad_edge.fhdp")
+log = logging.getLogger("flad_edge.fhdp.orchestrator")
 
 
 @dataclass
@@ -355,7 +355,7 @@ def run_training(fleet: FleetConfig, cfg: FhdpConfig, run: RunDir | None, consol
     With `recovery`, clusters survive departures (quick recovery: backups, preventive templates, layer moves).
     """
     if recovery:
-        from flad_edge.fhdp_recovery import RecoveringFhdpEdge
+        from flad_edge.fhdp.recovery.edge import RecoveringFhdpEdge
 
         if cfg.u_shaped:
             raise ValueError("quick recovery does not support U-shaped pipelines yet (set u_shaped: false)")

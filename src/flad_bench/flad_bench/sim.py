@@ -4,12 +4,12 @@ Figures, all measured in this one run:
 - `sensors`: full frames/s (4 cameras + LiDAR + BEV label) on ONE core (the process pins itself to one CPU,
   like `taskset -c N`), over scenes recorded from an expert drive in real towns (rendering only is timed).
 - `physics`: world ticks/s with 50 actors (30 NPC vehicles + 20 pedestrians) and no sensors
-  (`flad_sim.bench_world.bench_physics`).
+  (`flad_bench.sim_world.bench_physics`).
 - `loader`: `iter_batches` samples/s (shuffled, all fields, batch 32) over world-collected shards at the
   default sensor sizes (page cache warm).
 - `train_samples_per_s`: the encoder's training speed, the figure the loader must beat by >= 5x. Slot for
   the encoder team: pass `--train-samples-per-s X`, or `--measure-train` to call
-  `flad_vehicle.bench.tiny_train_throughput` (imports torch). Null when neither is given.
+  `flad_bench.encoder.tiny_train_throughput` (imports torch). Null when neither is given.
 The machine may be shared: `cpu` figures (per CPU-second of this process) are less sensitive to that.
 """
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-samples-per-s", type=float, default=None,
                    help="the encoder's training samples/s, to report the loader/training ratio")
     p.add_argument("--measure-train", action="store_true",
-                   help="measure the tiny encoder's training samples/s (flad_vehicle.bench, needs torch)")
+                   help="measure the tiny encoder's training samples/s (flad_bench.encoder, needs torch)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: sensors,physics,loader")
     args = p.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         out["sensors"]["towns"] = towns
     if "physics" not in skip:
         try:
-            from flad_sim.bench_world import bench_physics
+            from flad_bench.sim_world import bench_physics
         except ImportError as exc:
-            out["physics"] = {"error": f"flad_sim.bench_world not available: {exc}"}
+            out["physics"] = {"error": f"flad_bench.sim_world not available: {exc}"}
         else:
             out["physics"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in
                               bench_physics(args.seconds, n_vehicles=30, n_pedestrians=20).items()}
@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     train_note = "given by --train-samples-per-s" if train is not None else None
     if train is None and args.measure_train:
         try:
-            from flad_vehicle.bench import tiny_train_throughput
+            from flad_bench.encoder import tiny_train_throughput
 
             train = float(tiny_train_throughput(threads=1)["samples_per_s"])
-            train_note = "flad_vehicle.bench.tiny_train_throughput (tiny encoder, 1 thread, CPU)"
+            train_note = "flad_bench.encoder.tiny_train_throughput (tiny encoder, 1 thread, CPU)"
         except Exception as exc:           # the encoder is another team's; its absence is not our failure
             train_note = f"not measured: {type(exc).__name__}: {exc}"
     out["train_samples_per_s"] = train

@@ -148,7 +148,7 @@ class _SyntheticRequests:
 
 
 def _service_only(args: argparse.Namespace) -> int:
-    from .model import ADLLM
+    from flad_edge.celladapt.model import ADLLM
 
     model = ADLLM.from_pretrained(args.service_only).eval()
     load0 = os.getloadavg()
@@ -166,7 +166,7 @@ def _service_only(args: argparse.Namespace) -> int:
 
 def _service_load(model: Any, data: Any, n_clients: int, seconds: float, max_batch: int, wait_ms: float
                   ) -> dict[str, Any]:
-    from .service import ServiceConfig, WaypointService, free_tcp_address
+    from flad_edge.celladapt.service import ServiceConfig, WaypointService, free_tcp_address
 
     addr = free_tcp_address()
     feats = data.features[:64].numpy()
@@ -195,9 +195,8 @@ _W: dict[str, Any] = {}
 def _worker_init(encoder_ckpt: str, model_dir: str, constant_wp: list) -> None:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
+    from flad_edge.celladapt.model import ADLLM
     from flad_vehicle.encoder.checkpoint import load_checkpoint
-
-    from .model import ADLLM
 
     _W["encoder"] = load_checkpoint(encoder_ckpt)[0].eval()
     _W["ad_llm"] = ADLLM.from_pretrained(Path(model_dir) / "ad_llm")
@@ -208,8 +207,7 @@ def _worker_init(encoder_ckpt: str, model_dir: str, constant_wp: list) -> None:
 def _adm_service_source() -> Any:
     if "adm_client" not in _W:
         from flad_core.bus import BusConfig, ZmqBus
-
-        from .service import ServiceConfig, WaypointClient, WaypointService, free_tcp_address
+        from flad_edge.celladapt.service import ServiceConfig, WaypointClient, WaypointService, free_tcp_address
 
         addr = free_tcp_address()
         _W["adm_service"] = WaypointService.for_model(_W["adm"], ServiceConfig(address=addr, max_wait_ms=0.5,
@@ -329,10 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     from flad_core.runs import RunDir, seed_everything
-
-    from .data import cached_features
-    from .pipeline import PipelineConfig, run_pipeline
-    from .train import evaluate, waypoint_metrics
+    from flad_edge.celladapt.data import cached_features
+    from flad_edge.celladapt.pipeline import PipelineConfig, run_pipeline
+    from flad_edge.celladapt.train import evaluate, waypoint_metrics
 
     seed_everything(0)
     if args.service_only:

@@ -191,9 +191,8 @@ class BenchFleet:
     """The cluster's vehicle processes (spawned once, reused for every configuration)."""
 
     def __init__(self, cfg: BenchConfig, host_tflops: float, time_scale: float) -> None:
+        from flad_bench.pipeline_worker import worker_main
         from flad_core.fleet import PAPER_PROFILES
-
-        from .bench_pipeline_worker import worker_main
 
         self.cfg, self.host_tflops, self.time_scale = cfg, host_tflops, time_scale
         self.profiles = {v: PAPER_PROFILES[p] for v, p in cfg.cluster}
@@ -483,7 +482,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
     # (d) torch.distributed.pipelining on the same partition
     tpp: dict[str, Any] = {"skipped": True}
     if cfg.torch_pipelining:
-        from .bench_pipeline_torchpp import run_torch_pipelining
+        from flad_bench.pipeline_torchpp import run_torch_pipelining
 
         try:
             tpp = run_torch_pipelining(cfg, swift, host, ts)
@@ -776,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.noniid_only:
         out.update(run_throughput(cfg))
     if args.noniid or args.noniid_only:
-        from .bench_pipeline_noniid import NoniidConfig, run_noniid, summarize_seeds
+        from flad_bench.pipeline_noniid import NoniidConfig, run_noniid, summarize_seeds
 
         ncfg = NoniidConfig(quick=args.quick)
         if args.noniid_rounds is not None:

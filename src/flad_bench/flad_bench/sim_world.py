@@ -1,6 +1,6 @@
 """Physics-only benchmark of the world (no sensors): ticks/s with 50 background actors and one ego.
 
-Called by `flad bench sim` (flad_sim.bench); also runnable alone: `python -m flad_sim.bench_world`.
+Called by `flad bench sim` (flad_bench.sim); also runnable alone: `python -m flad_bench.sim_world`.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def _frames(ctrl: zmq.Socket, frame_port: int, count: int, checksum: bool) -> di
 def run(n: int, seconds: float, frames: int, base: int) -> dict:
     torch.set_num_threads(1)
     frame_port = base + 10
-    peer = subprocess.Popen([sys.executable, "-m", "flad_core.bench_bus", "--peer", "--base", str(base)],
+    peer = subprocess.Popen([sys.executable, "-m", "flad_bench.bus", "--peer", "--base", str(base)],
                             stdout=subprocess.PIPE, text=True)
     hub = BusHub(_cfg(base))
     bus = ZmqBus("bench-driver", _cfg(base))

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("flad_edge.bench_recovery")
+log = logging.getLogger("flad_bench.recovery")
 
 IDS = ["v0", "v1", "v2"]
 
@@ -201,7 +201,7 @@ def _wait_listening(port: int, timeout_s: float) -> None:
 
 def torchrun_trial(workdir: Path, tag: str, last_call_s: int | None, ckpt_every: int,
                    timeout_s: float = 150.0) -> dict[str, Any]:
-    from flad_edge.recovery_live import free_port_base
+    from flad_edge.fhdp.recovery.live import free_port_base
 
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     port = free_port_base(2)
@@ -220,7 +220,7 @@ def torchrun_trial(workdir: Path, tag: str, last_call_s: int | None, ckpt_every:
                f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=flad-{tag}", "--max-restarts=3"]
         if last_call_s is not None:
             cmd += ["--rdzv-conf", f"last_call_timeout={int(last_call_s)}"]   # torch wants whole seconds
-        cmd += ["-m", "flad_edge.bench_recovery_torchrun", "--ckpt", str(ckpt), "--ckpt-every", str(ckpt_every),
+        cmd += ["-m", "flad_bench.recovery_torchrun", "--ckpt", str(ckpt), "--ckpt-every", str(ckpt_every),
                 "--progress", str(progress)]
         log_f = open(workdir / f"torchrun-{tag}-node{node}.log", "wb")  # noqa: SIM115 - closed below
         agents.append((subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, env=env,
@@ -278,9 +278,9 @@ def torchrun_trial(workdir: Path, tag: str, last_call_s: int | None, ckpt_every:
 
 # -- the run -------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from flad_edge.fhdp import FhdpConfig
-    from flad_edge.fhdp_recovery import RecoveryConfig
-    from flad_edge.recovery_live import LiveFleet
+    from flad_edge.fhdp.orchestrator import FhdpConfig
+    from flad_edge.fhdp.recovery.edge import RecoveryConfig
+    from flad_edge.fhdp.recovery.live import LiveFleet
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="flad-bench-recovery-"))
     load_before = os.getloadavg()

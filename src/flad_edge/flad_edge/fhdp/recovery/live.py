@@ -21,8 +21,8 @@ from flad_core.config import to_dict
 from flad_core.fleet import FleetConfig, HeartbeatConfig, VehicleSpec, load_fleet, with_port_base
 from flad_core.procs import ProcessGroup, free_port_base, python_module_cmd
 from flad_core.roles import default_fleet_path
-from flad_edge.fhdp import FhdpConfig, wait_for_vehicles
-from flad_edge.fhdp_recovery import RecoveringFhdpEdge, RecoveryConfig, last_registration
+from flad_edge.fhdp.orchestrator import FhdpConfig, wait_for_vehicles
+from flad_edge.fhdp.recovery.edge import RecoveringFhdpEdge, RecoveryConfig, last_registration
 
 
 def small_fleet(ids: list[str], port_base: int, profile: str = "jetson_nano", heartbeat_interval_s: float = 0.1,
