@@ -1,5 +1,5 @@
 # The two commands of the README. Both set everything up first (scripts/bootstrap.sh).
-.PHONY: demo test test-main lint bootstrap clean ros-tier test-ros
+.PHONY: demo test test-main lint imports bootstrap clean ros-tier test-ros
 
 bootstrap:
 	./scripts/bootstrap.sh
@@ -8,8 +8,18 @@ demo: bootstrap
 	.venv/bin/flad demo
 
 lint: bootstrap
-	.venv/bin/ruff check src test test_ros launch docker setup.py
+	.venv/bin/ruff check src test test_ros launch docker setup.py scripts
+	$(MAKE) --no-print-directory imports
 	.venv/bin/hadolint docker/Dockerfile.vehicle docker/Dockerfile.edge
+
+# Import rules, lazy imports included: the layers flad_bench -> flad_edge -> flad_vehicle -> flad_sim -> flad_core
+# and no cycles (import-linter, pyproject.toml [tool.importlinter]), no cycle between any two modules
+# (scripts/check_import_cycles.py). Both run, so one report names every violation.
+imports:
+	status=0; \
+	.venv/bin/lint-imports --config pyproject.toml --no-cache --no-logo || status=1; \
+	.venv/bin/python scripts/check_import_cycles.py || status=1; \
+	exit $$status
 
 # `make test`: the main tier, then the real-ROS 2 tier as its own, labelled stage.
 test: test-main test-ros

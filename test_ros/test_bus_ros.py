@@ -25,7 +25,8 @@ import rclpy
 from rclpy.qos import ReliabilityPolicy
 
 from flad_core import codec
-from flad_core.bus import BusConfig, ZmqBus, make_bus
+from flad_core.bus import BusConfig, ZmqBus
+from flad_core.bus_factory import make_bus
 from flad_core.bus_ros import RELIABLE, RosBus, qos_for, ros_message_type
 from flad_core.procs import free_port_base
 

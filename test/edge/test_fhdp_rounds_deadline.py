@@ -25,9 +25,11 @@ import yaml
 
 from flad_core.config import to_dict
 from flad_core.fleet import load_fleet, with_port_base
-from flad_edge.fhdp.orchestrator import FhdpConfig, FhdpEdge, wait_for_vehicles
+from flad_core.protocol import SERVICE_LAYERS
+from flad_edge.fhdp.config import FhdpConfig
+from flad_edge.fhdp.orchestrator import FhdpEdge, wait_for_vehicles
 from flad_edge.fl.aggregation import fedavg
-from flad_vehicle.fhdp.worker import SERVICE_LAYERS, fetch_layers
+from flad_vehicle.fhdp.worker import fetch_layers
 
 from flad_testing import REPO, free_port_base
 

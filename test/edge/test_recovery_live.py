@@ -11,8 +11,9 @@ import time
 
 import pytest
 
+from flad_core.protocol import BACKUP_OWNER as BACKUP
 from flad_edge.fhdp.recovery.live import LiveFleet
-from flad_edge.fhdp.recovery.moves import BACKUP, departed_share, moved_bytes, plan_moves
+from flad_edge.fhdp.recovery.moves import departed_share, moved_bytes, plan_moves
 
 IDS = ["v0", "v1", "v2"]
 STEPS = 6          # per pipeline per round
@@ -143,7 +144,7 @@ def test_planned_departure_hands_over_without_loss(live):
     pipe = live.client.pipelines[0]
     mid = pipe[1][0]
     # the mobility model predicts that `mid` leaves coverage shortly after its pipeline starts
-    step_s = live.edge._step_time or 0.3
+    step_s = live.edge.step_time or 0.3
     live.edge.predict_departure(mid, time.time() + live.edge.rcfg.handover_margin_s + 2.5 * step_s)
     summary = live.edge.run_round(rnd, [live.client])
     _check_round(summary, live)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flad_core.protocol import BACKUP_OWNER as BACKUP
 from flad_edge.fhdp.recovery.backups import BackupStore
-from flad_edge.fhdp.recovery.moves import BACKUP, departed_share, moved_bytes, owners, plan_moves
+from flad_edge.fhdp.recovery.moves import departed_share, moved_bytes, owners, plan_moves
 from flad_vehicle.encoder.config import get_config
 from flad_vehicle.encoder.model import VisionEncoder
 from flad_vehicle.encoder.partition import Partitioner

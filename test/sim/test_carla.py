@@ -11,8 +11,8 @@ import pytest
 
 from flad_sim import carla_adapter as ca
 from flad_sim import scene as S
+from flad_sim.crossroads import synthetic_scene
 from flad_sim.sensors import LidarConfig, RigConfig, SensorRig
-from flad_sim.show import synthetic_scene
 
 XODR = """<?xml version="1.0" standalone="yes"?>
 <OpenDRIVE>

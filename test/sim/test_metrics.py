@@ -1,5 +1,5 @@
-"""Leaderboard arithmetic (DESIGN.md §6) on synthetic drives: RC/IS/DS, collision de-duplication,
-light/stop events, outside-lane fraction and every early-termination rule."""
+"""Leaderboard arithmetic (docs/architecture.md, "Evaluation definitions") on synthetic drives: RC/IS/DS,
+collision de-duplication, light/stop events, outside-lane fraction and every early-termination rule."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flad_sim import scene as S
+from flad_sim.crossroads import synthetic_scene
 from flad_sim.schema import BEV_SIZE, sample_fields
 from flad_sim.sensors import (
     CameraConfig,
@@ -20,7 +21,6 @@ from flad_sim.sensors import (
     ego_measurements,
     gnss_from_xy,
 )
-from flad_sim.show import synthetic_scene
 
 BOX_RGB = (200, 40, 40)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from flad_sim.crossroads import synthetic_scene
 from flad_sim.sensors import RigConfig, SensorRig, default_cameras
-from flad_sim.show import camera_sheet, show, synthetic_scene, write_frame
+from flad_sim.show import camera_sheet, show, write_frame
 
 
 def test_camera_sheet_layout():

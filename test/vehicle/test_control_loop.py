@@ -1,7 +1,8 @@
 """The controller loop over a real ZeroMQ bus on loopback: Path + odometry in, the PID's control out.
 
-The expected controls are computed by hand from LMDrive's PID (DESIGN.md §6) for a fresh controller, so a
-change in frames, signs or the carry-forward shows up as a wrong number, not just a different one.
+The expected controls are computed by hand from LMDrive's PID (docs/architecture.md, "Evaluation definitions")
+for a fresh controller, so a change in frames, signs or the carry-forward shows up as a wrong number, not just a
+different one.
 """
 
 from __future__ import annotations

@@ -37,15 +37,29 @@ def reference_step(model, batch, clip):
     return float(loss.detach()), float(norm), grads
 
 
+def _split(part, cuts, u_shaped):
+    """(stages, head): the pipeline's stages for `cuts`; U-shaped, the cuts cut the trunk and `head` is the heads."""
+    if not u_shaped:
+        return part.stages(cuts), None
+    bounds = [0, *cuts, head_start(part.graph)]
+    return u_stages(part, [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)])
+
+
+def _capture_grads(opt, named, grads):
+    """Make `opt.step` copy the gradients of the `named` parameters into `grads` just before it consumes them."""
+    orig = opt.step
+
+    def capture(*a, **kw):
+        for n, p in named:
+            if p.grad is not None:
+                grads[n] = p.grad.clone()
+        return orig(*a, **kw)
+    opt.step = capture
+
+
 def run_pipeline(model, batch, cuts, schedule, n_micro, clip, port_base, codec="fp32", steps=1, u_shaped=False):
     """Runs `steps` pipelined steps; with `u_shaped`, `cuts` cut the trunk and stage 0 also holds the heads."""
-    part = Partitioner(model)
-    head = None
-    if u_shaped:
-        bounds = [0, *cuts, head_start(part.graph)]
-        stages, head = u_stages(part, [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)])
-    else:
-        stages = part.stages(cuts)
+    stages, head = _split(Partitioner(model), cuts, u_shaped)
     k = len(stages)
     ctx = zmq.Context()
     addrs = [f"tcp://127.0.0.1:{port_base + i}" for i in range(k)]
@@ -73,20 +87,10 @@ def run_pipeline(model, batch, cuts, schedule, n_micro, clip, port_base, codec="
             for step in range(steps):
                 feed = {n: batch[n] for n in runners[0].batch_inputs} if i == 0 else None
                 if step == steps - 1:
-                    # capture gradients just before the optimizer consumes them
-                    opt = runners[i].optimizer
-                    orig = opt.step
-
                     named = list(stages[i].named_parameters())
                     if head is not None and i == 0:
                         named += list(head.stage.named_parameters())
-
-                    def capture(*a, orig=orig, named=named, **kw):
-                        for n, p in named:
-                            if p.grad is not None:
-                                grads[n] = p.grad.clone()
-                        return orig(*a, **kw)
-                    opt.step = capture
+                    _capture_grads(runners[i].optimizer, named, grads)
                 results[i] = runners[i].run_step(step, feed)
         except Exception as exc:  # surfaced below
             errors.append(exc)

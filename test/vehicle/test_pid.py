@@ -1,4 +1,4 @@
-"""LMDrive PID (DESIGN.md §6): outputs checked against values computed by hand."""
+"""LMDrive PID (docs/architecture.md, "Evaluation definitions"): outputs checked against values computed by hand."""
 
 from __future__ import annotations
 

@@ -201,15 +201,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flad bench bus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--n", type=int, default=300, help="ping-pong samples per message size")
-    parser.add_argument("--seconds", type=float, default=2.0, help="streaming time per throughput test")
-    parser.add_argument("--frames", type=int, default=200, help="4 MB tensor frames to stream")
-    parser.add_argument("--base", type=int, default=47300, help="first of ~12 loopback ports to use")
+    parser.add_argument("--n", type=int, default=None, help="ping-pong samples per message size [300]")
+    parser.add_argument("--seconds", type=float, default=None, help="streaming time per throughput test [2.0]")
+    parser.add_argument("--frames", type=int, default=None, help="4 MB tensor frames to stream [200]")
+    parser.add_argument("--base", type=int, default=None,
+                        help="first of 12 loopback ports to use [12 free ones]")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in seconds (30 samples, 0.3 s streams, 10 frames): numbers are noisy")
     parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a != "--"])
     if args.peer:
         return _peer(args.base, args.base + 10)
-    results = run(args.n, args.seconds, args.frames, args.base)
+    sizes = {"n": 30, "seconds": 0.3, "frames": 10} if args.quick else {"n": 300, "seconds": 2.0, "frames": 200}
+    sizes.update({k: v for k, v in vars(args).items() if k in sizes and v is not None})
+    n, seconds, frames = sizes["n"], sizes["seconds"], sizes["frames"]
+    if min(n, frames) < 1 or seconds <= 0:
+        print("flad bench bus: --n and --frames must be >= 1 and --seconds > 0", file=sys.stderr)
+        return 2
+    base = args.base
+    if base is None:
+        from flad_core.procs import free_port_base
+
+        base = free_port_base(12)
+    results = run(n, seconds, frames, base)
+    if args.quick:
+        results["quick"] = "smoke run: numbers are not meaningful"
     if args.json:
         print(json.dumps(results))
     else:

@@ -111,8 +111,11 @@ def _dataset(args: argparse.Namespace, cfg: TrainConfig, fields: list[str]) -> t
         except Exception as exc:
             note["collect_error"] = f"{type(exc).__name__}: {exc}"
     if not (root / "manifest.json").exists():
-        note["missing"] = (f"no dataset at {root} (run `flad sim collect` or pass --collect); "
+        make = (f"flad sim collect --vehicles {args.collect_vehicles} --frames-per-vehicle {args.collect_frames} "
+                f"--out {root}")
+        note["missing"] = (f"no dataset at {root} (make it with `{make}` or pass --collect); "
                            "the training figures below use synthetic data instead")
+        log.warning("no dataset at %s: training on synthetic data (make it with `%s`, or pass --collect)", root, make)
         return None, note
     try:
         return DataSource(cfg, fields), note
@@ -124,7 +127,7 @@ def _dataset(args: argparse.Namespace, cfg: TrainConfig, fields: list[str]) -> t
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flad bench encoder", description=__doc__)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--minutes", type=float, default=10.0, help="CPU training budget [%(default)s]")
+    ap.add_argument("--minutes", type=float, default=None, help="CPU training budget [10.0; --quick: 0.1]")
     ap.add_argument("--data", default=BENCH_DATA, help="fleet dataset [%(default)s; see BENCH_DATA]")
     ap.add_argument("--holdout-towns", nargs="*", default=[])
     ap.add_argument("--batch-size", type=int, default=8)
@@ -135,11 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--collect-frames", type=int, default=200)
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--progress", action="store_true", help="show the training progress bar on stderr")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run in seconds: 6 s of training, no paper-size figures; numbers are not meaningful")
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
     args = ap.parse_args(argv)
+    if args.minutes is None:
+        args.minutes = 0.1 if args.quick else 10.0
+    if args.quick:
+        args.skip_paper = True
+    if args.minutes <= 0 or args.batch_size < 1:
+        print("flad bench encoder: --minutes must be > 0 and --batch-size >= 1", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     out: dict[str, Any] = {"bench": "encoder", "conditions": _conditions(args.threads)}
+    if args.quick:
+        out["quick"] = "smoke run: numbers are not meaningful"
     out["models"] = {"tiny": model_figures("tiny")}
     if not args.skip_paper:
         out["models"]["paper"] = model_figures("paper")

@@ -152,7 +152,7 @@ def _service_only(args: argparse.Namespace) -> int:
 
     model = ADLLM.from_pretrained(args.service_only).eval()
     load0 = os.getloadavg()
-    service = _service_block(model, _SyntheticRequests(model), args.load_seconds)
+    service = _service_block(model, _SyntheticRequests(model), args.load_seconds, repeats=args.service_repeats)
     result = {"bench": "llm", "mode": "service-only", "model_dir": args.service_only, "service": service,
               "goals": {"service_p50_le_30ms_batch1": service["adm_batch1_one_client"]["p50_ms"] <= 30.0,
                         "batching_ge_3x_throughput_8_clients": service["batching_speedup"] >= 3.0},
@@ -288,6 +288,15 @@ def _closed_loop(encoder_ckpt: str, model_dir: Path, constant_wp: np.ndarray, to
 # ---------------------------------------------------------------------------------------------- main
 
 
+DEFAULT_DATA = "data/fleet"
+#: --quick: everything small (numbers meaningless); values left unset on the command line come from here.
+QUICK = {"encoder_minutes": 0.05, "steps_scale": 0.02, "routes_per_town": 1, "route_min_m": 30.0,
+         "route_max_m": 60.0, "load_seconds": 1.0, "service_repeats": 1, "latency_n": 20, "closed_loop_towns": 1,
+         "collect_vehicles": 6, "collect_frames": 12}
+FULL = {"encoder_minutes": 5.0, "steps_scale": 1.0, "routes_per_town": 5, "route_min_m": 80.0, "route_max_m": 130.0,
+        "load_seconds": 8.0, "service_repeats": 3, "latency_n": 200, "closed_loop_towns": None}
+
+
 def _encoder(args: argparse.Namespace, run_path: Path) -> tuple[Any, str, dict[str, Any]]:
     from flad_vehicle.encoder.checkpoint import load_checkpoint
 
@@ -303,46 +312,123 @@ def _encoder(args: argparse.Namespace, run_path: Path) -> tuple[Any, str, dict[s
                                           "steps": r["steps"]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flad bench llm", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object (always on; kept for symmetry)")
-    ap.add_argument("--data", default="data/fleet")
+    ap.add_argument("--data", default=None,
+                    help=f"fleet dataset [{DEFAULT_DATA}: collected on demand if missing; --quick: a small one "
+                         "collected into the run folder]")
     ap.add_argument("--encoder", default="", help="encoder checkpoint (default: train one for --encoder-minutes)")
-    ap.add_argument("--encoder-minutes", type=float, default=5.0)
+    ap.add_argument("--encoder-minutes", type=float, default=None, help=f"[{FULL['encoder_minutes']}]")
     ap.add_argument("--holdout-towns", nargs="+", default=["Town05", "Town06"])
     ap.add_argument("--general", default="tiny", help="general LLM: tiny | smollm2 | local checkpoint path")
-    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every training phase's steps")
-    ap.add_argument("--routes-per-town", type=int, default=5)
-    ap.add_argument("--route-min-m", type=float, default=80.0)
-    ap.add_argument("--route-max-m", type=float, default=130.0)
+    ap.add_argument("--steps-scale", type=float, default=None, help="multiplies every training phase's steps [1.0]")
+    ap.add_argument("--routes-per-town", type=int, default=None, help=f"[{FULL['routes_per_town']}]")
+    ap.add_argument("--route-min-m", type=float, default=None, help=f"[{FULL['route_min_m']}]")
+    ap.add_argument("--route-max-m", type=float, default=None, help=f"[{FULL['route_max_m']}]")
     ap.add_argument("--plan-every", type=int, default=10, help="world ticks (20 Hz) between waypoint requests")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--load-seconds", type=float, default=8.0)
+    ap.add_argument("--load-seconds", type=float, default=None, help=f"[{FULL['load_seconds']}]")
     ap.add_argument("--no-closed-loop", action="store_true")
     ap.add_argument("--service-only", default="", metavar="MODEL_DIR",
                     help="only the waypoint-service load test, on a saved ADM (`save_pretrained` dir)")
     ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "flad" / "celladapt"))
-    args = ap.parse_args(argv)
+    ap.add_argument("--cache-dir", default=None,
+                    help="feature cache [~/.cache/flad/celladapt; --quick: the run folder]")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run in well under a minute (tiny data, seconds of training, one short route per "
+                         "agent): every figure is there, none is meaningful")
+    return ap
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
+    """Arguments with the --quick / full defaults filled in, and what is wrong with them (None: nothing)."""
+    args = _parser().parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a != "--"])
+    sizes = QUICK if args.quick else FULL
+    for key, value in sizes.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.cache_dir is None and not args.quick:
+        args.cache_dir = str(Path.home() / ".cache" / "flad" / "celladapt")
+    if args.service_only and not (Path(args.service_only) / "celladapt.json").is_file():
+        return args, (f"--service-only {args.service_only}: not a saved AD-LLM/ADM (no celladapt.json); "
+                      "`flad llm train` writes them to runs/<id>/models/adm")
+    if args.encoder and not Path(args.encoder).is_file():
+        return args, (f"--encoder {args.encoder}: no such checkpoint (make one with `flad vehicle train`, or leave "
+                      "out --encoder to train one here)")
+    if args.data is not None and args.data != DEFAULT_DATA:
+        from flad_bench.fleetdata import collect_command, has_fleet
+
+        if not has_fleet(args.data):
+            return args, f"no fleet dataset at {args.data} (make one with `{collect_command(args.data)}`)"
+    if min(args.routes_per_town, args.workers, args.plan_every) < 1 or args.load_seconds <= 0:
+        return args, "--routes-per-town, --workers and --plan-every must be >= 1 and --load-seconds > 0"
+    return args, None
+
+
+def _dataset(args: argparse.Namespace, run_path: Path) -> dict[str, Any] | None:
+    """Point args.data at a fleet dataset, collecting one if needed; what was collected (None: nothing)."""
+    from flad_bench.fleetdata import ensure_fleet
+
+    if args.data is None and args.quick:
+        args.data = str(run_path / "data")
+        return ensure_fleet(args.data, "flad bench llm --quick", vehicles=args.collect_vehicles,
+                            frames=args.collect_frames)
+    if args.data is None:
+        args.data = DEFAULT_DATA
+    return ensure_fleet(args.data, "flad bench llm")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, error = _parse(argv)
+    if error:
+        print(f"flad bench llm: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     from flad_core.runs import RunDir, seed_everything
-    from flad_edge.celladapt.data import cached_features
-    from flad_edge.celladapt.pipeline import PipelineConfig, run_pipeline
-    from flad_edge.celladapt.train import evaluate, waypoint_metrics
 
     seed_everything(0)
     if args.service_only:
         return _service_only(args)
     t_start = time.perf_counter()
     run = RunDir.create("bench-llm", vars(args), root=Path(args.runs_dir) if args.runs_dir else None, log=False)
+    collected = _dataset(args, run.path)
+    if args.cache_dir is None:
+        args.cache_dir = str(run.path / "cache")
+    towns = _fleet_towns(args.data)
+    missing = [t for t in args.holdout_towns if t not in towns]
+    if missing or len(towns) - len(set(args.holdout_towns)) < 1:
+        print(f"flad bench llm: the dataset at {args.data} has towns {towns}; it needs the held-out towns "
+              f"{args.holdout_towns} and at least one more (collect one over every town with "
+              f"`flad sim collect --out {args.data}`, or pass --holdout-towns)", file=sys.stderr)
+        return 2
+    result = _run(args, run, collected)
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    result["run_dir"] = str(run.path)
+    run.write_json("result.json", result)
+    print(json.dumps(result, default=float))
+    return 0
+
+
+def _fleet_towns(root: str) -> list[str]:
+    manifest = json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
+    return sorted(manifest.get("town_counts") or manifest.get("towns") or [])
+
+
+def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -> dict[str, Any]:
+    """Train (encoder, general LLM, AD-LLM, LoRA, ADM), then every figure of the JSON but wall_s and run_dir."""
+    from flad_edge.celladapt.data import cached_features
+    from flad_edge.celladapt.pipeline import PipelineConfig, run_pipeline
+    from flad_edge.celladapt.train import evaluate, waypoint_metrics
+
     load0 = os.getloadavg()
     encoder, ckpt, enc_info = _encoder(args, run.path)
     data = cached_features(encoder, args.data, ckpt, args.cache_dir)
     s = args.steps_scale
     pcfg = PipelineConfig(holdout_towns=args.holdout_towns, general=args.general,
-                          general_steps=int(300 * s), distill_steps=int(300 * s), lora_steps=int(150 * s),
-                          adm_steps=int(600 * s))
+                          general_steps=max(1, int(300 * s)), distill_steps=max(1, int(300 * s)),
+                          lora_steps=max(1, int(150 * s)), adm_steps=max(1, int(600 * s)))
     towns = sorted(set(data.towns))
     train_towns = [t for t in towns if t not in pcfg.holdout_towns]
     if len(train_towns) >= 2:
@@ -360,19 +446,21 @@ def main(argv: list[str] | None = None) -> int:
     params = {name: m.parameter_counts() for name, m in models.items()}
     for p in params.values():
         p.pop("trainable", None)
-    lat = {name: _latency(models[name], held, 200) for name in ("ad_llm", "adm")}
-    lat["general"] = _latency(models["general"], held, 50)
-    service = _service_block(models["adm"], held, args.load_seconds)
+    lat = {name: _latency(models[name], held, args.latency_n) for name in ("ad_llm", "adm")}
+    lat["general"] = _latency(models["general"], held, max(1, args.latency_n // 4))
+    service = _service_block(models["adm"], held, args.load_seconds, repeats=args.service_repeats)
     one = service["adm_batch1_one_client"]
     tl, sl = open_loop["ad_llm"]["wp_l1"], open_loop["adm"]["wp_l1"]
+    data_info: dict[str, Any] = {"root": args.data, "towns": towns, "held_out_towns": pcfg.holdout_towns,
+                                 "cloud_towns": pcfg.cloud_towns, "edge_towns": pcfg.edge_towns, **res["samples"]}
+    if collected:
+        data_info["collected"] = collected
     result: dict[str, Any] = {
         "bench": "llm",
         "conditions": {
             "host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": 1, "loadavg_start": [round(x, 2) for x in load0],
-            "device": "cpu", "emulated": False,
-            "data": {"root": args.data, "towns": towns, "held_out_towns": pcfg.holdout_towns,
-                     "cloud_towns": pcfg.cloud_towns, "edge_towns": pcfg.edge_towns, **res["samples"]},
+            "device": "cpu", "emulated": False, "data": data_info,
             "encoder": enc_info, "general_llm": args.general, "steps_scale": s,
         },
         "open_loop_held_out": open_loop,
@@ -391,8 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         "service": service,
         "phases": res["phases"],
     }
+    if args.quick:
+        result["quick"] = "smoke run: numbers are not meaningful"
     if not args.no_closed_loop:
-        result["closed_loop"] = _closed_loop(ckpt, run.path / "models", const_wp.numpy(), pcfg.holdout_towns,
+        cl_towns = pcfg.holdout_towns[:args.closed_loop_towns] if args.closed_loop_towns else pcfg.holdout_towns
+        result["closed_loop"] = _closed_loop(ckpt, run.path / "models", const_wp.numpy(), cl_towns,
                                              args.routes_per_town, args.route_min_m, args.route_max_m,
                                              args.plan_every, args.workers, AGENTS)
     cl = result.get("closed_loop", {}).get("agents", {})
@@ -405,11 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                                             for a in ("encoder_head", "ad_llm", "adm_via_service")} if cl else None,
     }
     result["conditions"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["wall_s"] = round(time.perf_counter() - t_start, 1)
-    result["run_dir"] = str(run.path)
-    run.write_json("result.json", result)
-    print(json.dumps(result, default=float))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

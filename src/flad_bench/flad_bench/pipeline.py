@@ -1,10 +1,11 @@
 """`flad bench pipeline --json`: FHDP pipeline throughput and stage-traffic codecs, side by side in one run.
 
-Everything here is **emulated** (DESIGN.md §4): a 3-vehicle cluster (default: 2 Jetson Nano + 1 Jetson AGX,
-the paper's testbed) runs as 3 real processes on loopback ZeroMQ; each stretches its measured compute to its
-profile's TFLOPS (`ComputeDilation`) and shapes every send to its profile's link rate (`TokenBucket`), both
-slowed by one global `time_scale` so that even the fastest emulated device is slower than this host's core
-(by default the AGX's dilation factor is 2). Emulated time = wall time / time_scale.
+Everything here is **emulated** (docs/architecture.md, "Emulated and real"): a 3-vehicle cluster (default: 2
+Jetson Nano + 1 Jetson AGX, the paper's testbed) runs as 3 real processes on loopback ZeroMQ; each stretches
+its measured compute to its profile's TFLOPS (`ComputeDilation`) and shapes every send to its profile's link
+rate (`TokenBucket`), both slowed by one global `time_scale` so that even the fastest emulated device is
+slower than this host's core (by default the AGX's dilation factor is 2). Emulated time = wall time /
+time_scale.
 
 One run measures, with the same encoder (same seed), the same data stream and the same profiles:
   (a) FHDP with SWIFT's partition (exact planner, bottleneck objective, SWIFT picks the first stage), plus the
@@ -46,6 +47,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flad_bench.pipeline_common import free_ports, summarize
 
 log = logging.getLogger(__name__)
 
@@ -127,64 +130,7 @@ def auto_time_scale(host_tflops: float, fastest_tflops: float, factor: float) ->
     return factor * fastest_tflops / host_tflops
 
 
-def summarize(results: Sequence[dict], batch_size: int, warmup: int, time_scale: float) -> dict[str, Any]:
-    """Throughput and per-stage figures of one configuration from its workers' per-step records."""
-    busy = sorted((r for r in results if not r.get("idle")), key=lambda r: r["index"])
-    n = len(busy[0]["steps"]) - warmup
-    if n < 1:
-        raise ValueError("no timed steps")
-    t0 = min(r["steps"][warmup]["t0"] for r in busy)
-    t1 = max(r["steps"][-1]["t1"] for r in busy)
-    wall = t1 - t0
-    emulated = wall / time_scale
-    timed = [r["steps"][warmup:] for r in busy]
-    stage_emul = [sum(s["emulated_compute_s"] for s in st) / n / time_scale for st in timed]
-    stage_real = [sum(s["compute_s"] for s in st) / n for st in timed]
-    stage_bytes = [sum(s["bytes_sent"] for s in st) / n for st in timed]
-    links = []   # directed links: (from stage, to stage, bytes per step)
-    for r in busy:
-        lb = r.get("link_bytes_per_step") or {}
-        if lb.get("next"):
-            links.append([r["index"], r["index"] + 1, lb["next"]])
-        if lb.get("prev"):
-            links.append([r["index"], r["index"] - 1, lb["prev"]])
-        if lb.get("turn"):   # U-shaped: the turnaround hop between the last trunk stage and the data owner
-            links.append([r["index"], lb["turn_to"], lb["turn"]])
-    all_steps = [r["steps"] for r in busy]
-    bytes_total = sum(s["bytes_sent"] for st in all_steps for s in st)
-    # the loss stage: the last one, or the data owner of a U-shaped pipeline
-    losses = next(([s["loss"] for s in r["steps"] if s["loss"] is not None] for r in reversed(busy)
-                   if any(s["loss"] is not None for s in r["steps"])), [])
-    return {
-        "stages": [[r["vehicle"], *r["range"]] for r in busy],
-        "samples_per_s": batch_size * n / emulated,
-        "step_s": emulated / n,
-        "wall_s": round(wall, 3),
-        "stage_compute_s": stage_emul,        # emulated compute per step, per stage
-        "stage_host_compute_s": stage_real,   # measured on this host, per step, per stage
-        "stage_bytes_per_step": stage_bytes,  # sent by each stage (activations down, gradients up)
-        "link_bytes_per_step": links,
-        "bytes_per_sample": bytes_total / (batch_size * len(all_steps[0])),
-        "losses": losses,
-        "final_loss": sum(losses[-3:]) / len(losses[-3:]) if losses else None,
-    }
-
-
 # ------------------------------------------------------------------------------------------------ the fleet
-
-
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 class BenchFleet:
@@ -215,7 +161,7 @@ class BenchFleet:
             ports = list(range(self._port, self._port + k))
             self._port += k
         else:
-            ports = _free_ports(k)
+            ports = free_ports(k)
         return [f"tcp://127.0.0.1:{p}" for p in ports]
 
     def run(self, pipeline: Sequence[tuple[str, int, int]], *, steps: int, codec: str = "fp32",

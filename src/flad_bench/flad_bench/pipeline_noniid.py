@@ -4,7 +4,7 @@ Town-split data (one town per vehicle, `flad sim collect`): a 3-vehicle cluster 
 profiles) whose members drive Town01, Town02 and Town03; the model is scored on held-out towns
 (Town04-Town06) that no configuration trains on.
 
-* FHDP: the real multi-process path -- this process runs the edge (`flad_edge.fhdp.orchestrator.run_training`, one
+* FHDP: the real multi-process path -- this process runs the edge (`flad_edge.fhdp.run.run_training`, one
   cluster = one FL client, FedAvg per round), the vehicles are `flad_vehicle.fhdp.worker` processes on
   loopback ZeroMQ; the cluster rotates over its essential pipelines, so every member's data trains.
 * HDP: the same path with `FhdpConfig.rotate = False`: only the first pipeline runs (only v000's data,
@@ -98,7 +98,8 @@ def train_pipelined(cfg: NoniidConfig, rotate: bool, workdir: Path):
     from flad_core.procs import ProcessGroup, python_module_cmd
     from flad_core.runs import RunDir
     from flad_core.weights import from_bytes
-    from flad_edge.fhdp.orchestrator import FhdpConfig, run_training
+    from flad_edge.fhdp.config import FhdpConfig
+    from flad_edge.fhdp.run import run_training
     from flad_vehicle.encoder.config import get_config
     from flad_vehicle.encoder.model import VisionEncoder
 

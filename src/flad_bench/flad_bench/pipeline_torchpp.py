@@ -256,12 +256,12 @@ def run_torch_pipelining(cfg, pipeline: Sequence[tuple[str, int, int]], host_tfl
     """Run baseline (d) on `pipeline`; returns the same figures as an FHDP configuration (emulated)."""
     import torch
 
-    from flad_bench.pipeline import _free_ports, summarize
+    from flad_bench.pipeline_common import free_ports, summarize
     from flad_core.fleet import PAPER_PROFILES
 
     profiles = dict(cfg.cluster)
     world = len(pipeline)
-    cmd = {"init_method": f"tcp://127.0.0.1:{_free_ports(1)[0]}", "seed": cfg.seed, "encoder": cfg.encoder,
+    cmd = {"init_method": f"tcp://127.0.0.1:{free_ports(1)[0]}", "seed": cfg.seed, "encoder": cfg.encoder,
            "pipeline": [list(p) for p in pipeline], "time_scale": time_scale, "host_tflops": host_tflops,
            "tflops": [PAPER_PROFILES[profiles[v]].tflops for v, _, _ in pipeline],
            "link_mbps": [PAPER_PROFILES[profiles[v]].link_mbps for v, _, _ in pipeline],

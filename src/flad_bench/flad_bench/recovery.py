@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("flad_bench.recovery")
+log = logging.getLogger(__name__)
 
 IDS = ["v0", "v1", "v2"]
 
@@ -88,8 +88,9 @@ def bench_quick(live, client, kills: int, kill_after: int) -> list[dict[str, Any
 # -- full relaunch -------------------------------------------------------------------------------------
 def bench_relaunch(live, client, trials: int, rnd0: int) -> list[dict[str, Any]]:
     from flad_core.atomic import atomic_write_bytes
+    from flad_core.protocol import EDGE_OWNER, SERVICE_ASSIGN, SERVICE_START
     from flad_core.weights import from_bytes, to_bytes
-    from flad_vehicle.fhdp.worker import SERVICE_ASSIGN, SERVICE_START
+    from flad_edge.fhdp.control import READY, REPORT
 
     edge = live.edge
     rows = []
@@ -129,19 +130,18 @@ def bench_relaunch(live, client, trials: int, rnd0: int) -> list[dict[str, Any]]
         t_started = time.time()
         _forget(edge, IDS)
         # 4. deploy every stage from the edge, then run to the first step
-        b = edge._assignment(client, new_pipe, ["edge"] * len(edge.layers), rnd, rnd * 10_000 + 1000)
-        b.pipeline_id = f"r{rnd}-c1-{first}-relaunched~1"
+        b = edge.control.assignment(client.id, client.members, new_pipe, [EDGE_OWNER] * len(edge.layers), rnd,
+                                    edge.cfg.local_steps, pipeline_id=f"r{rnd}-c1-{first}-relaunched", attempt=1)
         b.publish_progress = True
-        members = [v for v, _, _ in new_pipe]
-        edge._command(SERVICE_ASSIGN, b, members)
-        ready = edge._wait_watch("ready", b.pipeline_id, members, 120)
+        client.command(SERVICE_ASSIGN, b)
+        ready = client.wait_reports(READY, b, 120)
         t_deployed = time.time()
-        edge._command(SERVICE_START, b, members)
+        client.command(SERVICE_START, b)
         deadline = time.monotonic() + 120
-        while b.pipeline_id not in edge._first_progress and time.monotonic() < deadline:
+        while edge.progress.first_step_at(b.pipeline_id) is None and time.monotonic() < deadline:
             time.sleep(0.002)
-        t_resumed = edge._first_progress.get(b.pipeline_id)
-        edge._wait_watch("report", b.pipeline_id, members, 120)
+        t_resumed = edge.progress.first_step_at(b.pipeline_id)
+        client.wait_reports(REPORT, b, 120)
         rows.append({"trial": j, "victim": mid, "detection_s": t_fail - t_kill if t_fail else None,
                      "stop_s": t_stopped - (t_fail or t_kill), "reload_replan_s": t_replanned - t_stopped,
                      "restart_processes_s": t_started - t_replanned, "redeploy_s": t_deployed - t_started,
@@ -156,8 +156,7 @@ def bench_relaunch(live, client, trials: int, rnd0: int) -> list[dict[str, Any]]
 def _wait_failure(edge, vid: str, timeout_s: float) -> float | None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        with edge._flock:
-            hit = edge._failures.get(vid)
+        hit = edge.membership.failure_of(vid)
         if hit:
             return hit[1]
         time.sleep(0.002)
@@ -167,11 +166,7 @@ def _wait_failure(edge, vid: str, timeout_s: float) -> float | None:
 def _forget(edge, ids: list[str]) -> None:
     """The relaunch baseline manages membership itself: clear the recovering edge's bookkeeping."""
     time.sleep(0.3)
-    with edge._flock:
-        for v in ids:
-            edge._failures.pop(v, None)
-            edge.departed.pop(v, None)
-        edge.lost.difference_update(ids)
+    edge.membership.forget(ids)
 
 
 # -- torchrun elastic ------------------------------------------------------------------------------------
@@ -278,9 +273,9 @@ def torchrun_trial(workdir: Path, tag: str, last_call_s: int | None, ckpt_every:
 
 # -- the run -------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from flad_edge.fhdp.orchestrator import FhdpConfig
-    from flad_edge.fhdp.recovery.edge import RecoveryConfig
+    from flad_edge.fhdp.config import FhdpConfig
     from flad_edge.fhdp.recovery.live import LiveFleet
+    from flad_edge.fhdp.recovery.records import RecoveryConfig
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="flad-bench-recovery-"))
     load_before = os.getloadavg()

@@ -116,23 +116,50 @@ def bench_loader(data: str | None, seconds: float = 3.0, batch_size: int = 32, s
             tmp.cleanup()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
+    """The arguments, with the --quick defaults filled in, and what is wrong with them (None: nothing)."""
     p = argparse.ArgumentParser(prog="flad bench sim", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object (the only output mode)")
-    p.add_argument("--seconds", type=float, default=3.0, help="timing window per figure (default: %(default)s)")
-    p.add_argument("--towns", default="Town01,Town02,Town06", help="towns for the sensor scenes")
+    p.add_argument("--seconds", type=float, default=None, help="timing window per figure (default: 3.0)")
+    p.add_argument("--towns", default=None, help="towns for the sensor scenes (default: Town01,Town02,Town06)")
     p.add_argument("--data", default=None, help="fleet root for the loader figure (default: collect a small one)")
     p.add_argument("--train-samples-per-s", type=float, default=None,
                    help="the encoder's training samples/s, to report the loader/training ratio")
     p.add_argument("--measure-train", action="store_true",
                    help="measure the tiny encoder's training samples/s (flad_bench.encoder, needs torch)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: sensors,physics,loader")
-    args = p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run in seconds (0.5 s windows, Town01 scenes only): numbers are noisy")
+    args = p.parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a != "--"])
+    if args.seconds is None:
+        args.seconds = 0.5 if args.quick else 3.0
+    if args.towns is None:
+        args.towns = "Town01" if args.quick else "Town01,Town02,Town06"
+    from flad_sim.towns import TOWNS
+
+    unknown = [t for t in args.towns.split(",") if t and t not in TOWNS]
+    if args.seconds <= 0:
+        return args, "--seconds must be > 0"
+    if unknown:
+        return args, f"unknown town(s) {unknown}; towns: {', '.join(TOWNS)}"
+    if args.data and not (Path(args.data) / "manifest.json").exists():
+        return args, (f"no fleet dataset at {args.data} (make one with `flad sim collect --out {args.data}`, "
+                      "or leave out --data to collect a small one for the loader figure)")
+    return args, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, error = _parse(argv)
+    if error:
+        print(f"flad bench sim: {error}", file=sys.stderr)
+        return 2
     skip = {s for s in args.skip.split(",") if s}
     logging.getLogger("flad_sim").setLevel(logging.WARNING)
     cpu = _pin_one_core()
     out: dict[str, Any] = {"benchmark": "sim"}
+    if args.quick:
+        out["quick"] = "smoke run: numbers are not meaningful"
     if "sensors" not in skip:
         towns = [t for t in args.towns.split(",") if t]
         out["sensors"] = bench_sensors(record_scenes(towns), args.seconds)

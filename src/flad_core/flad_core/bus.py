@@ -2,7 +2,7 @@
 
 `ZmqBus` is the default transport (works on loopback and across machines by address); `RosBus` in
 `bus_ros.py` is a thin rclpy implementation for a ROS 2 deployment. Both carry the same CDR bytes,
-encoded from the `.msg` files, so a node cannot tell which one it runs on.
+encoded from the `.msg` files, so a node cannot tell which one it runs on; `bus_factory.make_bus` picks one.
 
 ZeroMQ topology: a `BusHub` (XSUB/XPUB forwarder, usually hosted by the edge) lets any number of
 processes publish and subscribe without knowing each other's addresses. Request/reply goes straight
@@ -438,18 +438,3 @@ class ZmqBus(Bus):
         if self._auth:
             self._auth.stop()
 
-
-def make_bus(identity: str, cfg: BusConfig | None = None, security: SecurityConfig | None = None,
-             transport: str = "auto") -> Bus:
-    """The bus for a role: `zmq`, `ros` (rclpy topics; needs ROS 2), or `auto` (ROS when rclpy imports)."""
-    if transport not in ("auto", "zmq", "ros"):
-        raise ConfigError("transport", f"must be auto, zmq or ros, got {transport!r}")
-    if transport != "zmq":
-        try:
-            from flad_core.bus_ros import RosBus
-        except ImportError as exc:
-            if transport == "ros":
-                raise BusError(f"transport 'ros' needs rclpy, which does not import here: {exc}") from exc
-        else:
-            return RosBus(identity, cfg, security)
-    return ZmqBus(identity, cfg, security)

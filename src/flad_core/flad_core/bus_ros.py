@@ -2,8 +2,8 @@
 
 Thin by design: messages stay rosbags objects in FLAD's code; on the wire they are the same CDR
 bytes, handed to rclpy as serialized messages (`raw=True` subscriptions, `publish(bytes)`), so no
-per-type conversion code exists. Request/reply (the control plane) stays on ZeroMQ, as DESIGN.md
-§3 prescribes, through an embedded `ZmqBus`.
+per-type conversion code exists. Request/reply (the control plane) stays on ZeroMQ, as docs/architecture.md
+("Transports") prescribes, through an embedded `ZmqBus`.
 
 QoS follows the stream: sensor topics (images, point clouds, IMU, GNSS) are best-effort with a
 shallow queue (`qos_profile_sensor_data`); everything else is reliable.
@@ -13,7 +13,7 @@ existing `node` leaves spinning to that node's owner (`ros_node.run_node`), sinc
 to one executor only.
 
 Exercised only where rclpy imports (the real-ROS test tier, test_ros/); importing this module without
-ROS raises ImportError, and `make_bus(transport="auto")` then falls back to ZeroMQ.
+ROS raises ImportError, and `bus_factory.make_bus(transport="auto")` then falls back to ZeroMQ.
 """
 
 from __future__ import annotations

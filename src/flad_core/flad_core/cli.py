@@ -40,10 +40,31 @@ def _bench(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"flad bench {args.name}: not available in this install ({exc})", file=sys.stderr)
         return 2
-    argv = list(args.rest)
-    if args.json and "--json" not in argv:
+    return int(fn(bench_argv(args.rest, args.json)) or 0)
+
+
+def bench_argv(rest: list[str], json_flag: bool) -> list[str]:
+    """The benchmark's own argv from what followed its name: `flad bench NAME --json -- --quick` and
+    `flad bench --json NAME -- --quick` both give `["--json", "--quick"]` (the first `--` only separates)."""
+    argv = list(rest)
+    if "--" in argv:
+        argv.remove("--")
+    if json_flag and "--json" not in argv:
         argv.insert(0, "--json")
-    return int(fn(argv) or 0)
+    return argv
+
+
+def _input_error_text(exc: BaseException) -> str | None:
+    """One line for an error that says an input is missing or unusable (not a bug), else None."""
+    from flad_core.config import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        if exc.filename is not None:
+            return f"{exc.filename}: {exc.strerror or exc}"
+        return str(exc)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +109,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A missing or unreadable input is the user's to fix: one line, no traceback (-vv logs it).
+        text = _input_error_text(exc)
+        if text is None:
+            raise
+        log.debug("input error", exc_info=True)
+        print(f"{_command_name(args)}: {text}", file=sys.stderr)
+        return 2
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """`flad bench llm`, `flad sim show`, ... for error messages."""
+    words = ["flad", args.command]
+    if args.command == "bench" and getattr(args, "name", None):
+        words.append(args.name)
+    else:
+        for key, value in vars(args).items():
+            if key.endswith("command") and key != "command" and isinstance(value, str):
+                words.append(value)
+                break
+    return " ".join(words)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -37,61 +38,80 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if hint is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc.reason)
-        raise ConfigError(key, "; ".join(errors))
+        return _convert_union(value, get_args(hint), key)
     if origin is typing.Literal:
-        allowed = get_args(hint)
-        if value not in allowed:
-            raise ConfigError(key, f"must be one of {list(allowed)}, got {_describe(value)}")
-        return value
+        return _convert_literal(value, get_args(hint), key)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, key)
     if origin in (list, tuple) or hint in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {_describe(value)}")
-        args = get_args(hint)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(key, f"expected {len(args)} items, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=False)))
-        item = args[0] if args else Any
-        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _convert_sequence(value, origin, get_args(hint), key)
     if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {_describe(value)}")
-        kt, vt = get_args(hint) or (Any, Any)
-        return {_convert(k, kt, f"{key}.<key>"): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true/false, got {_describe(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {_describe(value)}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {_describe(value)}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {_describe(value)}")
-        return value
-    if hint is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(key, f"expected a path, got {_describe(value)}")
-        return Path(value)
+        return _convert_mapping(value, get_args(hint), key)
+    return _convert_scalar(value, hint, key)
+
+
+def _convert_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
+    """The first member type that takes `value` (None for an Optional), else every member's reason."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ConfigError as exc:
+            errors.append(exc.reason)
+    raise ConfigError(key, "; ".join(errors))
+
+
+def _convert_literal(value: Any, allowed: tuple[Any, ...], key: str) -> Any:
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of {list(allowed)}, got {_describe(value)}")
+    return value
+
+
+def _convert_sequence(value: Any, origin: Any, args: tuple[Any, ...], key: str) -> Any:
+    """A list, a tuple of fixed length and item types (`tuple[int, str]`), or a homogeneous one (`tuple[int, ...]`)."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(key, f"expected a list, got {_describe(value)}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise ConfigError(key, f"expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=False)))
+    item = args[0] if args else Any
+    items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _convert_mapping(value: Any, args: tuple[Any, ...], key: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a mapping, got {_describe(value)}")
+    kt, vt = args or (Any, Any)
+    return {_convert(k, kt, f"{key}.<key>"): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+
+
+def _is_number(value: Any, kinds: type | tuple[type, ...]) -> bool:
+    return not isinstance(value, bool) and isinstance(value, kinds)
+
+
+#: scalar type -> (does it take the value, what the error says was expected, the converted value)
+_SCALARS: tuple[tuple[type, Callable[[Any], bool], str, Callable[[Any], Any]], ...] = (
+    (bool, lambda v: isinstance(v, bool), "true/false", lambda v: v),
+    (int, lambda v: _is_number(v, int), "an integer", lambda v: v),
+    (float, lambda v: _is_number(v, (int, float)), "a number", float),
+    (str, lambda v: isinstance(v, str), "a string", lambda v: v),
+    (Path, lambda v: isinstance(v, (str, Path)), "a path", Path),
+)
+
+
+def _convert_scalar(value: Any, hint: Any, key: str) -> Any:
+    """bool, int, float, str and Path are checked (an int is not a bool; a float takes an int); others pass."""
+    for kind, takes, expected, convert in _SCALARS:
+        if hint is kind:
+            if not takes(value):
+                raise ConfigError(key, f"expected {expected}, got {_describe(value)}")
+            return convert(value)
     return value
 
 

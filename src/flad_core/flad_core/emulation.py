@@ -1,4 +1,4 @@
-"""Honest emulation of heterogeneous devices and links on one host (DESIGN.md §4).
+"""Honest emulation of heterogeneous devices and links on one host (docs/architecture.md, "Emulated and real").
 
 * `TokenBucket` shapes a link: every send waits until its bytes fit the profile's Mb/s.
 * `ComputeDilation` stretches measured compute time to what the emulated device would take:

@@ -90,7 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             if training:
                 group.start("cloud", python_module_cmd("flad_edge.fl.cloud", *common))
-                edge_cmd = python_module_cmd("flad_edge.fhdp.orchestrator", *common, "--config", str(args.config),
+                edge_cmd = python_module_cmd("flad_edge.fhdp.run", *common, "--config", str(args.config),
                                              "--cloud", *(["--rounds", str(args.rounds)] if args.rounds else []),
                                              *(["--recovery"] if args.recovery else []))
                 vehicle_module, vehicle_extra = "flad_vehicle.fhdp.worker", ["--data", str(data)]

@@ -97,7 +97,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bridge(args: argparse.Namespace) -> int:
-    from flad_core.bus import BusConfig, BusHub, make_bus
+    from flad_core.bus import BusConfig, BusHub
+    from flad_core.bus_factory import make_bus
     from flad_core.config import ConfigError, from_dict
     from flad_sim.bridge import WorldBridge, topic
     from flad_sim.route import seeded_routes

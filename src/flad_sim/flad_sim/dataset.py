@@ -603,8 +603,8 @@ def available_towns() -> list[str]:
 def synthetic_samples(town: str, n: int, seed: int, cfg: CollectConfig) -> Iterator[dict[str, Any]]:
     """Samples from the hand-built crossroads (ego creeping forward); for tests and when no world exists.
     Labels are geometric placeholders: straight-ahead waypoints at the current speed."""
+    from flad_sim.crossroads import synthetic_scene
     from flad_sim.sensors import SensorRig
-    from flad_sim.show import synthetic_scene
 
     rig = SensorRig(cfg.rig_config())
     sv = synthetic_scene(seed % 5)

@@ -1,4 +1,4 @@
-"""CARLA Leaderboard 1.0 scoring, exactly per DESIGN.md §6.
+"""CARLA Leaderboard 1.0 scoring, exactly per docs/architecture.md, "Evaluation definitions".
 
 Per route: RC = % of route distance completed (100 only if > 99 % and within 10 m of the goal);
 IS = product of penalties (pedestrian collision x0.50, vehicle x0.60, static x0.65, red light x0.70,

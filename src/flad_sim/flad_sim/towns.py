@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,9 @@ STOP_LINE_GAP_M = 1.0        # lane end sits this far beyond the crosswalk's out
 RESOLUTION_M = 0.25
 #: unit heading per direction index: 0 east, 1 north, 2 west, 3 south
 DIRS = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+
+#: paints one surface class over the axis-aligned rectangle [xa, xb] x [ya, yb] (world metres) of a ground raster
+_Rect = Callable[[float, float, float, float, int], None]
 
 CONTROL_NONE = 0
 CONTROL_LIGHT = 1
@@ -260,29 +264,7 @@ class Town:
         conn_to: list[int] = []
         conn_from: list[int] = []
         for lk in self.links:
-            plan: list[tuple[int, int, int, int]] = []     # (next link, turn, in lane, out lane)
-            for nxt, t in lk.out:
-                lo = self.links[nxt]
-                if t in (TURN_STRAIGHT, TURN_BEND):
-                    plan += [(nxt, t, k, min(k, lo.n_lanes - 1)) for k in range(lk.n_lanes)]
-                elif t == TURN_LEFT:
-                    plan.append((nxt, t, 0, 0))
-                else:
-                    plan.append((nxt, t, lk.n_lanes - 1, lo.n_lanes - 1))
-            served = {p[2] for p in plan}
-            turns = {t: nxt for nxt, t in lk.out}
-            for k in range(lk.n_lanes):          # middle lanes at a T-junction without a straight option
-                if k in served:
-                    continue
-                if TURN_LEFT in turns and k < lk.n_lanes / 2:
-                    lo = self.links[turns[TURN_LEFT]]
-                    plan.append((lo.id, TURN_LEFT, k, min(k, lo.n_lanes - 1)))
-                else:
-                    t = TURN_RIGHT if TURN_RIGHT in turns else TURN_LEFT
-                    lo = self.links[turns[t]]
-                    plan.append((lo.id, t, k, max(lo.n_lanes - lk.n_lanes + k, 0) if t == TURN_RIGHT
-                                 else min(k, lo.n_lanes - 1)))
-            for nxt, t, ki, ko in plan:
+            for nxt, t, ki, ko in self._connector_plan(lk):
                 lo = self.links[nxt]
                 e_in, e_out = lk.lanes[ki], lo.lanes[ko]
                 p0, p2 = polys[e_in][-1], polys[e_out][0]
@@ -341,6 +323,32 @@ class Town:
                 radius = lengths[e] / dh
                 cap[e] = math.sqrt(2.5 * radius)
         self.elem_speed_cap = cap
+
+    def _connector_plan(self, lk: Link) -> list[tuple[int, int, int, int]]:
+        """The connectors leaving link `lk` at its junction: (next link, turn, in lane, out lane) each."""
+        plan: list[tuple[int, int, int, int]] = []
+        for nxt, t in lk.out:
+            lo = self.links[nxt]
+            if t in (TURN_STRAIGHT, TURN_BEND):
+                plan += [(nxt, t, k, min(k, lo.n_lanes - 1)) for k in range(lk.n_lanes)]
+            elif t == TURN_LEFT:
+                plan.append((nxt, t, 0, 0))
+            else:
+                plan.append((nxt, t, lk.n_lanes - 1, lo.n_lanes - 1))
+        served = {p[2] for p in plan}
+        turns = {t: nxt for nxt, t in lk.out}
+        for k in range(lk.n_lanes):          # middle lanes at a T-junction without a straight option
+            if k in served:
+                continue
+            if TURN_LEFT in turns and k < lk.n_lanes / 2:
+                lo = self.links[turns[TURN_LEFT]]
+                plan.append((lo.id, TURN_LEFT, k, min(k, lo.n_lanes - 1)))
+            else:
+                t = TURN_RIGHT if TURN_RIGHT in turns else TURN_LEFT
+                lo = self.links[turns[t]]
+                plan.append((lo.id, t, k, max(lo.n_lanes - lk.n_lanes + k, 0) if t == TURN_RIGHT
+                             else min(k, lo.n_lanes - 1)))
+        return plan
 
     def elem_points(self, e: int) -> np.ndarray:
         return self.path_xy[self.elem_i0[e]:self.elem_i0[e] + self.elem_n[e]]
@@ -427,6 +435,14 @@ class Town:
             ra, rb = int(round((min(ya, yb) - y0) / r)), int(round((max(ya, yb) - y0) / r))
             g[max(ra, 0):max(rb, 0), max(ca, 0):max(cb, 0)] = c
 
+        self._paint_roads(rect)
+        self._paint_markings(g)
+        self._paint_stop_lines(rect)
+        self._paint_crosswalks(rect)
+        return scene.GroundMap(g, (float(x0), float(y0)), r)
+
+    def _paint_roads(self, rect: _Rect) -> None:
+        """Every road's sidewalk band, then its asphalt."""
         sw = SIDEWALK_WIDTH_M
         xa, xb, ya, yb = self.xs[0], self.xs[-1], self.ys[0], self.ys[-1]
         for j, y in enumerate(self.ys):      # horizontal roads: sidewalk band then asphalt
@@ -439,7 +455,9 @@ class Town:
             rect(xa - self.hw_col[0], xb + self.hw_col[-1], y - self.hw_row[j], y + self.hw_row[j], scene.SURFACE_ROAD)
         for i, x in enumerate(self.xs):
             rect(x - self.hw_col[i], x + self.hw_col[i], ya - self.hw_row[0], yb + self.hw_row[-1], scene.SURFACE_ROAD)
-        # markings along each link (only between its lane ends)
+
+    def _paint_markings(self, g: np.ndarray) -> None:
+        """Centre and lane lines along each link (only between its lane ends)."""
         for lk in self.links:
             if lk.dir >= 2:
                 continue    # paint each road once, from its east/north-bound link
@@ -453,7 +471,8 @@ class Town:
                 for side in (1.0, -1.0):
                     self._paint_strip(g, a, u, rn, side * k * LANE_WIDTH_M, 0.0, length, 0.25,
                                       scene.SURFACE_LANE_MARKING, dash=(3.0, 6.0))
-        # stop lines and crosswalks
+
+    def _paint_stop_lines(self, rect: _Rect) -> None:
         for sl in self.stop_lines:
             mid = (sl.p0 + sl.p1) / 2
             lo, hi = np.minimum(sl.p0, sl.p1), np.maximum(sl.p0, sl.p1)
@@ -461,6 +480,10 @@ class Town:
                 rect(mid[0] - 0.25, mid[0] + 0.25, lo[1], hi[1], scene.SURFACE_STOP_LINE)
             else:
                 rect(lo[0], hi[0], mid[1] - 0.25, mid[1] + 0.25, scene.SURFACE_STOP_LINE)
+
+    def _paint_crosswalks(self, rect: _Rect) -> None:
+        """Zebra stripes across every road that leaves a junction, on the sidewalk band's line."""
+        sw = SIDEWALK_WIDTH_M
         for n in range(len(self.node_xy)):
             cx, cy = self.node_xy[n]
             hx, hy = self.node_half[n]
@@ -475,7 +498,6 @@ class Town:
                     ys0 = cy + (hy if d == 1 else -hy - sw)
                     for xx in np.arange(cx - hx + 0.25, cx + hx - 0.25, 1.0):
                         rect(xx, xx + 0.5, ys0 + 0.2, ys0 + sw - 0.2, scene.SURFACE_CROSSWALK)
-        return scene.GroundMap(g, (float(x0), float(y0)), r)
 
     def _paint_strip(self, g: np.ndarray, a: np.ndarray, u: np.ndarray, rn: np.ndarray, offset: float,
                      s0: float, s1: float, width: float, cls: int, dash: tuple[float, float] | None) -> None:

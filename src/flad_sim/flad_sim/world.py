@@ -321,7 +321,17 @@ class World:
         c1 = ego.center()
         half = np.array([p.length / 2, p.width / 2])
         r = float(np.linalg.norm(half))
-        # ---- collisions
+        if self._ego_collisions(ego, c1, half, r, veh_all, ped):
+            # buildings, poles and obstacles do not yield: undo the move and stop
+            ego.x, ego.y, ego.yaw, ego.v, ego.yaw_rate = x0, y0, yaw0, 0.0, 0.0
+            c1 = ego.center()
+        if len(self.town.stop_lines):
+            self._ego_stop_lines(ego, c0, c1)
+
+    def _ego_collisions(self, ego: _Ego, c1: np.ndarray, half: np.ndarray, r: float, veh_all: dict[str, np.ndarray],
+                        ped: dict[str, np.ndarray]) -> bool:
+        """Collision events of the ego's box at `c1` with static boxes, other vehicles and pedestrians (in that
+        order); True if it hit something static (which blocks the move)."""
         blocked = False
         dst = self._st_xy - c1
         near = np.flatnonzero(np.sqrt(dst[:, 0] ** 2 + dst[:, 1] ** 2) < self._st_r + r)
@@ -349,33 +359,33 @@ class World:
                 ego.events.append({"type": "collision", "actor_id": int(ped["actor_id"][k]),
                                    "kind": scene.BOX_PEDESTRIAN, "x": float(c1[0]), "y": float(c1[1]),
                                    "t": self.time_s + self.dt})
-        if blocked:        # buildings, poles and obstacles do not yield: undo the move and stop
-            ego.x, ego.y, ego.yaw, ego.v, ego.yaw_rate = x0, y0, yaw0, 0.0, 0.0
-            c1 = ego.center()
-        # ---- stop lines crossed this tick
+        return blocked
+
+    def _ego_stop_lines(self, ego: _Ego, c0: np.ndarray, c1: np.ndarray) -> None:
+        """Stop-line events for the ego's move c0 -> c1 this tick; a stop sign's line counts as stopped at once
+        the ego stands still in its zone."""
         town = self.town
-        if len(town.stop_lines):
-            move = c1 - c0
-            dm = self._stop_mid - c1
-            cand = np.flatnonzero(dm[:, 0] ** 2 + dm[:, 1] ** 2 < 15.0 ** 2)
-            if move @ move > 0 and len(cand):
-                p0, p1 = town.stop_p0[cand], town.stop_p1[cand]
-                crossed = _segments_intersect(c0, c1, p0, p1) & (town.stop_heading[cand] @ move > 0)
-                for k in cand[crossed]:
-                    ctrl = int(town.stop_control[k])
-                    state = int(self._sig[town.stop_signal[k]]) if ctrl == CONTROL_LIGHT else scene.TL_NONE
-                    ego.events.append({"type": "stop_line", "index": int(k), "control": ctrl, "state": state,
-                                       "stopped": int(k) in ego.stopped_at, "node": int(town.stop_lines[k].node),
-                                       "x": float(c1[0]), "y": float(c1[1]), "t": self.time_s + self.dt})
-                    ego.stopped_at.discard(int(k))
-                    if ego.stop_wait is not None and ego.stop_wait[0] == town.stop_lines[k].node:
-                        ego.stop_wait = None
-            if abs(ego.v) < 0.1:
-                for k in self._stop_lines_near(c1, ego.yaw, control=CONTROL_STOP):
-                    if k not in ego.stopped_at:
-                        ego.stopped_at.add(k)
-                        if ego.stop_wait is None:
-                            ego.stop_wait = (int(town.stop_lines[k].node), self.time_s + self.dt)
+        move = c1 - c0
+        dm = self._stop_mid - c1
+        cand = np.flatnonzero(dm[:, 0] ** 2 + dm[:, 1] ** 2 < 15.0 ** 2)
+        if move @ move > 0 and len(cand):
+            p0, p1 = town.stop_p0[cand], town.stop_p1[cand]
+            crossed = _segments_intersect(c0, c1, p0, p1) & (town.stop_heading[cand] @ move > 0)
+            for k in cand[crossed]:
+                ctrl = int(town.stop_control[k])
+                state = int(self._sig[town.stop_signal[k]]) if ctrl == CONTROL_LIGHT else scene.TL_NONE
+                ego.events.append({"type": "stop_line", "index": int(k), "control": ctrl, "state": state,
+                                   "stopped": int(k) in ego.stopped_at, "node": int(town.stop_lines[k].node),
+                                   "x": float(c1[0]), "y": float(c1[1]), "t": self.time_s + self.dt})
+                ego.stopped_at.discard(int(k))
+                if ego.stop_wait is not None and ego.stop_wait[0] == town.stop_lines[k].node:
+                    ego.stop_wait = None
+        if abs(ego.v) < 0.1:
+            for k in self._stop_lines_near(c1, ego.yaw, control=CONTROL_STOP):
+                if k not in ego.stopped_at:
+                    ego.stopped_at.add(k)
+                    if ego.stop_wait is None:
+                        ego.stop_wait = (int(town.stop_lines[k].node), self.time_s + self.dt)
 
     def _stop_lines_near(self, c: np.ndarray, yaw: float, control: int | None = None,
                          zone: tuple[float, float] = STOP_ZONE_M) -> list[int]:

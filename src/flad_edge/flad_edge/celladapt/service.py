@@ -30,10 +30,11 @@ import zmq
 
 from flad_core import codec
 from flad_core.bus import bind_address
+from flad_core.protocol import SERVICE_WAYPOINTS
 
 log = logging.getLogger(__name__)
 
-SERVICE = "flad/waypoints"
+SERVICE = SERVICE_WAYPOINTS
 REQUEST_TYPE = "flad_msgs/msg/WaypointRequest"
 RESPONSE_TYPE = "nav_msgs/msg/Path"
 FEATURE_DTYPES = ("float32", "float16")

@@ -151,9 +151,9 @@ MOVING_M = 2.0
 
 
 def waypoint_metrics(pred: Tensor, gt: Tensor) -> dict[str, float | None]:
-    """Open-loop L1 / ADE / FDE (metres, DESIGN.md §6) and the progress ratio: mean distance of the last
-    predicted waypoint over the ground truth's, on moving samples (< 1: the model plans too slowly, which
-    in closed loop means route timeouts rather than a visible L1 error)."""
+    """Open-loop L1 / ADE / FDE (metres; docs/architecture.md, "Evaluation definitions") and the progress ratio:
+    mean distance of the last predicted waypoint over the ground truth's, on moving samples (< 1: the model
+    plans too slowly, which in closed loop means route timeouts rather than a visible L1 error)."""
     d = (pred - gt).norm(dim=-1)
     n = max(len(gt), 1)
     moving = gt[:, -1].norm(dim=-1) > MOVING_M

@@ -168,9 +168,8 @@ def iter_frames(bag: Path, role: str, cameras: dict[str, tuple[int, int]], lidar
     odometry (else the latest speedometer reading). `Frame.decode_s` is the time spent decoding the frame's
     camera and LiDAR messages (CDR + conversion to arrays).
     """
-    from flad_core import codec
     from flad_sim.bag import read_bag
-    from flad_sim.bridge import image_from_msg, points_from_msg, stamp_key, waypoints_from_path
+    from flad_sim.bridge import stamp_key
 
     topics = replay_topics(role, list(cameras), expert_topic)
     open_frames: dict[int, Frame] = {}
@@ -180,10 +179,7 @@ def iter_frames(bag: Path, role: str, cameras: dict[str, tuple[int, int]], lidar
     for m in read_bag(bag, topics=list(topics), raw=True):
         kind = topics[m.topic]
         t0 = time.perf_counter()
-        try:
-            msg = codec.decode(m.msg, m.msgtype)
-        except codec.CodecError as exc:
-            raise ReplayError(f"bag {bag}: {m.topic} at t={m.time_ns} ns: {exc}") from exc
+        msg = _decode(bag, m)
         if kind == "speed":
             speedometer = float(msg.data)
             continue
@@ -194,31 +190,11 @@ def iter_frames(bag: Path, role: str, cameras: dict[str, tuple[int, int]], lidar
         fr = open_frames.get(key)
         if fr is None:
             fr = open_frames[key] = Frame(key, {}, speedometer, np.array([10.0, 0.0], np.float32))
-        try:
-            if kind in cameras:
-                img = image_from_msg(msg)
-                h, w = cameras[kind]
-                if img.shape[:2] != (h, w):
-                    raise ReplayError(f"bag {bag}: {m.topic} is {img.shape[0]}x{img.shape[1]} at t={key} ns, the "
-                                      f"encoder expects {h}x{w}")
-                fr.sensors[kind] = img
-            elif kind == "lidar":
-                fr.sensors["lidar"] = _lidar_layout(points_from_msg(msg), lidar_rays, key)
-        except ValueError as exc:
-            raise ReplayError(f"bag {bag}: {m.topic} at t={key} ns: {exc}") from exc
         if kind in cameras or kind == "lidar":
+            _add_sensor(fr, kind, msg, bag, m.topic, cameras, lidar_rays)
             fr.decode_s += time.perf_counter() - t0
-        elif kind == "odom":
-            fr.speed = float(msg.twist.twist.linear.x)
-        elif kind == "nav":
-            fr.target_point = np.array([msg.target_point.x, msg.target_point.y], np.float32)
-            fr.instruction, fr.notice = str(msg.instruction), str(msg.notice)
-        elif kind == "tl":
-            fr.tl_state = int(msg.state)
-        elif kind == "expert":
-            fr.expert_wp = waypoints_from_path(msg)
-        elif kind == "recorded":
-            fr.recorded_wp = waypoints_from_path(msg)
+        else:
+            _add_label(fr, kind, msg)
         while len(open_frames) > FRAME_WINDOW:
             oldest = min(open_frames)
             done_upto = oldest
@@ -230,6 +206,53 @@ def iter_frames(bag: Path, role: str, cameras: dict[str, tuple[int, int]], lidar
             yield open_frames[key]
     if late:
         log.warning("bag %s: %d message(s) arrived after their frame was evaluated (left out)", bag, late)
+
+
+def _decode(bag: Path, m: Any) -> Any:
+    """One raw bag message as a rosbags object (ReplayError naming the topic and time if it does not decode)."""
+    from flad_core import codec
+
+    try:
+        return codec.decode(m.msg, m.msgtype)
+    except codec.CodecError as exc:
+        raise ReplayError(f"bag {bag}: {m.topic} at t={m.time_ns} ns: {exc}") from exc
+
+
+def _add_sensor(fr: Frame, kind: str, msg: Any, bag: Path, topic: str, cameras: dict[str, tuple[int, int]],
+                lidar_rays: int) -> None:
+    """A camera image (of the size the encoder expects) or the LiDAR sweep into `fr.sensors`."""
+    from flad_sim.bridge import image_from_msg, points_from_msg
+
+    key = fr.t_ns
+    try:
+        if kind in cameras:
+            img = image_from_msg(msg)
+            h, w = cameras[kind]
+            if img.shape[:2] != (h, w):
+                raise ReplayError(f"bag {bag}: {topic} is {img.shape[0]}x{img.shape[1]} at t={key} ns, the "
+                                  f"encoder expects {h}x{w}")
+            fr.sensors[kind] = img
+        elif kind == "lidar":
+            fr.sensors["lidar"] = _lidar_layout(points_from_msg(msg), lidar_rays, key)
+    except ValueError as exc:
+        raise ReplayError(f"bag {bag}: {topic} at t={key} ns: {exc}") from exc
+
+
+def _add_label(fr: Frame, kind: str, msg: Any) -> None:
+    """What was recorded beside the sensors: odometry speed, navigation, traffic light, expert/recorded plans."""
+    from flad_sim.bridge import waypoints_from_path
+
+    if kind == "odom":
+        fr.speed = float(msg.twist.twist.linear.x)
+    elif kind == "nav":
+        fr.target_point = np.array([msg.target_point.x, msg.target_point.y], np.float32)
+        fr.instruction, fr.notice = str(msg.instruction), str(msg.notice)
+    elif kind == "tl":
+        fr.tl_state = int(msg.state)
+    elif kind == "expert":
+        fr.expert_wp = waypoints_from_path(msg)
+    elif kind == "recorded":
+        fr.recorded_wp = waypoints_from_path(msg)
 
 
 def _complete(fr: Frame, cameras: dict[str, tuple[int, int]]) -> bool:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -64,12 +65,15 @@ def fedavg(states: Sequence[State], weights: Sequence[float]) -> dict[str, torch
 
 @dataclass
 class Update:
+    """One client's result of a round: its weights, FedAvg weight (samples) and what it did (metrics)."""
+
     client: str
     round: int
     update_id: str
     num_samples: int
     state: State
     received_at: float = field(default_factory=time.monotonic)
+    metrics: Any = None      # the client's own account of its round (e.g. fhdp.client.ClientStats)
 
 
 class RoundCollector:

@@ -21,12 +21,12 @@ from flad_core import codec
 from flad_core import weights as wts
 from flad_core.bus import ZmqBus
 from flad_core.procs import install_stop_handlers
+from flad_core.protocol import SERVICE_GLOBAL, SERVICE_UPLOAD
 from flad_core.roles import add_role_args, fleet_from_args, security_for, setup_role_logging
 from flad_edge.fl.aggregation import RoundCollector, Update
 
 log = logging.getLogger("flad_edge.fl.cloud")
 
-SERVICE_UPLOAD, SERVICE_GLOBAL = "cloud/upload", "cloud/global"
 
 
 class CloudServer:

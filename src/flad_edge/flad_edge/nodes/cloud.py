@@ -1,8 +1,9 @@
 """`cloud_node`: the cloud aggregator (second FedAvg tier over edges) as a ROS 2 node.
 
-Edge uploads and the global model travel over ZeroMQ request/reply (`cloud/upload`, `cloud/global`, as
-DESIGN.md §3 puts weights), so the node's RosBus carries no topics today; the node gives the cloud a ROS
-identity, typed parameters and a clean lifecycle under `ros2 launch`. It serves until stopped.
+Edge uploads and the global model travel over ZeroMQ request/reply (`cloud/upload`, `cloud/global`, where
+weights travel per docs/architecture.md, "Transports"), so the node's RosBus carries no topics today; the node
+gives the cloud a ROS identity, typed parameters and a clean lifecycle under `ros2 launch`. It serves until
+stopped.
 
 CELLAdapt's cloud distillation (general LLM -> AD-LLM) is not run by this node: in the existing code it
 is one phase of `flad llm train` (flad_edge.celladapt.pipeline.run_pipeline, cloud and edge phases in one

@@ -1,7 +1,7 @@
 """`orchestrator_node`: the edge as a ROS 2 node -- what `flad demo`'s edge process runs, on ROS topics.
 
-Registration and the FHDP control services stay ZeroMQ request/reply (DESIGN.md §3); heartbeats, status,
-round control and training progress travel as ROS topics (`/flad/heartbeat`, `/flad/status`,
+Registration and the FHDP control services stay ZeroMQ request/reply (docs/architecture.md, "Transports");
+heartbeats, status, round control and training progress travel as ROS topics (`/flad/heartbeat`, `/flad/status`,
 `/flad/round`, `/flad/fhdp/progress`) through a RosBus on this node. In `fhdp` mode the node waits for
 the fleet, plans SWIFT clusters and essential pipelines, runs the FL rounds (optionally through the cloud
 node, optionally with quick recovery), saves the global encoder and exits 0; in `control_plane` mode it
@@ -97,7 +97,7 @@ class OrchestratorJob:
         if cfg.mode == "control_plane":
             expect = len(self.fleet.vehicles) if cfg.expect < 0 else cfg.expect
             return self.edge.run(cfg.duration_s or math.inf, expect=expect, run_dir=run_dir, console=console)
-        from flad_edge.fhdp.orchestrator import load_fhdp_config, run_training
+        from flad_edge.fhdp.run import load_fhdp_config, run_training
 
         fcfg = load_fhdp_config(fhdp_config_path(cfg))
         if cfg.rounds:

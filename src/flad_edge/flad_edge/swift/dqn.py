@@ -46,6 +46,7 @@ from torch import nn
 
 from flad_core.atomic import atomic_write_bytes
 from flad_edge.swift.cost import CostModel
+from flad_edge.swift.cover import cover_table
 from flad_edge.swift.model import random_cluster, synthetic_profile
 
 log = logging.getLogger(__name__)
@@ -221,8 +222,6 @@ class DQNPolicy:
 
     def rollout(self, cm: CostModel, first: int | None = None, objective: str | None = None,
                 cover: np.ndarray | None = None) -> tuple[list[int], list[int]] | None:
-        from flad_edge.swift.planners import cover_table
-
         if cover is None:
             cover = cover_table(cm)
         env = Env(cm, objective or self.objective, cover, first)
@@ -276,8 +275,6 @@ def train(episodes: int = DEFAULT_EPISODES, objective: str = "path", seed: int =
           instances: list[CostModel] | None = None, time_budget_s: float | None = None,
           train_every: int = 2) -> DQNPolicy:
     """Train a Double DQN policy on random instances (or the given ones); deterministic for a seed."""
-    from flad_edge.swift.planners import cover_table
-
     with one_thread():
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""LMDrive's waypoint → control PID (the reference controller of DESIGN.md §6).
+"""LMDrive's waypoint → control PID (the reference controller of docs/architecture.md, "Evaluation definitions").
 
 Port of LMDrive's `control_pid` / `PIDController` (itself TransFuser's): a windowed PID (integral = mean
 of the last n errors, window pre-filled with zeros; derivative = last difference) for steering towards the

@@ -182,7 +182,8 @@ def augment_cameras(batch: dict[str, Tensor], gen: torch.Generator, cameras: Ite
 
 
 class Metrics:
-    """Accumulates open-loop metrics (DESIGN.md §6): traffic-light accuracy, waypoint L1 / ADE / FDE, BEV IoU."""
+    """Accumulates open-loop metrics (docs/architecture.md, "Evaluation definitions"): traffic-light accuracy,
+    waypoint L1 / ADE / FDE, BEV IoU."""
 
     def __init__(self) -> None:
         self.n = 0

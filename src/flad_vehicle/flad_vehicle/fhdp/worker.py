@@ -46,6 +46,23 @@ from flad_core import weights as wts
 from flad_core.bus import BusError, RequestTimeoutError
 from flad_core.emulation import ComputeDilation, MemoryGuard, TokenBucket
 from flad_core.procs import install_stop_handlers
+from flad_core.protocol import (
+    ABORTED,
+    BACKUP_OWNER,
+    EDGE_OWNER,
+    SERVICE_ABORT,
+    SERVICE_ASSIGN,
+    SERVICE_EDGE_BACKUP,
+    SERVICE_EDGE_BACKUP_LAYERS,
+    SERVICE_EDGE_LAYERS,
+    SERVICE_EDGE_READY,
+    SERVICE_EDGE_REPORT,
+    SERVICE_LAYERS,
+    SERVICE_START,
+    TOPIC_PROGRESS,
+    edge_service_address,
+    pipeline_base_id,
+)
 from flad_core.roles import add_role_args, fleet_from_args, setup_role_logging
 from flad_core.runs import seed_everything
 from flad_vehicle.agent import VehicleAgent
@@ -57,25 +74,13 @@ from flad_vehicle.fhdp.data import vehicle_batches
 from flad_vehicle.fhdp.layerstore import LayerStore
 from flad_vehicle.fhdp.links import Inbox, LinkStats, OutLink, StepAbortedError
 from flad_vehicle.fhdp.optim import stage_adamw
+from flad_vehicle.fhdp.pipeline import Assignment
 from flad_vehicle.fhdp.runner import StageRunner
 from flad_vehicle.fhdp.ushape import head_layers, u_stages
 
 log = logging.getLogger("flad_vehicle.fhdp.worker")
 
-EDGE_OWNER = "edge"
-BACKUP_OWNER = "backup"        # layer_owner value: restore the layer from the edge's backup of this client
-SERVICE_ASSIGN, SERVICE_START, SERVICE_LAYERS = "vehicle/assign", "vehicle/start", "vehicle/layers"
-SERVICE_ABORT = "vehicle/abort"
-SERVICE_EDGE_READY, SERVICE_EDGE_REPORT, SERVICE_EDGE_LAYERS = "edge/ready", "edge/report", "edge/layers"
-SERVICE_EDGE_BACKUP, SERVICE_EDGE_BACKUP_LAYERS = "edge/backup", "edge/backup-layers"
-TOPIC_PROGRESS = "/flad/fhdp/progress"     # StepReport per completed step, from a pipeline's last stage
-ABORTED = "aborted"                        # prefix of StepReport.error for a pipeline the edge aborted
 DEFAULT_LINK_TIMEOUT_S = 120.0
-
-
-def edge_service_address(fleet, service: str) -> str:
-    """Address of an edge service; the recovery services share `edge/layers`' socket unless configured."""
-    return fleet.bus.services.get(service) or fleet.bus.services.get(SERVICE_EDGE_LAYERS, "")
 
 
 def fetch_layers(bus, address: str, service: str, layers: list[str], requester: str,
@@ -228,9 +233,9 @@ class FhdpVehicle:
                 self._abort.clear()
             try:
                 if kind == "assign":
-                    self.prepare(msg)
+                    self.prepare(Assignment.from_msg(msg))
                 else:
-                    self.train(msg)
+                    self.train(Assignment.from_msg(msg))
             except Exception as exc:
                 log.exception("%s of %s failed", kind, msg.pipeline_id)
                 self._report(msg, error=f"{type(exc).__name__}: {exc}", service=SERVICE_EDGE_READY
@@ -240,19 +245,16 @@ class FhdpVehicle:
                     self._running = None
 
     # -- phase 1: take the stage, moving only the layers whose owner changes ---------------------------
-    def prepare(self, a) -> None:
-        stages = list(a.pipeline_template.stages)
-        mine = [s for s in stages if s.vehicle_id == self.spec.id]
-        if len(mine) != 1:
-            raise ValueError(f"{self.spec.id} appears {len(mine)} times in pipeline {a.pipeline_id}")
-        me = mine[0]
-        wanted = self.store.layers_in(me.layer_start, me.layer_end)
-        if a.u_shaped and me.stage_index == 0 and len(stages) > 1:
+    def prepare(self, a: Assignment) -> None:
+        index = a.pipeline.stage_of(self.spec.id)
+        me = a.pipeline[index]
+        wanted = self.store.layers_in(me.start, me.end)
+        if a.runs_u_shaped and index == 0:
             wanted += [h for h in head_layers(self.part.graph) if h not in wanted]   # the heads live with the data
-        owners = list(a.layer_owner)
+        owners = a.layer_owner
         if len(owners) != len(self.store.layer_names):
             raise ValueError(f"layer_owner lists {len(owners)} layers, the encoder has {len(self.store.layer_names)}")
-        addresses = dict(zip(a.member_ids, a.member_control_addresses, strict=True))
+        addresses = a.members
         fetched = 0
         by_source: dict[str, list[str]] = {}
         for layer in wanted:
@@ -274,26 +276,24 @@ class FhdpVehicle:
                                           abort=self._abort)
             self.store.import_(layers, payload)
             fetched += n
-        self._current = {"assignment": a, "stage_index": me.stage_index, "range": (me.layer_start, me.layer_end),
+        self._current = {"assignment": a, "stage_index": index, "range": (me.start, me.end),
                          "fetched": fetched, "wanted": wanted}
         log.info("%s ready for %s: stage %d layers [%d, %d), fetched %d bytes from %s", self.spec.id, a.pipeline_id,
-                 me.stage_index, me.layer_start, me.layer_end, fetched, sorted(by_source) or "nobody")
-        self._report(a, service=SERVICE_EDGE_READY, fetched=fetched, stage_index=me.stage_index)
+                 index, me.start, me.end, fetched, sorted(by_source) or "nobody")
+        self._report(a, service=SERVICE_EDGE_READY, fetched=fetched, stage_index=index)
 
     # -- phase 2: run the steps ------------------------------------------------------------------------
-    def train(self, a) -> None:
+    def train(self, a: Assignment) -> None:
         cur = self._current
         if cur is None or cur["assignment"].pipeline_id != a.pipeline_id:
             raise ValueError(f"start for {a.pipeline_id} before it was prepared")
         # layers that moved to other stages are no longer ours (their new owners fetched them in phase 1)
         self.store.release([layer for layer in list(self.store.owned) if layer not in cur["wanted"]])
-        index, n_stages = cur["stage_index"], len(a.pipeline_template.stages)
-        u = bool(a.u_shaped) and n_stages > 1
+        index, n_stages = cur["stage_index"], len(a.pipeline)
+        u = a.runs_u_shaped
         head = None
         if u:
-            ranges = [(s.layer_start, s.layer_end)
-                      for s in sorted(a.pipeline_template.stages, key=lambda s: s.stage_index)]
-            trunk, head = u_stages(self.part, ranges)
+            trunk, head = u_stages(self.part, a.pipeline.ranges)
             stage = trunk[index]
             if index != 0:
                 head = None
@@ -304,12 +304,12 @@ class FhdpVehicle:
         optimizer = stage_adamw(trained, self.model) if any(True for _ in trained.parameters()) else None
         if optimizer is not None:
             self.store.attach(optimizer)
-        stage_ids = [s.vehicle_id for s in sorted(a.pipeline_template.stages, key=lambda s: s.stage_index)]
-        scale = a.time_scale if a.time_scale > 0 else 1.0
+        stage_ids = a.pipeline.members
+        scale = a.time_scale
 
         def link(peer_index: int) -> OutLink:
-            return OutLink(self.ctx, stage_ids[peer_index], a.stage_inbox_addresses[peer_index], index,
-                           codec=a.codec or "fp32", bucket=TokenBucket.from_mbps(self.profile.link_mbps, scale),
+            return OutLink(self.ctx, stage_ids[peer_index], a.inboxes[peer_index], index,
+                           codec=a.codec, bucket=TokenBucket.from_mbps(self.profile.link_mbps, scale),
                            stats=self.link_stats)
 
         prev = link(index - 1) if index > 0 else None
@@ -318,7 +318,7 @@ class FhdpVehicle:
         turn = link(n_stages - 1 if index == 0 else 0) if u and index in (0, n_stages - 1) else None
         runner = StageRunner(stage, index, n_stages, inbox=self.inbox, prev=prev, next=nxt, optimizer=optimizer,
                              u_shaped=u, head=head, turn=turn,
-                             schedule=a.schedule or "1f1b", n_micro=max(1, a.n_micro), grad_clip=5.0,
+                             schedule=a.schedule, n_micro=a.n_micro, grad_clip=5.0,
                              label_names=LABEL_INPUTS, dilation=ComputeDilation(self.profile.tflops, scale),
                              memory=MemoryGuard(self.profile.mem_bytes, self.spec.profile),
                              timeout_s=a.link_timeout_s if a.link_timeout_s > 0 else DEFAULT_LINK_TIMEOUT_S,
@@ -329,7 +329,7 @@ class FhdpVehicle:
         if stale:
             log.info("%s: dropped %d stale frame group(s) before step %d", self.spec.id, stale, a.first_step)
         batches = self._batches_for(a) if index == 0 else None
-        loss_stage = 0 if u else n_stages - 1
+        loss_stage = a.loss_stage
         totals = {"loss": 0.0, "wall": 0.0, "compute": 0.0, "emulated": 0.0, "wait": 0.0, "bytes": 0}
         done = 0
         aborted = ""
@@ -367,10 +367,10 @@ class FhdpVehicle:
                      compute=totals["compute"], emulated=totals["emulated"], wait=totals["wait"],
                      bytes_sent=totals["bytes"], fetched=cur["fetched"], stage_index=index, error=aborted)
 
-    def _batches_for(self, a):
+    def _batches_for(self, a: Assignment):
         """The data owner's batch stream: fresh per pipeline; a resumed pipeline (id `<base>~<attempt>`, from
         recovery) continues its base's stream, so it trains on the batches the aborted attempt had not reached."""
-        key = (a.pipeline_id.split("~", 1)[0], a.batch_size)
+        key = (pipeline_base_id(a.pipeline_id), a.batch_size)
         if self._batches.get("key") != key:
             self._batches = {"key": key, "it": vehicle_batches(self.data, self.spec.id, a.batch_size,
                                                                 seed=self.fleet.seed)}

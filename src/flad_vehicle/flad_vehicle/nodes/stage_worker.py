@@ -3,7 +3,7 @@
 It registers with the edge (ZeroMQ request/reply), heartbeats and reports status on the ROS topics
 `/flad/heartbeat` and `/flad/status`, obeys `/flad/round`, and -- in `fhdp` mode -- trains its encoder
 partition on the edge's commands, exchanging activations/gradients with its pipeline neighbours over the
-ZeroMQ data links as before (DESIGN.md §3). `control_plane` mode only registers and heartbeats.
+ZeroMQ data links as before (docs/architecture.md, "Transports"). `control_plane` mode only registers and heartbeats.
 
 `edge_address` points a vehicle at an edge on another machine without editing the fleet file: it
 replaces the host of the edge's hub and `edge/...` services (ports stay).

@@ -13,13 +13,17 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from flad_core import codec
 from flad_core import weights as wts
 from flad_core.atomic import atomic_write_bytes, atomic_write_json
+from flad_vehicle.fhdp.backup import split_by_layer
+from flad_vehicle.fhdp.worker import LayerServer
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,18 @@ class BackupStore:
             out.update(self.get(layer)[0])
         return out
 
+    def step_of(self, layer: str) -> int:
+        """The training step `layer`'s backup reflects; -1 if it was never backed up."""
+        with self._lock:
+            entry = self.entries.get(layer)
+        return entry.step if entry is not None else -1
+
+    def clear(self) -> None:
+        """Forget every backup (a fresh round starts from the round's model: older backups are stale)."""
+        with self._lock:
+            self.entries.clear()
+            self.payloads.clear()
+
     def oldest_step(self, layers: list[str]) -> int:
         return min(self.entries[layer].step for layer in layers)
 
@@ -100,3 +116,68 @@ class BackupStore:
             self.entries[layer] = entry
             self.payloads[layer] = data
         log.info("restored %d layer backups from %s", len(self.entries), self.root)
+
+
+class EdgeBackups:
+    """The edge's backup services: `edge/backup` stores what vehicles upload, per client; `edge/backup-layers`
+    serves it to a departed vehicle's successors (a layer not backed up this round: the round's model)."""
+
+    def __init__(self, edge_id: str, root: str, global_export: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
+        self.edge_id, self.root = edge_id, root
+        self.global_export = global_export
+        self.stores: dict[str, BackupStore] = {}
+        self.servers: dict[str, LayerServer] = {}
+        self.client_of: dict[str, str] = {}       # vehicle -> its client this round
+        self._floor: dict[str, int] = {}          # client -> first step of its current round
+        self._assemblers: dict[str, wts.ChunkAssembler] = {}
+
+    def store(self, client_id: str) -> BackupStore:
+        if client_id not in self.stores:
+            self.stores[client_id] = BackupStore(Path(self.root) / client_id if self.root else None)
+        return self.stores[client_id]
+
+    def start_round(self, client_id: str, members: list[str], first_step: int) -> BackupStore:
+        """A fresh round starts from the round's model: older backups are stale, and refused from now on."""
+        for m in members:
+            self.client_of[m] = client_id
+        self._floor[client_id] = first_step
+        store = self.store(client_id)
+        store.clear()
+        return store
+
+    def export(self, client_id: str, names: list[str]) -> dict[str, torch.Tensor]:
+        store = self.store(client_id)
+        have = [n for n in names if n in store.entries]
+        out = store.export(have)
+        rest = [n for n in names if n not in store.entries]
+        if rest:
+            out.update(self.global_export(rest))
+        return out
+
+    # -- bus handlers ---------------------------------------------------------------------------------------
+    def on_backup(self, chunk):
+        asm = self._assemblers.setdefault(chunk.update_id, wts.ChunkAssembler())
+        try:
+            if not asm.add(chunk):
+                return codec.new("flad_msgs/msg/Ack", ok=True, message="chunk stored")
+            data = asm.payload()
+        finally:
+            if asm.first is not None and len(asm.parts) == asm.first.num_chunks:
+                self._assemblers.pop(chunk.update_id, None)
+        client = self.client_of.get(chunk.sender)
+        if client is None:
+            return codec.new("flad_msgs/msg/Ack", ok=False, message=f"{chunk.sender} belongs to no client")
+        if int(chunk.model_version) < self._floor.get(client, 0):
+            return codec.new("flad_msgs/msg/Ack", ok=True, message="stale: from an earlier round, ignored")
+        payload = wts.from_bytes(data, what=f"backup from {chunk.sender}")
+        layers = sorted({k.split("/", 1)[1].split(".")[1] for k in payload})
+        stored = self.store(client).put_state(split_by_layer(payload, layers), step=int(chunk.model_version),
+                                              owner=chunk.sender)
+        return codec.new("flad_msgs/msg/Ack", ok=True, message=f"stored {stored} bytes")
+
+    def on_backup_layers(self, req):
+        client = self.client_of.get(req.requester)
+        if client is None:
+            raise ValueError(f"{req.requester} belongs to no client")
+        server = self.servers.setdefault(client, LayerServer(self.edge_id, lambda names: self.export(client, names)))
+        return server.handle(req)

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flad_edge.fhdp.orchestrator import FhdpConfig
-from flad_edge.fhdp.recovery.edge import RecoveryConfig
+from flad_edge.fhdp.config import FhdpConfig
+from flad_edge.fhdp.recovery.records import RecoveryConfig
 
-log = logging.getLogger("flad_edge.fhdp.recovery.chaos")
+log = logging.getLogger(__name__)
 
 KINDS = ("kill", "stop", "cutoff", "planned")
 
@@ -96,7 +96,7 @@ def _arm(live, rnd: int, kind: str, victim: str, first: str, at_step: int, ev: d
 
         return live.when(prefix, at_step, cut)
     # planned: the prediction lands before the pipeline starts; the hand-over happens at a step boundary
-    step_s = live.edge._step_time or 0.3
+    step_s = live.edge.step_time or 0.3
     ev["t"] = time.time()
     live.edge.predict_departure(victim, time.time() + live.edge.rcfg.handover_margin_s + at_step * step_s)
     return None

@@ -21,8 +21,11 @@ from flad_core.config import to_dict
 from flad_core.fleet import FleetConfig, HeartbeatConfig, VehicleSpec, load_fleet, with_port_base
 from flad_core.procs import ProcessGroup, free_port_base, python_module_cmd
 from flad_core.roles import default_fleet_path
-from flad_edge.fhdp.orchestrator import FhdpConfig, wait_for_vehicles
-from flad_edge.fhdp.recovery.edge import RecoveringFhdpEdge, RecoveryConfig, last_registration
+from flad_edge.fhdp.config import FhdpConfig
+from flad_edge.fhdp.orchestrator import wait_for_vehicles
+from flad_edge.fhdp.recovery.detection import last_registration
+from flad_edge.fhdp.recovery.edge import RecoveringFhdpEdge
+from flad_edge.fhdp.recovery.records import RecoveryConfig
 
 
 def small_fleet(ids: list[str], port_base: int, profile: str = "jetson_nano", heartbeat_interval_s: float = 0.1,
@@ -112,7 +115,7 @@ class LiveFleet:
     def progress(self, prefix: str, attempt: int | None = None) -> int:
         """Steps completed so far by pipelines whose id starts with `prefix` (and, given, is attempt `attempt`:
         0 the first run, 1 the first resumption...)."""
-        hits = [v[0] for k, v in list(self.edge._progress.items())
+        hits = [v[0] for k, v in list(self.edge.progress.steps.items())
                 if k.startswith(prefix) and (attempt is None or k.endswith(f"~{attempt}"))]
         return max(hits, default=0)
 

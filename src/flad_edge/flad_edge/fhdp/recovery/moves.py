@@ -9,38 +9,35 @@ recovery benchmark compares against the whole model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-BACKUP = "backup"
+from flad_core.protocol import BACKUP_OWNER
+from flad_edge.swift.cost import bottleneck, stage_costs, validate_plan
+from flad_vehicle.fhdp.pipeline import Pipeline, Stage
 
-Pipeline = Sequence[tuple[str, int, int]]   # (vehicle, start, end) in stage order
+PipelineLike = Pipeline | Iterable[Sequence[Any]]   # a Pipeline, or (vehicle, start, end) triples in stage order
+
+
+def as_pipeline(pipeline: PipelineLike) -> Pipeline:
+    return pipeline if isinstance(pipeline, Pipeline) else Pipeline.of(pipeline)
 
 
 @dataclass(frozen=True)
 class Move:
     layer: str
-    source: str      # a surviving vehicle, or BACKUP
+    source: str      # a surviving vehicle, or BACKUP_OWNER
     dest: str
     nbytes: int
 
 
-def owners(pipeline: Pipeline, n_layers: int) -> list[str]:
-    """Owner of each layer; raises if the pipeline does not cover [0, n_layers) contiguously."""
-    out = [""] * n_layers
-    pos = 0
-    for vehicle, start, end in pipeline:
-        if start != pos or end <= start:
-            raise ValueError(f"pipeline ranges must be contiguous and non-empty, got {list(pipeline)}")
-        for i in range(start, end):
-            out[i] = vehicle
-        pos = end
-    if pos != n_layers:
-        raise ValueError(f"pipeline covers [0, {pos}) of {n_layers} layers")
-    return out
+def owners(pipeline: PipelineLike, n_layers: int) -> list[str]:
+    """Owner of each layer; raises ValueError if the pipeline does not cover [0, n_layers) contiguously."""
+    return as_pipeline(pipeline).owners(n_layers)
 
 
-def plan_moves(old: Pipeline, new: Pipeline, departed: set[str], layer_names: Sequence[str],
+def plan_moves(old: PipelineLike, new: PipelineLike, departed: set[str], layer_names: Sequence[str],
                layer_bytes: Mapping[str, int]) -> list[Move]:
     """The layer moves that turn `old` into `new` after `departed` left."""
     n = len(layer_names)
@@ -52,7 +49,7 @@ def plan_moves(old: Pipeline, new: Pipeline, departed: set[str], layer_names: Se
     for i, name in enumerate(layer_names):
         if before[i] == after[i]:
             continue
-        source = BACKUP if before[i] in departed else before[i]
+        source = BACKUP_OWNER if before[i] in departed else before[i]
         moves.append(Move(name, source, after[i], int(layer_bytes.get(name, 0))))
     return moves
 
@@ -61,9 +58,32 @@ def moved_bytes(moves: Sequence[Move]) -> int:
     return sum(m.nbytes for m in moves)
 
 
-def departed_share(old: Pipeline, departed: set[str], layer_names: Sequence[str],
+def departed_share(old: PipelineLike, departed: set[str], layer_names: Sequence[str],
                    layer_bytes: Mapping[str, int]) -> int:
     """Bytes of the layers the departed vehicles held (the lower bound on what must move)."""
     held = owners(old, len(layer_names))
     return sum(int(layer_bytes.get(name, 0)) for name, owner in zip(layer_names, held, strict=True)
                if owner in departed)
+
+
+def keep_in_place(current: Pipeline, departed: set[str], template: Pipeline, cluster: Any, profile: Any,
+                  max_slowdown: float) -> Pipeline | None:
+    """The running pipeline with each departed stage's layers joined to its upstream neighbour, when that
+    fits in memory and is at most `max_slowdown` x the template's bottleneck (Eq. 8/9 cost model)."""
+    if max_slowdown <= 0:
+        return None
+    out: list[Stage] = []
+    for st in current:
+        if st.vehicle in departed:
+            if not out:
+                return None          # the data owner left: there is no pipeline to keep
+            out[-1] = Stage(out[-1].vehicle, out[-1].start, st.end)
+        else:
+            out.append(st)
+    kept = Pipeline(tuple(out))
+    path, ranges = kept.members, kept.ranges
+    if validate_plan(path, ranges, cluster.subset(path), profile, require_all=True, first=path[0]):
+        return None
+    mine = bottleneck(stage_costs(path, ranges, cluster.subset(path), profile))
+    theirs = bottleneck(stage_costs(template.members, template.ranges, cluster.subset(template.members), profile))
+    return kept if mine <= max_slowdown * theirs else None

@@ -1,0 +1,38 @@
+"""How the edge trains with FHDP (the paper: batch 4, 5 local epochs; the defaults are scaled for a CPU demo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FhdpConfig:
+    rounds: int = 3
+    local_steps: int = 3            # training steps per pipeline per round
+    batch_size: int = 4
+    n_micro: int = 2
+    schedule: str = "1f1b"
+    codec: str = "fp32"
+    time_scale: float = 0.02        # emulation: every device runs 1/time_scale times faster than real
+    round_deadline_s: float = 600.0
+    quorum: int = 1
+    clusters: list[list[str]] = field(default_factory=list)   # explicit clusters; others train alone
+    planner: str = "exact"          # SWIFT method for the essential pipelines (exact: optimal, small clusters)
+    encoder: str = "tiny"
+    seed: int = 0
+    # True: FHDP, a cluster rotates over its essential pipelines so every member's data trains the model.
+    # False: traditional HDP, a cluster runs only its first pipeline (only that member's data is used), for
+    # len(members) x local_steps steps so the step/sample budget per round is the same (non-IID studies).
+    rotate: bool = True
+    # True: U-shaped pipelines -- each pipeline's data owner (stage 0) also holds the task heads and the loss;
+    # the last trunk stage returns its features to it, so labels never leave the vehicle that owns them
+    # (flad_vehicle.fhdp.ushape). False (default): labels travel with the activations to the last stage.
+    u_shaped: bool = False
+
+    def validate(self) -> None:
+        if self.schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"schedule must be gpipe or 1f1b, got {self.schedule!r}")
+        if self.n_micro < 1 or self.batch_size < self.n_micro:
+            raise ValueError("need 1 <= n_micro <= batch_size")
+        if not isinstance(self.u_shaped, bool):
+            raise ValueError(f"u_shaped must be true or false, got {self.u_shaped!r}")

@@ -1,0 +1,214 @@
+"""What each FLAD launch file starts, as plain processes: `flad launch PLAN` for machines without `ros2 launch`.
+
+`ros2 launch` needs the `launch`/`launch_ros` packages, which are not installable everywhere (not on this
+project's CI host, for one). So the decisions -- which nodes, names, namespaces, parameters and
+remappings, read from `launch/fleet.yaml` -- live in ROS-free, tested plans (flad_vehicle.launch,
+flad_edge.launch.plans); each `.launch.py` file only turns a plan into `launch_ros.actions.Node`s, and
+`flad launch PLAN` starts the same plan as plain processes (`python -m <node module> --ros-args ...`).
+
+Plans:
+  vehicle               one vehicle: stage worker (FHDP) + encoder + PID controller
+  edge                  the edge: orchestrator (registration, SWIFT, FL rounds, aggregation, recovery) + waypoints
+  cloud                 the cloud aggregator
+  fleet                 cloud + orchestrator + every vehicle's stage worker: `flad demo` over ROS topics
+  closed_loop_embedded  embedded-world bridge + N vehicles + edge
+  closed_loop_carla     carla_ros_bridge (synchronous) + carla_spawn_objects (our rig) + FLAD vehicle + edge
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flad_core.config import ConfigError
+from flad_edge.launch.plans import PLANS, make_plan
+from flad_vehicle.launch.ros import node_command, params_yaml
+from flad_vehicle.launch.spec import LaunchPlan, NodeSpec, PlanArgs
+
+log = logging.getLogger(__name__)
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition(":=")
+        if not sep:
+            key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("launch", f"expected NAME:=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    """`flad launch PLAN [name:=value ...]`: start a plan's nodes as processes; stop them all on Ctrl-C/exit."""
+    from flad_core.atomic import atomic_write_text
+    from flad_core.procs import ProcessGroup
+    from flad_core.runs import RunDir
+
+    try:
+        raw = _parse_set(args.arguments)
+        if args.run_dir is None and "run_dir" not in raw:
+            raw["run_dir"] = str(RunDir.create(f"launch-{args.plan}", None, root=args.runs_dir).path)
+        elif args.run_dir is not None:
+            raw["run_dir"] = str(args.run_dir)
+        plan = make_plan(args.plan, raw)
+    except (ConfigError, KeyError) as exc:
+        print(f"flad launch: {exc}", file=sys.stderr)
+        return 2
+    if plan.includes and not args.skip_includes:
+        names = ", ".join(f"{i.package}/{i.launch_file}" for i in plan.includes)
+        print(f"flad launch: plan {plan.name!r} includes other packages' launch files ({names}); those need "
+              "`ros2 launch`. Use --skip-includes to start only FLAD's nodes (e.g. with the bridge already running).",
+              file=sys.stderr)
+        return 2
+    run_dir = Path(raw["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for path, content in plan.files.items():
+        atomic_write_text(Path(path), content)
+    for spec in plan.nodes:
+        atomic_write_text(_params_file(run_dir, spec), params_yaml(spec))
+    if args.dry_run:
+        for spec in plan.nodes:
+            print(" ".join(node_command(spec, _params_file(run_dir, spec))))
+        return 0
+    print(f"flad launch {plan.name}: {len(plan.nodes)} node(s); logs in {run_dir}", flush=True)
+    code = 0
+    with ProcessGroup(grace_s=args.grace) as group:
+        try:
+            for spec in plan.nodes:
+                group.start(spec.fqn, node_command(spec, _params_file(run_dir, spec)),
+                            log_path=run_dir / f"node{spec.fqn.replace('/', '_')}.log")
+            missing = _wait_until_up(group, plan, args.startup_timeout)
+            if missing:
+                log.warning("not up (failed, or still starting after %.0f s): %s", args.startup_timeout,
+                            ", ".join(missing))
+            code = _supervise(group, plan, args.timeout)
+        except KeyboardInterrupt:
+            print("flad launch: interrupted, stopping every node", file=sys.stderr)
+            code = 130
+        finally:
+            codes = _stop_in_order(group, plan, args.grace)
+    failed = {n: c for n, c in codes.items() if c != 0}
+    print(json.dumps({"plan": plan.name, "exit_codes": codes, "run_dir": str(run_dir)}), flush=True)
+    if failed and code == 0:
+        code = 1
+    return code
+
+
+def _params_file(run_dir: Path, spec: NodeSpec) -> Path:
+    return run_dir / f"params{spec.fqn.replace('/', '_')}.yaml"
+
+
+#: nodes whose normal exit ends a plan: the orchestrator after its rounds, the world bridge after its routes
+PLAN_ENDERS = ("orchestrator_node", "world_bridge")
+
+
+def _wait_until_up(group: Any, plan: LaunchPlan, timeout: float) -> list[str]:
+    """Wait until every node of the plan answers on its parameter service (or one fails, or `timeout`);
+    return those not up. A node answers only once it spins, i.e. after its set-up (model loading) is done,
+    so a plan that ends early (a short closed loop) does not SIGINT a node still building itself.
+    Without rclpy in this interpreter there is nothing to ask: nothing to wait for.
+    """
+    try:
+        import rclpy
+        from rcl_interfaces.srv import ListParameters
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.signals import SignalHandlerOptions
+    except ImportError:
+        return []
+    missing = {spec.fqn for spec in plan.nodes}
+    ctx = rclpy.Context()
+    rclpy.init(args=[], context=ctx, signal_handler_options=SignalHandlerOptions.NO)
+    t0 = time.monotonic()
+    try:
+        probe = rclpy.create_node(f"flad_launch_{os.getpid()}", context=ctx)
+        executor = SingleThreadedExecutor(context=ctx)
+        executor.add_node(probe)
+        clients = {fqn: probe.create_client(ListParameters, f"{fqn}/list_parameters") for fqn in missing}
+        pending: dict[str, Any] = {}
+        while missing and time.monotonic() - t0 < timeout:
+            if any(p.poll() not in (None, 0) for p in group.procs.values()):
+                break   # a node failed: _supervise ends the plan (one that finished fine waits for the rest)
+            for fqn in sorted(missing):
+                if group.procs[fqn].poll() is not None:
+                    missing.discard(fqn)     # finished already (a quick plan's end): nothing left to wait for
+                    continue
+                if fqn not in pending and clients[fqn].service_is_ready():
+                    pending[fqn] = clients[fqn].call_async(ListParameters.Request(depth=1))
+            executor.spin_once(timeout_sec=0.2)
+            for fqn, future in list(pending.items()):
+                if future.done():
+                    missing.discard(fqn)
+                    del pending[fqn]
+        executor.shutdown()
+        probe.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)
+    if not missing:
+        print(f"all {len(plan.nodes)} node(s) up after {time.monotonic() - t0:.1f} s", flush=True)
+    return sorted(missing)
+
+
+def _supervise(group: Any, plan: LaunchPlan, timeout: float | None) -> int:
+    """Wait until a node that ends the plan (orchestrator done, or any node failing) exits, or the timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        for spec in plan.nodes:
+            rc = group.procs[spec.fqn].poll()
+            if rc is None:
+                continue
+            if rc != 0:
+                log.error("%s exited with %s; stopping the plan", spec.fqn, rc)
+                return 1
+            if spec.executable in PLAN_ENDERS:
+                log.info("%s finished; stopping the plan", spec.fqn)
+                return 0
+        if not group.alive():
+            return 0
+        time.sleep(0.2)
+    log.error("plan still running after %.0f s; stopping it", timeout)
+    return 1
+
+
+def _stop_in_order(group: Any, plan: LaunchPlan, grace: float) -> dict[str, int | None]:
+    """SIGINT every node (what `ros2 launch` sends first), wait; then ProcessGroup's SIGTERM/SIGKILL."""
+    import signal
+    import subprocess
+
+    for name in group.alive():
+        with contextlib.suppress(ProcessLookupError):
+            group.procs[name].send_signal(signal.SIGINT)
+    end = time.monotonic() + grace
+    for proc in group.procs.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, end - time.monotonic()))
+    return group.stop()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "launch", help="start a launch plan's ROS 2 nodes as processes (no `ros2 launch` needed)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", choices=list(PLANS), help="which plan")
+    p.add_argument("arguments", nargs="*", metavar="NAME:=VALUE",
+                   help="launch arguments, as for ros2 launch: "
+                        + ", ".join(f.name for f in dataclasses.fields(PlanArgs)))
+    p.add_argument("--run-dir", type=Path, default=None, help="node logs and parameter files (default: runs/<id>/)")
+    p.add_argument("--runs-dir", type=Path, default=None, help="where runs/<id>/ goes (default: ./runs)")
+    p.add_argument("--timeout", type=float, default=None, help="stop the plan after this many seconds")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds each node gets to stop after SIGINT")
+    p.add_argument("--startup-timeout", type=float, default=180.0,
+                   help="seconds to wait for every node to appear in the ROS graph before supervising the plan")
+    p.add_argument("--skip-includes", action="store_true",
+                   help="start only FLAD's nodes of a plan that includes other packages' launch files")
+    p.add_argument("--dry-run", action="store_true", help="print the node commands and exit")
+    p.set_defaults(func=run_launch)
