@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up the real-ROS 2 test tier (issue 9): ROS 2 Jazzy from PyPI wheels in .venv-ros, the FLAD
+# Set up the real-ROS 2 test tier: ROS 2 Jazzy from PyPI wheels in .venv-ros, the FLAD
 # workspace built with colcon into .ros-ws/{build,install,log}, and .ros-ws/env.sh to source.
 #
 #   scripts/ros_tier.sh            # idempotent; a second run with nothing changed takes a few seconds

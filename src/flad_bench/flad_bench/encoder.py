@@ -100,14 +100,13 @@ def _dataset(args: argparse.Namespace, cfg: TrainConfig, fields: list[str]) -> t
         cfg.data = DEFAULT_DATA
         note["root"] = str(root)
     if not (root / "manifest.json").exists() and args.collect:
-        try:
-            from flad_sim.dataset import CollectConfig, collect
+        from flad_bench.fleetdata import ensure_fleet
 
-            t0 = time.perf_counter()
-            collect(CollectConfig(out=str(root), vehicles=args.collect_vehicles,
-                                  frames_per_vehicle=args.collect_frames, workers=1), progress=False)
-            note["collected"] = {"vehicles": args.collect_vehicles, "frames_per_vehicle": args.collect_frames,
-                                 "seconds": round(time.perf_counter() - t0, 1)}
+        try:   # a progress bar on stderr, one log line saying what is collected where
+            got = ensure_fleet(root, "flad bench encoder --collect", vehicles=args.collect_vehicles,
+                               frames=args.collect_frames, workers=1)
+            if got:
+                note["collected"] = {k: got[k] for k in ("vehicles", "frames_per_vehicle", "seconds")}
         except Exception as exc:
             note["collect_error"] = f"{type(exc).__name__}: {exc}"
     if not (root / "manifest.json").exists():
@@ -127,7 +126,7 @@ def _dataset(args: argparse.Namespace, cfg: TrainConfig, fields: list[str]) -> t
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flad bench encoder", description=__doc__)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--minutes", type=float, default=None, help="CPU training budget [10.0; --quick: 0.1]")
+    ap.add_argument("--minutes", type=float, default=None, help="CPU training budget [10.0; --quick: 0.05]")
     ap.add_argument("--data", default=BENCH_DATA, help="fleet dataset [%(default)s; see BENCH_DATA]")
     ap.add_argument("--holdout-towns", nargs="*", default=[])
     ap.add_argument("--batch-size", type=int, default=8)
@@ -139,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--progress", action="store_true", help="show the training progress bar on stderr")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run in seconds: 6 s of training, no paper-size figures; numbers are not meaningful")
+                    help="a smoke run in seconds: 3 s of training, no paper-size figures; numbers are not meaningful")
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
     args = ap.parse_args(argv)
     if args.minutes is None:
-        args.minutes = 0.1 if args.quick else 10.0
+        args.minutes = 0.05 if args.quick else 10.0
     if args.quick:
         args.skip_paper = True
     if args.minutes <= 0 or args.batch_size < 1:

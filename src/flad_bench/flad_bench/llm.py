@@ -290,11 +290,11 @@ def _closed_loop(encoder_ckpt: str, model_dir: Path, constant_wp: np.ndarray, to
 
 DEFAULT_DATA = "data/fleet"
 #: --quick: everything small (numbers meaningless); values left unset on the command line come from here.
-QUICK = {"encoder_minutes": 0.05, "steps_scale": 0.02, "routes_per_town": 1, "route_min_m": 30.0,
+QUICK = {"encoder_minutes": 0.05, "steps_scale": 0.01, "train_batch": 8, "routes_per_town": 1, "route_min_m": 30.0,
          "route_max_m": 60.0, "load_seconds": 1.0, "service_repeats": 1, "latency_n": 20, "closed_loop_towns": 1,
          "collect_vehicles": 6, "collect_frames": 12}
 FULL = {"encoder_minutes": 5.0, "steps_scale": 1.0, "routes_per_town": 5, "route_min_m": 80.0, "route_max_m": 130.0,
-        "load_seconds": 8.0, "service_repeats": 3, "latency_n": 200, "closed_loop_towns": None}
+        "load_seconds": 8.0, "service_repeats": 3, "latency_n": 200, "closed_loop_towns": None, "train_batch": None}
 
 
 def _encoder(args: argparse.Namespace, run_path: Path) -> tuple[Any, str, dict[str, Any]]:
@@ -429,6 +429,8 @@ def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -
     pcfg = PipelineConfig(holdout_towns=args.holdout_towns, general=args.general,
                           general_steps=max(1, int(300 * s)), distill_steps=max(1, int(300 * s)),
                           lora_steps=max(1, int(150 * s)), adm_steps=max(1, int(600 * s)))
+    if args.train_batch:
+        pcfg.batch_size = args.train_batch
     towns = sorted(set(data.towns))
     train_towns = [t for t in towns if t not in pcfg.holdout_towns]
     if len(train_towns) >= 2:

@@ -42,6 +42,7 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from flad_bench.pipeline_common import free_ports, summarize
+from flad_vehicle.fhdp.pipeline import Pipeline, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def ideal_step_s(stage_step_s: Sequence[float], n_micro: int) -> float:
 
 
 def random_partition(rng: random.Random, vehicles: Sequence[str], n_layers: int, min_first_end: int
-                     ) -> list[tuple[str, int, int]]:
+                     ) -> Pipeline:
     """A random pipeline over all `vehicles`: random order, random cuts (first stage keeps the raw-input layers)."""
     k = len(vehicles)
     if n_layers - min_first_end < k - 1:
@@ -112,17 +114,19 @@ def random_partition(rng: random.Random, vehicles: Sequence[str], n_layers: int,
     rng.shuffle(order)
     cuts = sorted(rng.sample(range(min_first_end, n_layers), k - 1)) if k > 1 else []
     bounds = [0, *cuts, n_layers]
-    return [(order[i], bounds[i], bounds[i + 1]) for i in range(k)]
+    return Pipeline.of((order[i], bounds[i], bounds[i + 1]) for i in range(k))
 
 
-def valid_partition(pipeline: Sequence[tuple[str, int, int]], n_layers: int, min_first_end: int) -> bool:
-    pos = 0
-    for _, s, e in pipeline:
-        if s != pos or e <= s:
-            return False
-        pos = e
-    ok_first = len(pipeline) == 1 or pipeline[0][2] >= min_first_end
-    return pos == n_layers and ok_first and len({v for v, _, _ in pipeline}) == len(pipeline)
+def valid_partition(pipeline: Sequence[Sequence], n_layers: int, min_first_end: int) -> bool:
+    """A pipeline over [0, n_layers) with non-empty contiguous stages, each vehicle once, whose first stage
+    keeps the raw-input layers (ends at or after `min_first_end`)."""
+    try:
+        pipe = Pipeline.of(pipeline)
+        pipe.owners(n_layers)
+    except PipelineError:
+        return False
+    non_empty = all(e > s for _, s, e in pipe)
+    return non_empty and (len(pipe) == 1 or pipe[0].end >= min_first_end)
 
 
 def auto_time_scale(host_tflops: float, fastest_tflops: float, factor: float) -> float:
@@ -164,7 +168,7 @@ class BenchFleet:
             ports = free_ports(k)
         return [f"tcp://127.0.0.1:{p}" for p in ports]
 
-    def run(self, pipeline: Sequence[tuple[str, int, int]], *, steps: int, codec: str = "fp32",
+    def run(self, pipeline: Pipeline, *, steps: int, codec: str = "fp32",
             n_micro: int | None = None, warmup: int | None = None, u_shaped: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         warmup = cfg.warmup if warmup is None else warmup
@@ -217,7 +221,7 @@ def layer_profile(encoder: str) -> dict:
 
 
 def swift_pipeline(cfg: BenchConfig, profile: dict, first: str | None, u_shaped: bool = False
-                   ) -> tuple[list[tuple[str, int, int]], dict]:
+                   ) -> tuple[Pipeline, dict]:
     """SWIFT's pipeline for the cluster (exact planner, bottleneck objective), optionally with a fixed first stage.
 
     With `u_shaped`, SWIFT cuts the trunk of the U-shaped profile (`ushape.u_profile`: heads on the data owner)."""
@@ -237,7 +241,7 @@ def swift_pipeline(cfg: BenchConfig, profile: dict, first: str | None, u_shaped:
     p = plan(Cluster(vs, n_batch=cfg.batch_size), load_profile(profile), "exact", first=first, objective="bottleneck")
     if not p.feasible:
         raise RuntimeError(f"SWIFT found no pipeline (first={first}): {p.reason}")
-    return ([(str(v), s, e) for v, (s, e) in zip(p.path, p.ranges, strict=True)],
+    return (Pipeline.from_plan(p.path, p.ranges),
             {"predicted_bottleneck_s": p.bottleneck_s, "predicted_path_s": p.t_path_s})
 
 
@@ -616,7 +620,7 @@ def run_floor_only(cfg: BenchConfig) -> dict[str, Any]:
     swift_cuts = {e for _, _, e in swift[:-1]}
     out: dict[str, Any] = {"conditions": conditions(cfg, host, ts), "layers": n_layers, "only": "floor",
                            "standalone_samples_per_s": standalone["samples_per_s"],
-                           "swift_partition": swift, **swift_pred,
+                           "swift_partition": swift.to_json(), **swift_pred,
                            "swift_cut_traffic": [r for r in traffic if r["cut_before"] in swift_cuts],
                            "link_floor": link_floor(cfg, traffic, standalone["samples_per_s"]),
                            "pipeline_floor": pipeline_floor(cfg, traffic, profile, standalone["samples_per_s"]),
@@ -649,7 +653,9 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     if args.quick:
         # smoke run: the AGX is not slowed below the host (factor 0.05), so figures are host-bound and meaningless
         cfg = BenchConfig(batch_size=6, n_micro=3, steps=1, warmup=1, codec_steps=2, random_draws=1,
-                          rotation=False, agx_factor=0.05)
+                          rotation=False, agx_factor=0.05, codecs=("fp32", "int8"))
+        if getattr(args, "only", None) != "codecs":     # the sweep alone keeps every mode: the modes are its point
+            cfg.modes = ("labels_forward", "u_shaped")
         cfg.extra["quick"] = "smoke run: numbers are not meaningful"
     if args.codecs:
         cfg.codecs = tuple(args.codecs)
@@ -666,7 +672,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     if args.no_rotation:
         cfg.rotation = False
     if cfg.data != "synthetic" and not (Path(cfg.data) / "manifest.json").exists():
-        log.warning("dataset %s not found; using synthetic data", cfg.data)
+        log.warning("no fleet dataset at %s: using synthetic data (make one with `flad sim collect --out %s`)",
+                    cfg.data, cfg.data)
         cfg.data = "synthetic"
     return cfg
 
@@ -711,8 +718,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
+    noniid = args.noniid or args.noniid_only
+    if noniid and args.data and args.data != "synthetic" and not (Path(args.data) / "manifest.json").exists():
+        print(f"flad bench pipeline: no fleet dataset at {args.data} for the non-IID study (make one with "
+              f"`flad sim collect --out {args.data}`, or leave out --data to collect the default one)",
+              file=sys.stderr)
+        return 2
     cfg = build_config(args)
     out: dict[str, Any] = {"bench": "pipeline"}
+    if args.quick:
+        out["quick"] = "smoke run: numbers are not meaningful"
     code = 0
     if args.only == "codecs":
         out.update(run_codecs_only(cfg))
@@ -720,18 +735,37 @@ def main(argv: list[str] | None = None) -> int:
         out.update(run_floor_only(cfg))
     elif not args.noniid_only:
         out.update(run_throughput(cfg))
-    if args.noniid or args.noniid_only:
-        from flad_bench.pipeline_noniid import NoniidConfig, run_noniid, summarize_seeds
+    if noniid:
+        out["noniid"], failed = run_noniid_study(args)
+        code = 1 if failed else code
+    print(json.dumps(out, default=_json_default))
+    return code
 
-        ncfg = NoniidConfig(quick=args.quick)
-        if args.noniid_rounds is not None:
-            ncfg.rounds = args.noniid_rounds
-        if args.noniid_steps is not None:
-            ncfg.local_steps = args.noniid_steps
-        if args.data and args.data != "synthetic":
-            ncfg.data = args.data      # e.g. data/fleet-200 for 200 samples per vehicle
-        seeds = args.noniid_seeds or [args.seed if args.seed is not None else ncfg.seed]
-        per_seed: dict[int, dict[str, Any]] = {}
+
+def run_noniid_study(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """The non-IID study, once per seed (summarised when several); and whether any seed failed.
+
+    Without --data it runs on `data/fleet`, collected on demand if missing (with --quick: a small fleet
+    collected into a temporary folder, dropped afterwards)."""
+    from flad_bench.fleetdata import ensure_fleet, has_fleet
+    from flad_bench.pipeline_noniid import NoniidConfig, run_noniid, summarize_seeds
+
+    ncfg = NoniidConfig(quick=args.quick)
+    if args.noniid_rounds is not None:
+        ncfg.rounds = args.noniid_rounds
+    if args.noniid_steps is not None:
+        ncfg.local_steps = args.noniid_steps
+    if args.data and args.data != "synthetic":
+        ncfg.data = args.data      # e.g. data/fleet-200 for 200 samples per vehicle
+    seeds = args.noniid_seeds or [args.seed if args.seed is not None else ncfg.seed]
+    per_seed: dict[int, dict[str, Any]] = {}
+    failed = False
+    with contextlib.ExitStack() as stack:
+        if args.quick and not has_fleet(ncfg.data):
+            ncfg.data = str(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flad-noniid-"))) / "fleet")
+            collected = ensure_fleet(ncfg.data, "flad bench pipeline --noniid --quick", vehicles=6, frames=16)
+        else:
+            collected = ensure_fleet(ncfg.data, "flad bench pipeline --noniid")
         for seed in seeds:   # the seed sets the initial weights and data order of all three configurations
             try:
                 ncfg.seed = seed
@@ -739,17 +773,18 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 log.exception("non-IID study failed (seed %d)", seed)
                 per_seed[seed] = {"error": f"{type(exc).__name__}: {exc}"}
-                code = 1
-        if len(seeds) == 1:
-            out["noniid"] = per_seed[seeds[0]]
-        else:
-            out["noniid"] = {"per_seed": per_seed}
-            try:
-                out["noniid"]["summary"] = summarize_seeds(per_seed)
-            except ValueError as exc:
-                out["noniid"]["summary"] = {"error": str(exc)}
-    print(json.dumps(out, default=_json_default))
-    return code
+                failed = True
+    if len(seeds) == 1:
+        study = per_seed[seeds[0]]
+    else:
+        study = {"per_seed": per_seed}
+        try:
+            study["summary"] = summarize_seeds(per_seed)
+        except ValueError as exc:
+            study["summary"] = {"error": str(exc)}
+    if collected:
+        study["data_collected"] = {**collected, "root": None if args.quick else collected["root"]}
+    return study, failed
 
 
 def _json_default(o: Any) -> Any:

@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from flad_vehicle.fhdp.pipeline import Pipeline
+
 log = logging.getLogger(__name__)
 
 
@@ -251,7 +253,7 @@ def _rank_main(rank: int, world: int, cmd: dict[str, Any], queue) -> None:
         queue.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
 
 
-def run_torch_pipelining(cfg, pipeline: Sequence[tuple[str, int, int]], host_tflops: float, time_scale: float
+def run_torch_pipelining(cfg, pipeline: Pipeline, host_tflops: float, time_scale: float
                          ) -> dict[str, Any]:
     """Run baseline (d) on `pipeline`; returns the same figures as an FHDP configuration (emulated)."""
     import torch

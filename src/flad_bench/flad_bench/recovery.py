@@ -366,7 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backup-every", type=int, default=2)
     parser.add_argument("--heartbeat-timeout", type=float, default=1.0)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: one quick-recovery kill, no relaunch or torchrun baselines (the last two "
+                             "default to 0; given explicitly, they run)")
     args = parser.parse_args(argv)
+    if args.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        args.kills = args.kills if "--kills" in given else 1
+        args.relaunches = args.relaunches if "--relaunches" in given else 0
+        args.torchrun_trials = args.torchrun_trials if "--torchrun-trials" in given else 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = run(args)
     if args.json:

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -63,7 +64,7 @@ class _Driver:
             self.cond.notify_all()
 
     def publish(self, t: float) -> tuple[int, float]:
-        stamp = self.B._stamp(t)
+        stamp = _time_msg(t)
         for _, msg in self.frame:
             msg.header.stamp = stamp
         t0 = time.perf_counter()
@@ -100,6 +101,14 @@ class _Driver:
         if f is not None and w is not None:
             out.update(sensors_to_features=f - t0, features_to_waypoints=w - f, waypoints_to_control=c - w)
         return out
+
+
+def _time_msg(t: float) -> Any:
+    """A builtin_interfaces/Time for `t` seconds (the stamp the world bridge puts in its headers)."""
+    from flad_core import codec
+
+    sec = int(math.floor(t))
+    return codec.new("builtin_interfaces/msg/Time", sec=sec, nanosec=int(round((t - sec) * 1e9)) % 1_000_000_000)
 
 
 def _frame_messages(seed: int = 0) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
@@ -261,37 +270,62 @@ def _copy(msg: Any) -> Any:
     return copy.deepcopy(msg)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _ros_missing() -> str | None:
+    """Why the ros transport cannot run here (None: it can)."""
+    try:
+        import rclpy  # noqa: F401
+
+        from flad_core.bus_ros import RosBus  # noqa: F401
+    except ImportError as exc:
+        return f"the ros transport needs rclpy and the generated FLAD messages ({exc})"
+    return None
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], dict[str, str], str | None]:
+    """Arguments, the transports to run, those skipped (--quick without ROS) and what is wrong (None: nothing)."""
     parser = argparse.ArgumentParser(prog="flad bench ros", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--transports", default="zmq,ros", help="comma-separated: zmq, ros (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=40, help="timed frames per transport (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed frames per transport first")
-    parser.add_argument("--block", type=int, default=10, help="frames per transport before alternating")
+    parser.add_argument("--transports", default=None,
+                        help="comma-separated: zmq, ros (default: zmq,ros; --quick: zmq, and ros where rclpy is)")
+    parser.add_argument("--frames", type=int, default=None, help="timed frames per transport (default: 40; --quick: 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed frames per transport first (5; --quick: 1)")
+    parser.add_argument("--block", type=int, default=None, help="frames per transport before alternating (10)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per node process")
     parser.add_argument("--timeout-s", type=float, default=180.0, help="start-up / per-frame wall limit")
     parser.add_argument("--logdir", default=None, help="node logs (default: a runs/ folder)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" in argv:
-        argv.remove("--")
-    args = parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 5 frames per transport; without rclpy, ZeroMQ only (says so)")
+    args = parser.parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a != "--"])
+    for key, full, quick in (("frames", 40, 5), ("warmup", 5, 1), ("block", 10, 5)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    skipped: dict[str, str] = {}
+    if args.transports is None:
+        args.transports = "zmq,ros"
+        why = _ros_missing() if args.quick else None
+        if why:
+            args.transports = "zmq"
+            skipped["ros"] = f"{why}; --quick ran ZeroMQ only"
     transports = [t for t in args.transports.split(",") if t]
     bad = [t for t in transports if t not in ("zmq", "ros")]
-    if bad or not transports or args.frames < 1:
-        print(f"flad bench ros: --transports takes zmq and/or ros, got {args.transports!r}; --frames >= 1",
-              file=sys.stderr)
-        return 2
-    if "ros" in transports:
-        try:
-            import rclpy  # noqa: F401
+    if bad or not transports or args.frames < 1 or args.block < 1 or args.warmup < 0:
+        return args, transports, skipped, (f"--transports takes zmq and/or ros, got {args.transports!r}; "
+                                           "--frames and --block >= 1, --warmup >= 0")
+    why = _ros_missing() if "ros" in transports else None
+    if why:
+        return args, transports, skipped, (f"{why}; run it in the ROS tier environment (scripts/ros_tier.sh, then "
+                                           "source .ros-ws/env.sh), or pass `-- --transports zmq`")
+    return args, transports, skipped, None
 
-            from flad_core.bus_ros import RosBus  # noqa: F401
-        except ImportError as exc:
-            print(f"flad bench ros: the ros transport needs rclpy and the generated FLAD messages ({exc}); run it "
-                  "in the ROS tier environment (scripts/ros_tier.sh, then source .ros-ws/env.sh), or pass "
-                  "`-- --transports zmq`", file=sys.stderr)
-            return 2
+
+def main(argv: list[str] | None = None) -> int:
+    args, transports, skipped, error = _parse(argv)
+    if error:
+        print(f"flad bench ros: {error}", file=sys.stderr)
+        return 2
+    if skipped:
+        log.warning("flad bench ros --quick: ros transport skipped: %s", skipped["ros"])
     from flad_core.runs import RunDir, setup_logging
 
     setup_logging(logging.WARNING)
@@ -305,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flad bench ros: {exc} ({logdir})", file=sys.stderr)
         return 1
     out["logdir"] = logdir
+    if skipped:
+        out["skipped_transports"] = skipped
+    if args.quick:
+        out["quick"] = "smoke run: numbers are not meaningful"
     if args.json:
         print(json.dumps(out, indent=2))
     else:

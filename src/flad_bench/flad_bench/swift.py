@@ -45,9 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flad bench swift", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
-    p.add_argument("--sizes", default="3,5,7,9")
-    p.add_argument("--footprints", default=",".join(str(f) for f in PAPER_FOOTPRINTS_GB))
-    p.add_argument("--trials", type=int, default=15, help="instances per (size, footprint)")
+    p.add_argument("--sizes", default=None, help="cluster sizes [3,5,7,9; --quick: 3,5]")
+    p.add_argument("--footprints", default=None,
+                   help=f"model footprints in GB [{','.join(str(f) for f in PAPER_FOOTPRINTS_GB)}; --quick: the first]")
+    p.add_argument("--trials", type=int, default=None, help="instances per (size, footprint) [15; --quick: 2]")
     p.add_argument("--n-layers", type=int, default=40, help="layers of the synthetic profiles")
     p.add_argument("--mem-fraction", type=float, default=0.5, help="share of device memory usable for training")
     p.add_argument("--mu", type=float, default=0.5)
@@ -55,23 +56,76 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-batch", type=int, default=100)
     p.add_argument("--objective", choices=("path", "bottleneck"), default="path")
     p.add_argument("--policy", help="DQN policy file to reuse (default: the default policy path)")
-    p.add_argument("--dqn-episodes", type=int, default=1000, help="training budget if a policy must be trained")
+    p.add_argument("--dqn-episodes", type=int, default=None,
+                   help="training budget if a policy must be trained [1000; --quick: 30, kept in memory only]")
     p.add_argument("--retrain", action="store_true", help="train a fresh policy even if one exists")
-    p.add_argument("--real-profile", default="paper",
-                   help="encoder config to profile (tiny, paper), a profile JSON path, or 'none'")
-    p.add_argument("--template-seeds", type=int, default=3, help="n=9 clusters timed for single-departure templates")
-    p.add_argument("--scale-sizes", default="12", help="larger clusters timed for scaling (3 instances each)")
+    p.add_argument("--real-profile", default=None,
+                   help="encoder config to profile (tiny, paper), a profile JSON path, or 'none' "
+                        "[paper; --quick: tiny]")
+    p.add_argument("--template-seeds", type=int, default=None,
+                   help="n=9 clusters timed for single-departure templates [3; --quick: 1]")
+    p.add_argument("--scale-sizes", default=None, help="larger clusters timed for scaling, 3 instances each "
+                                                       "[12; --quick: none]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run in seconds (small sizes, 2 trials, a 30-episode policy that is not saved): "
+                        "numbers are not meaningful")
     return p
+
+
+FULL = {"sizes": "3,5,7,9", "footprints": ",".join(str(f) for f in PAPER_FOOTPRINTS_GB), "trials": 15,
+        "dqn_episodes": 1000, "real_profile": "paper", "template_seeds": 3, "scale_sizes": "12"}
+QUICK = {"sizes": "3,5", "footprints": str(PAPER_FOOTPRINTS_GB[0]), "trials": 2, "dqn_episodes": 30,
+         "real_profile": "tiny", "template_seeds": 1, "scale_sizes": ""}
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
+    """Arguments with the --quick / full defaults filled in, and what is wrong with them (None: nothing)."""
+    args = _parser().parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a != "--"])
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        sizes = [int(x) for x in args.sizes.split(",") if x]
+        for x in (*args.footprints.split(","), *args.scale_sizes.split(",")):
+            if x:
+                float(x)
+    except ValueError as exc:
+        return args, f"--sizes, --footprints and --scale-sizes take comma-separated numbers ({exc})"
+    if not sizes or min(sizes) < 2 or args.trials < 1 or args.dqn_episodes < 1:
+        return args, "--sizes needs clusters of >= 2 vehicles; --trials and --dqn-episodes must be >= 1"
+    if args.policy and Path(args.policy).exists() and not args.retrain:
+        from flad_edge.swift.dqn import DQNPolicy
+
+        try:
+            DQNPolicy.load(args.policy)
+        except Exception as exc:
+            return args, (f"--policy {args.policy}: not a usable DQN policy ({type(exc).__name__}: {exc}); "
+                          "`flad edge train-policy --out FILE` makes one, --retrain overwrites it")
+    rp = args.real_profile
+    if rp.endswith(".json") and not Path(rp).is_file():
+        return args, (f"--real-profile {rp}: no such profile JSON (make one with `flad vehicle profile --out {rp}`, "
+                      "or pass tiny, paper or none)")
+    return args, None
 
 
 def _policy(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from flad_edge.swift.dqn import DQNPolicy, default_policy_path, train
 
+    if args.quick and not args.policy:   # never a 30-episode policy where the real one is looked for
+        t0 = time.perf_counter()
+        pol = train(args.dqn_episodes, args.objective, args.seed)
+        return pol, {"source": "trained in this run (--quick: not saved)", "path": None,
+                     "wall_s": time.perf_counter() - t0, **pol.meta}
     path = Path(args.policy) if args.policy else default_policy_path(args.objective)
     if path.exists() and not args.retrain:
-        pol = DQNPolicy.load(path)
-        return pol, {"source": "loaded", "path": str(path), **pol.meta}
+        try:
+            pol = DQNPolicy.load(path)
+        except Exception as exc:   # the cached default is stale or torn (an explicit --policy was checked)
+            log.warning("DQN policy %s is unreadable (%s: %s); training a new one", path, type(exc).__name__, exc)
+        else:
+            return pol, {"source": "loaded", "path": str(path), **pol.meta}
+    log.info("no DQN policy at %s: training one (%d episodes) and saving it there", path, args.dqn_episodes)
     t0 = time.perf_counter()
     pol = train(args.dqn_episodes, args.objective, args.seed)
     pol.save(path)
@@ -222,8 +276,10 @@ def _templates(policy: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]  # `flad bench swift -- ...`
-    args = _parser().parse_args(argv)
+    args, error = _parse(argv)   # `flad bench swift -- ...`: the `--` is dropped
+    if error:
+        print(f"flad bench swift: {error}", file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
     sizes = [int(x) for x in args.sizes.split(",") if x]
     fps = [float(x) for x in args.footprints.split(",") if x]
@@ -288,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         load = None
     import torch
 
-    result = {
+    result: dict[str, Any] = {
         "bench": "swift",
         "objective": args.objective,
         "goals_met": goals,
@@ -312,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wall_s": time.perf_counter() - t_start,
     }
+    if args.quick:
+        result["quick"] = "smoke run: numbers are not meaningful"
     print(json.dumps(result))
     return 0
 

@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="run a benchmark and print its figures",
         description="Run a named benchmark. With --json it prints one JSON object with the figures and "
                     "the conditions they were measured under. Extra arguments go to the benchmark "
-                    "(try `flad bench NAME -- --help`).")
+                    "(try `flad bench NAME -- --help`). Every benchmark takes `-- --quick`: a smoke run in under a "
+                    "minute from a fresh clone (every figure there, none meaningful). A benchmark that needs a "
+                    "dataset collects it on demand or names the command that makes it.")
     bench.add_argument("name", nargs="?", help="benchmark name (see --list)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--list", action="store_true", help="list available benchmarks")

@@ -80,6 +80,16 @@ def register_swift(esub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_train_cmd)
 
 
+def _writable(path: str | Path, what: str) -> None:
+    """Make `path`'s folder now, so a bad output path fails before the work rather than after it."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{what} {path}: cannot create its folder ({exc.strerror or exc})") from exc
+    if Path(path).is_dir():
+        raise InputError(f"{what} {path}: is a folder, expected a file path")
+
+
 def _read_json(path: str, what: str) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -109,6 +119,19 @@ def _load_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
     return cluster, profile
 
 
+def _check_policy(path: str | None) -> None:
+    """An explicit --policy must be a DQN policy if it exists (a missing one is trained and saved there)."""
+    if not path or not Path(path).exists():
+        return
+    from flad_edge.swift.dqn import DQNPolicy
+
+    try:
+        DQNPolicy.load(path)
+    except Exception as exc:   # safetensors raises its own error type for a foreign file
+        raise InputError(f"--policy {path}: not a usable DQN policy ({type(exc).__name__}: {exc}); "
+                         "`flad edge train-policy --out FILE` makes one") from exc
+
+
 def _fail(cmd: str, msg: str) -> int:
     print(f"flad edge {cmd}: error: {msg}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -124,6 +147,8 @@ def _plan_cmd(args: argparse.Namespace) -> int:
                 cluster.index_of(args.first)
             except KeyError as exc:
                 raise InputError(f"--first: {exc.args[0]}") from exc
+        if args.method in ("dqn", "swift"):
+            _check_policy(args.policy)
         result = plan(cluster, profile, args.method, args.first, args.objective, policy_path=args.policy)
     except (InputError, PlannerError) as exc:
         return _fail("plan", str(exc))
@@ -148,6 +173,10 @@ def _templates_cmd(args: argparse.Namespace) -> int:
         return _fail("templates", f"--failures must be >= 1, got {args.failures}")
     try:
         cluster, profile = _load_inputs(args)
+        if args.method == "swift":
+            _check_policy(args.policy)
+        if args.out:
+            _writable(args.out, "--out")
     except InputError as exc:
         return _fail("templates", str(exc))
     policy = None
@@ -180,8 +209,12 @@ def _train_cmd(args: argparse.Namespace) -> int:
 
     if args.episodes < 1:
         return _fail("train-policy", f"--episodes must be >= 1, got {args.episodes}")
-    pol = train(args.episodes, args.objective, args.seed)
     path = Path(args.out) if args.out else default_policy_path(args.objective)
+    try:
+        _writable(path, "--out")
+    except InputError as exc:
+        return _fail("train-policy", str(exc))
+    pol = train(args.episodes, args.objective, args.seed)
     pol.save(path)
     info = {"path": str(path), **pol.meta}
     print(json.dumps(info) if args.json else f"saved DQN policy to {path} ({pol.meta.get('episodes')} episodes)")

@@ -63,11 +63,32 @@ def _collect_data(fleet: FleetConfig, run: RunDir, frames: int, seed: int) -> Pa
     return out
 
 
+def _training_inputs_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the FHDP config or the dataset, before any process starts (None: nothing)."""
+    from flad_core.config import load_yaml
+    from flad_edge.fhdp.config import FhdpConfig
+
+    try:
+        load_yaml(FhdpConfig, args.config)
+    except ConfigError as exc:
+        return f"bad FHDP config: {exc}"
+    if args.data and args.data != "synthetic" and not (Path(args.data) / "manifest.json").is_file():
+        return (f"no fleet dataset at {args.data} (make one with `flad sim collect --out {args.data}`, pass "
+                "--data synthetic, or leave out --data to collect a small one into the run folder)")
+    if args.frames < 1:
+        return "--frames must be >= 1"
+    return None
+
+
 def run_demo(args: argparse.Namespace) -> int:
     try:
         probe = load_fleet(args.fleet or default_fleet_path())
     except ConfigError as exc:
         print(f"flad demo: bad fleet file: {exc}", file=sys.stderr)
+        return 2
+    error = None if args.control_plane_only else _training_inputs_error(args)
+    if error:
+        print(f"flad demo: {error}", file=sys.stderr)
         return 2
     run = RunDir.create("demo", probe, root=args.runs_dir)
     fleet = _prepare_fleet(args, run)

@@ -70,6 +70,14 @@ def _show(args: argparse.Namespace) -> int:
     from flad_sim.show import show
 
     towns = [t for t in (args.town or "").split(",") if t] or [available_towns()[0]]
+    unknown = [t for t in towns if t != "synthetic" and t not in available_towns()]
+    if unknown:
+        print(f"flad sim show: unknown town(s) {unknown}; available: {', '.join(available_towns())} or synthetic",
+              file=sys.stderr)
+        return 2
+    if args.frames < 1 or args.warmup < 0:
+        print("flad sim show: --frames must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
     paths = []
     for town in towns:
         paths += show(Path(args.out), town=town, seed=args.seed, frames=args.frames, warmup_steps=args.warmup)
@@ -108,7 +116,7 @@ def _bridge(args: argparse.Namespace) -> int:
         cfg = from_dict(BusConfig, {"hub_pub": args.hub_pub, "hub_sub": args.hub_sub})
         world = World(args.town, seed=args.seed)
     except (ConfigError, KeyError) as exc:
-        print(f"flad sim bridge: {exc}", file=sys.stderr)
+        print(f"flad sim bridge: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2
     hub = BusHub(cfg) if args.host_hub else None
     bus = make_bus("sim", cfg, transport=args.transport)

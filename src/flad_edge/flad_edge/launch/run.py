@@ -6,13 +6,7 @@ remappings, read from `launch/fleet.yaml` -- live in ROS-free, tested plans (fla
 flad_edge.launch.plans); each `.launch.py` file only turns a plan into `launch_ros.actions.Node`s, and
 `flad launch PLAN` starts the same plan as plain processes (`python -m <node module> --ros-args ...`).
 
-Plans:
-  vehicle               one vehicle: stage worker (FHDP) + encoder + PID controller
-  edge                  the edge: orchestrator (registration, SWIFT, FL rounds, aggregation, recovery) + waypoints
-  cloud                 the cloud aggregator
-  fleet                 cloud + orchestrator + every vehicle's stage worker: `flad demo` over ROS topics
-  closed_loop_embedded  embedded-world bridge + N vehicles + edge
-  closed_loop_carla     carla_ros_bridge (synchronous) + carla_spawn_objects (our rig) + FLAD vehicle + edge
+The plans: see flad_edge.launch.plans (`flad launch --help` lists them).
 """
 
 from __future__ import annotations
@@ -29,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flad_core.config import ConfigError
+from flad_edge.launch import plans
 from flad_edge.launch.plans import PLANS, make_plan
 from flad_vehicle.launch.ros import node_command, params_yaml
 from flad_vehicle.launch.spec import LaunchPlan, NodeSpec, PlanArgs
@@ -197,7 +192,7 @@ def _stop_in_order(group: Any, plan: LaunchPlan, grace: float) -> dict[str, int 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "launch", help="start a launch plan's ROS 2 nodes as processes (no `ros2 launch` needed)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=f"{__doc__}\n{plans.__doc__}", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("plan", choices=list(PLANS), help="which plan")
     p.add_argument("arguments", nargs="*", metavar="NAME:=VALUE",
                    help="launch arguments, as for ros2 launch: "

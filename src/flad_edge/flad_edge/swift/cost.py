@@ -1,4 +1,4 @@
-"""The pipeline cost model, Eqs. 8-10 of the paper, exactly as issue 5 states them.
+"""The pipeline cost model, Eqs. 8-10 of the paper, exactly as the paper states them.
 
 Eq. 8:  t_cmp(v) = sum of the per-sample forward FLOPs of v's layers x n_batch x nu / (TFLOPS_v x 1e12 x mu)
 Eq. 9:  t_com(v) = 2 x activation_bytes(last layer of v) x n_batch x nu / (link_mbps_v x 1e6 / 8)

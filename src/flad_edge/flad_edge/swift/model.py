@@ -1,6 +1,6 @@
 """SWIFT's inputs and outputs: vehicles, clusters, model profiles and plans, plus the paper's device mix.
 
-The JSON formats are the ones the `flad edge plan` CLI reads (issue 5); they are parsed with
+The JSON formats are the ones the `flad edge plan` CLI reads; they are parsed with
 `flad_core.config.from_dict`, so a bad key is reported by name (e.g. `vehicles[1].tflops: expected a number`).
 """
 

@@ -114,6 +114,8 @@ class Pipeline:
     def describe(self) -> str:
         return " -> ".join(f"{v}[{s}:{e})" for v, s, e in self.stages)
 
+    __str__ = describe
+
     def to_json(self) -> list[list[Any]]:
         return [list(st) for st in self.stages]
 
