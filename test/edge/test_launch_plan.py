@@ -411,3 +411,68 @@ def test_flad_launch_cli_dry_run_and_errors(tmp_path: Path) -> None:
     carla = subprocess.run([sys.executable, "-m", "flad_core.cli", "launch", "closed_loop_carla",
                             "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert carla.returncode == 2 and "carla_ros_bridge" in carla.stderr
+
+
+def _flad(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from flad_core.cli import main
+
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv", [
+    ["launch", "vehicle", "--dry-run", "vehicle_id:=v001"],                   # after an option (was refused)
+    ["launch", "vehicle", "vehicle_id:=v001", "--dry-run"],
+    ["launch", "--dry-run", "vehicle", "vehicle_id:=v001"],
+    ["launch", "vehicle", "role_name:=ego", "--dry-run", "vehicle_id:=v001"],  # both sides of an option
+])
+def test_flad_launch_takes_launch_arguments_anywhere(argv: list[str], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _flad([*argv, "--run-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines and all("__ns:=/v001" in ln for ln in lines), out
+    params = yaml.safe_load((tmp_path / "params_v001_stage_worker.yaml").read_text())
+    assert params["/v001/stage_worker"]["ros__parameters"]["vehicle_id"] == "v001"
+
+
+def test_flad_launch_later_launch_argument_wins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _flad(["launch", "fleet", "rounds:=2", "--dry-run", "rounds:=-2", "--run-dir", str(tmp_path)],
+                         capsys)
+    assert code == 2 and "launch.rounds" in err
+
+
+@pytest.mark.parametrize("extra", [["--bogus"], ["stray"], ["--bogus=1"]])
+def test_flad_launch_refuses_what_is_neither_option_nor_launch_argument(
+        extra: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _flad(["launch", "vehicle", "--dry-run", *extra, "vehicle_id:=v001", "--run-dir",
+                            str(tmp_path)], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("flad launch: unrecognized argument") and extra[0] in err
+    assert "NAME:=VALUE" in err
+    assert not list(tmp_path.iterdir())            # refused before anything was written
+
+
+@pytest.mark.parametrize("name", ["data", "fhdp_config"])
+def test_flad_launch_dry_run_checks_path_arguments(name: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    missing = tmp_path / "no-such-thing"
+    code, out, err = _flad(["launch", "fleet", "--dry-run", f"{name}:={missing}", "--run-dir", str(run_dir)], capsys)
+    assert code == 2 and out == "" and not run_dir.exists()
+    assert err.count("\n") == 1 and f"{name}:={missing}" in err and "no such file" in err
+    present = tmp_path / ("fleet-data" if name == "data" else "fhdp.yaml")
+    if name == "data":
+        present.mkdir()
+    else:
+        present.write_text((LAUNCH / "fhdp.yaml").read_text())
+    code, out, err = _flad(["launch", "fleet", "--dry-run", f"{name}:={present}", "--run-dir", str(run_dir)], capsys)
+    assert code == 0, err
+    assert str(present) in "".join(p.read_text() for p in run_dir.glob("params_*.yaml"))
+
+
+def test_flad_launch_dry_run_takes_the_path_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _flad(["launch", "fleet", "--dry-run", "data:=synthetic", "fhdp_config:=", "--run-dir",
+                          str(tmp_path)], capsys)
+    assert code == 0, err

@@ -177,3 +177,17 @@ def test_profile_keeps_extra_top_level_keys_as_meta():
                                                     "activation_bytes": 3, "mem_bytes": 4}]})
     assert p.meta == {"config": "tiny"} and p.layers == [Layer("a", 1.0, 2.0, 3.0, 4.0)]
     assert isinstance(p, Profile)
+
+
+def test_corrupt_default_policy_is_one_line_and_left_alone(files, tmp_path):
+    d, _, _ = files
+    pol_dir = tmp_path / "policies"
+    pol_dir.mkdir()
+    torn = pol_dir / "dqn_path.safetensors"
+    torn.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")          # a torn header: not a policy
+    for cmd in ("plan", "templates"):
+        r = _flad("edge", cmd, "--cluster", str(d / "cluster.json"), "--profile", str(d / "profile.json"),
+                  "--method", "swift", env_dir=pol_dir, subprocess_run=cmd == "plan")
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"flad edge {cmd}: {torn}: not a usable DQN policy")
+        assert torn.read_bytes() == b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":"

@@ -137,6 +137,90 @@ def test_policy_is_reused_from_disk(swift_policy_dir, monkeypatch):
     assert a == b and not math.isinf(cm.evaluate(*a)[0])
 
 
+def _corrupt_policies(tmp_path, swift_policy_dir):
+    """Files at a policy path that are not usable policies: garbage, a torn policy, a foreign safetensors file,
+    one with the right metadata and the wrong tensors, a folder."""
+    import torch
+    from safetensors.torch import save as st_save
+
+    from flad_edge.swift.dqn import FEATURE_VERSION
+
+    good = (swift_policy_dir / "dqn_path.safetensors").read_bytes()
+    ours = {"feature_version": FEATURE_VERSION}
+    out = {}
+    for name, data in (("garbage", b"not a policy"), ("torn", good[: len(good) // 2]),
+                       ("foreign", st_save({"w": torch.zeros(3)})),
+                       ("wrong_tensors", st_save({"w": torch.zeros(3)}, metadata=ours))):
+        f = tmp_path / f"{name}.safetensors"
+        f.write_bytes(data)
+        out[name] = f
+    (tmp_path / "folder.safetensors").mkdir()
+    out["folder"] = tmp_path / "folder.safetensors"
+    return out
+
+
+def test_corrupt_policy_file_raises_and_is_never_overwritten(tmp_path, swift_policy_dir, monkeypatch):
+    from flad_core.config import ConfigError
+    from flad_edge.swift import dqn
+
+    monkeypatch.setattr(dqn, "train", lambda *a, **k: pytest.fail("must not train over an existing file"))
+    for name, f in _corrupt_policies(tmp_path, swift_policy_dir).items():
+        before = f.read_bytes() if f.is_file() else None
+        with pytest.raises(dqn.PolicyFileError, match="not a usable DQN policy") as info:
+            dqn.load_or_train(f, "path")
+        assert str(f) in str(info.value) and info.value.path == f, name
+        assert isinstance(info.value, ConfigError) and "\n" not in str(info.value)   # `flad` prints one line
+        assert (f.read_bytes() if f.is_file() else None) == before, f"{name} was modified"
+    # the default location, through the planner: the same error, and the file stays
+    monkeypatch.setenv("FLAD_SWIFT_POLICY_DIR", str(tmp_path))
+    torn = (swift_policy_dir / "dqn_path.safetensors").read_bytes()[:100]
+    dqn.default_policy_path("path").write_bytes(torn)
+    with pytest.raises(dqn.PolicyFileError, match=r"dqn_path\.safetensors"):
+        plan(random_cluster(3, seed=0), synthetic_profile(5.55, n_layers=16), "swift")
+    assert dqn.default_policy_path("path").read_bytes() == torn
+
+
+def test_policy_of_an_older_feature_version_is_retrained_in_place(tmp_path, swift_policy_dir, monkeypatch):
+    import torch
+    from safetensors.torch import save as st_save
+
+    from flad_edge.swift import dqn
+
+    f = tmp_path / "old.safetensors"
+    f.write_bytes(st_save({"w": torch.zeros(3)}, metadata={"feature_version": "0", "objective": "path"}))
+    fresh = dqn.DQNPolicy.load(swift_policy_dir / "dqn_path.safetensors")
+    calls = []
+    monkeypatch.setattr(dqn, "train", lambda *a, **k: calls.append(a) or fresh)
+    pol = dqn.load_or_train(f, "path", episodes=5)
+    assert pol is fresh and len(calls) == 1
+    assert dqn.DQNPolicy.load(f).meta["feature_version"] == dqn.FEATURE_VERSION
+
+
+def test_training_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    import torch
+    import tqdm
+
+    from flad_edge.swift import dqn
+
+    made = []
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *a, **k):
+            made.append(k["disable"])
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    a = dqn.train(episodes=3, seed=0)                          # pytest captures stdout: not a terminal
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True, raising=False)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    b = dqn.train(episodes=3, seed=0, progress=False)
+    c = dqn.train(episodes=3, seed=0)
+    assert made == [True, True, False]
+    capsys.readouterr()
+    for x in (b, c):   # the bar changes nothing about the training
+        assert all(torch.equal(a.net.state_dict()[k], v) for k, v in x.net.state_dict().items())
+
+
 def test_raw_input_layers_stay_on_the_first_stage():
     prof = Profile([Layer(f"l{i}", 1e12, 0, 1e6 if i else 1e3, 1e9) for i in range(5)], {"min_first_stage_end": 3})
     cl = Cluster([Vehicle("a", 2e9, 1.0, 8.0, 0.9), Vehicle("b", 5e9, 1.0, 8.0, 0.1)])

@@ -23,6 +23,7 @@ import logging
 import multiprocessing as mp
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from flad_vehicle.fhdp.pipeline import Pipeline
@@ -108,144 +109,228 @@ def _tuple_stage(stage, in_names: Sequence[str], out_names: Sequence[str], skip:
     return TupleStage()
 
 
-def _rank_main(rank: int, world: int, cmd: dict[str, Any], queue) -> None:
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+def _install_debug_dump(seconds: float | None) -> None:
+    """With `debug_dump_s`, dump every thread's stack to stderr and exit after that many seconds (a hang)."""
+    if seconds:
+        import faulthandler
+        import sys
 
-    from flad_core.emulation import ComputeDilation, TokenBucket
+        faulthandler.dump_traceback_later(seconds, exit=True, file=sys.stderr)
+
+
+@dataclass
+class _RankLayout:
+    """One rank's share of the partitioned encoder and the tensor interface its stage module exposes."""
+
+    model: Any
+    stage: Any
+    loss_node: Any
+    vehicle: str
+    start: int
+    end: int
+    is_first: bool
+    is_last: bool
+    in_names: list[str]
+    out_names: list[str]
+    skip: tuple[str, ...]
+
+
+def _rank_layout(rank: int, world: int, cmd: dict[str, Any]) -> _RankLayout:
+    """Build the seeded encoder, cut this rank's stage and name its inputs and outputs (labels left out; the
+    last rank stops before the loss layer, which runs in the schedule's loss_fn)."""
+    import torch
+
     from flad_vehicle.encoder.config import get_config
     from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder
     from flad_vehicle.encoder.partition import Partitioner
+
+    torch.manual_seed(cmd["seed"])
+    model = VisionEncoder(get_config(cmd["encoder"]))
+    part = Partitioner(model)
+    vehicle, start, end = cmd["pipeline"][rank]
+    stage = part.stage((start, end))
+    loss_node = part.graph.nodes[-1]
+    is_first, is_last = rank == 0, rank == world - 1
+    in_names = [n for n in stage.inputs if n not in LABEL_INPUTS]
+    if is_last:
+        out_names = [r for r in loss_node.reads if r not in LABEL_INPUTS]
+        skip: tuple[str, ...] = (loss_node.name,)
+    else:
+        out_names = [n for n in stage.outputs if n not in LABEL_INPUTS]
+        skip = ()
+    return _RankLayout(model, stage, loss_node, vehicle, start, end, is_first, is_last, in_names, out_names, skip)
+
+
+def _rank_emu(body, rank: int, cmd: dict[str, Any], lay: _RankLayout) -> _Emu:
+    """The rank's emulation: its profile's compute dilation and one link bucket per neighbour."""
+    from flad_core.emulation import ComputeDilation, TokenBucket
+
+    return _Emu(body, ComputeDilation(cmd["tflops"][rank], cmd["time_scale"], cmd["host_tflops"]),
+                TokenBucket.from_mbps(cmd["link_mbps"][rank], cmd["time_scale"]),
+                TokenBucket.from_mbps(cmd["link_mbps"][rank], cmd["time_scale"]),
+                send_forward=not lay.is_last, send_backward=not lay.is_first)
+
+
+def _dilated_module(mod, emu: _Emu):
+    """`mod` behind the dilating autograd function: the module the pipeline stage runs."""
+    import torch
+
+    fn = _make_dilated_fn()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mod = mod
+
+        def forward(self, *tensors):
+            dummy = torch.zeros((), requires_grad=True)
+            outs = fn.apply(emu, dummy, *tensors)
+            return outs if len(outs) > 1 else outs[0]
+
+    return Wrapped()
+
+
+def _label_fns(lay: _RankLayout):
+    """(pack_labels, loss_fn): the last rank packs a batch's labels into one float `target` tensor, and its
+    loss_fn unpacks them (shapes and dtypes remembered from the packing) to run the skipped loss layer."""
+    import torch
+
+    from flad_vehicle.encoder.model import LABEL_INPUTS
+
+    label_shapes: dict[str, tuple] = {}
+
+    def pack_labels(batch) -> torch.Tensor:
+        parts = []
+        for n in LABEL_INPUTS:
+            t = batch[n]
+            label_shapes[n] = (tuple(t.shape[1:]), t.dtype)
+            parts.append(t.reshape(t.shape[0], -1).float())
+        return torch.cat(parts, dim=1)
+
+    def loss_fn(output, target):
+        outs = output if isinstance(output, tuple) else (output,)
+        env = dict(zip(lay.out_names, outs, strict=True))
+        pos = 0
+        for n in LABEL_INPUTS:
+            shape, dtype = label_shapes[n]
+            size = 1
+            for s in shape:
+                size *= s
+            env[n] = target[:, pos:pos + size].reshape(target.shape[0], *shape).to(dtype)
+            pos += size
+        layer = lay.stage.layers[lay.loss_node.name]
+        res = layer(*[env[r] for r in lay.loss_node.reads])
+        return res[list(lay.loss_node.writes).index("loss")]
+
+    return pack_labels, loss_fn
+
+
+def _rank_schedule(wrapped, rank: int, world: int, cmd: dict[str, Any], loss_fn):
+    import torch
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    pstage = PipelineStage(wrapped, rank, world, torch.device("cpu"))
+    sched_cls = Schedule1F1B if cmd["schedule"] == "1f1b" else ScheduleGPipe
+    # loss_fn on every rank: the schedule reads "has a loss_fn" as "runs backward" (None on the first ranks
+    # made them skip backward metadata inference and deadlock the last rank, torch 2.13)
+    return sched_cls(pstage, n_microbatches=cmd["n_micro"], loss_fn=loss_fn)
+
+
+def _step_runner(schedule, lay: _RankLayout, pack_labels):
+    """One schedule step on a batch as this rank takes part in it (inputs first, target and losses last)."""
+
+    def run_step(batch, losses: list) -> None:
+        if lay.is_first:
+            schedule.step(*[batch[n] for n in lay.in_names])
+        elif lay.is_last:
+            schedule.step(target=pack_labels(batch), losses=losses, return_outputs=False)
+        else:
+            schedule.step()
+
+    return run_step
+
+
+def _prime(stage, params: list, emu: _Emu, run_step, batches):
+    """torch.distributed.pipelining infers stage metadata on its first step, running the later stages forward
+    on uninitialised buffers and backward from ones (torch 2.13): on a stage with parameters that leaves
+    garbage -- NaN with the paper encoder -- in .grad and in BatchNorm's running statistics. So one untimed,
+    unshaped priming step on the first batch, after which grads and buffers are put back. Returns the batch
+    stream with that first batch put back in front."""
+    import torch
+
+    first = next(batches)
+    saved = {k: v.clone() for k, v in stage.named_buffers()}
+    emu.enabled = False
+    run_step(first, [])
+    emu.enabled = True
+    for p in params:
+        p.grad = None
+    with torch.no_grad():
+        for k, v in stage.named_buffers():
+            v.copy_(saved[k])
+    return itertools.chain([first], batches)
+
+
+def _clip_global_norm(params: list, max_norm: float = 5.0) -> None:
+    """Global-norm clipping across the pipeline, as FHDP does: an all-reduce of the stages' squared norms."""
+    import torch
+    import torch.distributed as dist
+
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            sq += p.grad.detach().double().pow(2).sum()
+    dist.all_reduce(sq)
+    coef = min(1.0, max_norm / (float(sq.sqrt()) + 1e-6))
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+
+def _timed_step(batch, emu: _Emu, run_step, params: list, opt) -> dict[str, Any]:
+    """One training step (schedule, clipping, optimizer) and its step record."""
+    emu.emulated_s = 0.0
+    t0 = time.monotonic()
+    losses: list = []
+    run_step(batch, losses)
+    _clip_global_norm(params, 5.0)
+    if opt is not None:
+        t_opt = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        emu.stretch(time.perf_counter() - t_opt)
+    t1 = time.monotonic()
+    loss = float(sum(float(x.detach()) for x in losses) / len(losses)) if losses else None
+    return {"t0": t0, "t1": t1, "loss": loss, "emulated_compute_s": emu.emulated_s, "compute_s": 0.0,
+            "bytes_sent": 0}
+
+
+def _rank_main(rank: int, world: int, cmd: dict[str, Any], queue) -> None:
+    import torch
+    import torch.distributed as dist
+
     from flad_vehicle.fhdp.data import vehicle_batches
     from flad_vehicle.fhdp.optim import stage_adamw
 
     torch.set_num_threads(1)
-    if cmd.get("debug_dump_s"):
-        import faulthandler
-        import sys
-
-        faulthandler.dump_traceback_later(cmd["debug_dump_s"], exit=True, file=sys.stderr)
+    _install_debug_dump(cmd.get("debug_dump_s"))
     try:
         dist.init_process_group("gloo", init_method=cmd["init_method"], rank=rank, world_size=world)
-        torch.manual_seed(cmd["seed"])
-        model = VisionEncoder(get_config(cmd["encoder"]))
-        part = Partitioner(model)
-        vehicle, start, end = cmd["pipeline"][rank]
-        stage = part.stage((start, end))
-        graph = part.graph
-        loss_node = graph.nodes[-1]
-        is_first, is_last = rank == 0, rank == world - 1
-        in_names = [n for n in stage.inputs if n not in LABEL_INPUTS]
-        if is_last:
-            out_names = [r for r in loss_node.reads if r not in LABEL_INPUTS]
-            skip = (loss_node.name,)
-        else:
-            out_names = [n for n in stage.outputs if n not in LABEL_INPUTS]
-            skip = ()
-        mod = _tuple_stage(stage, in_names, out_names, skip)
-        emu = _Emu(mod.body, ComputeDilation(cmd["tflops"][rank], cmd["time_scale"], cmd["host_tflops"]),
-                   TokenBucket.from_mbps(cmd["link_mbps"][rank], cmd["time_scale"]),
-                   TokenBucket.from_mbps(cmd["link_mbps"][rank], cmd["time_scale"]),
-                   send_forward=not is_last, send_backward=not is_first)
-        fn = _make_dilated_fn()
-
-        class Wrapped(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.mod = mod
-
-            def forward(self, *tensors):
-                dummy = torch.zeros((), requires_grad=True)
-                outs = fn.apply(emu, dummy, *tensors)
-                return outs if len(outs) > 1 else outs[0]
-
-        wrapped = Wrapped()
-        label_shapes: dict[str, tuple] = {}
-
-        def pack_labels(batch) -> torch.Tensor:
-            parts = []
-            for n in LABEL_INPUTS:
-                t = batch[n]
-                label_shapes[n] = (tuple(t.shape[1:]), t.dtype)
-                parts.append(t.reshape(t.shape[0], -1).float())
-            return torch.cat(parts, dim=1)
-
-        def loss_fn(output, target):
-            outs = output if isinstance(output, tuple) else (output,)
-            env = dict(zip(out_names, outs, strict=True))
-            pos = 0
-            for n in LABEL_INPUTS:
-                shape, dtype = label_shapes[n]
-                size = 1
-                for s in shape:
-                    size *= s
-                env[n] = target[:, pos:pos + size].reshape(target.shape[0], *shape).to(dtype)
-                pos += size
-            layer = stage.layers[loss_node.name]
-            res = layer(*[env[r] for r in loss_node.reads])
-            return res[list(loss_node.writes).index("loss")]
-
-        pstage = PipelineStage(wrapped, rank, world, torch.device("cpu"))
-        sched_cls = Schedule1F1B if cmd["schedule"] == "1f1b" else ScheduleGPipe
-        # loss_fn on every rank: the schedule reads "has a loss_fn" as "runs backward" (None on the first ranks
-        # made them skip backward metadata inference and deadlock the last rank, torch 2.13)
-        schedule = sched_cls(pstage, n_microbatches=cmd["n_micro"], loss_fn=loss_fn)
-        params = list(stage.parameters())
-        opt = stage_adamw(stage, model) if params else None
+        lay = _rank_layout(rank, world, cmd)
+        mod = _tuple_stage(lay.stage, lay.in_names, lay.out_names, lay.skip)
+        emu = _rank_emu(mod.body, rank, cmd, lay)
+        wrapped = _dilated_module(mod, emu)
+        pack_labels, loss_fn = _label_fns(lay)
+        schedule = _rank_schedule(wrapped, rank, world, cmd, loss_fn)
+        params = list(lay.stage.parameters())
+        opt = stage_adamw(lay.stage, lay.model) if params else None
         batches = vehicle_batches(cmd["data"], cmd["data_owner"], cmd["batch_size"], seed=cmd["seed"])
-
-        def run_step(batch, losses: list) -> None:
-            if is_first:
-                schedule.step(*[batch[n] for n in in_names])
-            elif is_last:
-                schedule.step(target=pack_labels(batch), losses=losses, return_outputs=False)
-            else:
-                schedule.step()
-
-        # torch.distributed.pipelining infers stage metadata on its first step, running the later stages forward
-        # on uninitialised buffers and backward from ones (torch 2.13): on a stage with parameters that leaves
-        # garbage -- NaN with the paper encoder -- in .grad and in BatchNorm's running statistics. So one
-        # untimed, unshaped priming step on the first batch, after which grads and buffers are put back.
-        first = next(batches)
-        saved = {k: v.clone() for k, v in stage.named_buffers()}
-        emu.enabled = False
-        run_step(first, [])
-        emu.enabled = True
-        for p in params:
-            p.grad = None
-        with torch.no_grad():
-            for k, v in stage.named_buffers():
-                v.copy_(saved[k])
-        batches = itertools.chain([first], batches)
-        steps = []
-        for _ in range(cmd["warmup"] + cmd["steps"]):
-            batch = next(batches)
-            emu.emulated_s = 0.0
-            t0 = time.monotonic()
-            losses: list = []
-            run_step(batch, losses)
-            # global-norm clipping across the pipeline, as FHDP does (clip 5.0)
-            sq = torch.zeros((), dtype=torch.float64)
-            for p in params:
-                if p.grad is not None:
-                    sq += p.grad.detach().double().pow(2).sum()
-            dist.all_reduce(sq)
-            coef = min(1.0, 5.0 / (float(sq.sqrt()) + 1e-6))
-            if coef < 1.0:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-            if opt is not None:
-                t_opt = time.perf_counter()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                emu.stretch(time.perf_counter() - t_opt)
-            t1 = time.monotonic()
-            loss = float(sum(float(x.detach()) for x in losses) / len(losses)) if losses else None
-            steps.append({"t0": t0, "t1": t1, "loss": loss, "emulated_compute_s": emu.emulated_s,
-                          "compute_s": 0.0, "bytes_sent": 0})
-        queue.put({"rank": rank, "index": rank, "vehicle": vehicle, "range": [start, end], "steps": steps})
+        run_step = _step_runner(schedule, lay, pack_labels)
+        batches = _prime(lay.stage, params, emu, run_step, batches)
+        steps = [_timed_step(next(batches), emu, run_step, params, opt) for _ in range(cmd["warmup"] + cmd["steps"])]
+        queue.put({"rank": rank, "index": rank, "vehicle": lay.vehicle, "range": [lay.start, lay.end],
+                   "steps": steps})
         dist.barrier()
         dist.destroy_process_group()
     except Exception as exc:  # reported to the coordinator

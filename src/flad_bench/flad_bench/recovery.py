@@ -194,17 +194,10 @@ def _wait_listening(port: int, timeout_s: float) -> None:
     raise TimeoutError(f"torchrun's rendezvous store did not listen on {port}")
 
 
-def torchrun_trial(workdir: Path, tag: str, last_call_s: int | None, ckpt_every: int,
-                   timeout_s: float = 150.0) -> dict[str, Any]:
-    from flad_edge.fhdp.recovery.live import free_port_base
-
+def _start_agents(workdir: Path, tag: str, port: int, last_call_s: int | None, ckpt_every: int, ckpt: Path,
+                  progress: Path) -> list[tuple[subprocess.Popen, Any]]:
+    """Start the 3 torchrun agents (one node each); returns (process, its open log file) per node."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    port = free_port_base(2)
-    progress = workdir / f"torchrun-{tag}.progress"
-    ckpt = workdir / f"torchrun-{tag}.safetensors"
-    for f in (progress, ckpt):
-        f.unlink(missing_ok=True)
-    progress.touch()
     agents = []
     # With the rendezvous' shared TCP store (the default), restarted workers read the previous incarnation's
     # gloo peer addresses (worker keys carry no per-round prefix) and never connect; a store per attempt,
@@ -217,58 +210,93 @@ def torchrun_trial(workdir: Path, tag: str, last_call_s: int | None, ckpt_every:
             cmd += ["--rdzv-conf", f"last_call_timeout={int(last_call_s)}"]   # torch wants whole seconds
         cmd += ["-m", "flad_bench.recovery_torchrun", "--ckpt", str(ckpt), "--ckpt-every", str(ckpt_every),
                 "--progress", str(progress)]
-        log_f = open(workdir / f"torchrun-{tag}-node{node}.log", "wb")  # noqa: SIM115 - closed below
+        log_f = open(workdir / f"torchrun-{tag}-node{node}.log", "wb")  # noqa: SIM115 - closed in _stop_agents
         agents.append((subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, env=env,
                                         stdin=subprocess.DEVNULL), log_f))
         if node == 0:   # node 0 must host the c10d store (the node we kill must not): wait until it listens
             _wait_listening(port, 90)
+    return agents
+
+
+def _kill_after_two_steps(progress: Path, agents: list, deadline: float) -> float | None:
+    """SIGKILL node 2's agent tree once 2 steps are logged; the kill's wall time (None: never got there)."""
+    while time.monotonic() < deadline:
+        steps = [ln for ln in progress.read_text().splitlines() if ln.startswith("step")]
+        if len(steps) >= 2:
+            t_kill = time.time()
+            _kill_tree(agents[2][0].pid)
+            return t_kill
+        if all(p.poll() is not None for p, _ in agents):
+            return None
+        time.sleep(0.01)
+    return None
+
+
+def _wait_resumed(progress: Path, agents: list, t_kill: float, deadline: float
+                  ) -> tuple[float | None, float | None, list[str]]:
+    """Follow the progress log after the kill: (workers restarted at, first step after that, the log's lines)."""
+    t_restart = t_resumed = None
+    lines: list[str] = []
+    while time.monotonic() < deadline and any(p.poll() is None for p, _ in agents[:2]):
+        lines = progress.read_text().splitlines()
+        for ln in lines:
+            parts = ln.split()
+            if parts[0] == "start" and float(parts[2]) > t_kill and t_restart is None:
+                t_restart = float(parts[2])
+            if parts[0] == "step" and t_restart is not None and float(parts[2]) > t_restart:
+                t_resumed = float(parts[2])
+                break
+        if t_resumed:
+            break
+        time.sleep(0.05)
+    return t_restart, t_resumed, lines
+
+
+def _steps_lost(lines: list[str], t_kill: float, t_restart: float | None) -> int:
+    """The last step completed before the kill minus the step the restarted workers started from."""
+    before = [int(ln.split()[1]) for ln in lines if ln.startswith("step") and float(ln.split()[2]) <= t_kill]
+    restart_from = next(int(ln.split()[1]) for ln in lines if ln.startswith("start")
+                        and float(ln.split()[2]) == t_restart)
+    return max(before, default=0) - restart_from
+
+
+def _stop_agents(agents: list) -> None:
+    """SIGTERM the agents still running, SIGKILL those still up a second later; close their logs."""
+    for p, _ in agents:
+        if p.poll() is None:
+            _kill_tree(p.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    for p, f in agents:
+        if p.poll() is None:
+            _kill_tree(p.pid)
+        p.wait(10)
+        f.close()
+
+
+def torchrun_trial(workdir: Path, tag: str, last_call_s: int | None, ckpt_every: int,
+                   timeout_s: float = 150.0) -> dict[str, Any]:
+    from flad_edge.fhdp.recovery.live import free_port_base
+
+    port = free_port_base(2)
+    progress = workdir / f"torchrun-{tag}.progress"
+    ckpt = workdir / f"torchrun-{tag}.safetensors"
+    for f in (progress, ckpt):
+        f.unlink(missing_ok=True)
+    progress.touch()
+    agents = _start_agents(workdir, tag, port, last_call_s, ckpt_every, ckpt, progress)
     try:
-        t_kill = None
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            steps = [ln for ln in progress.read_text().splitlines() if ln.startswith("step")]
-            if len(steps) >= 2:
-                t_kill = time.time()
-                _kill_tree(agents[2][0].pid)
-                break
-            if all(p.poll() is not None for p, _ in agents):
-                break
-            time.sleep(0.01)
+        t_kill = _kill_after_two_steps(progress, agents, deadline)
         if t_kill is None:
             return {"tag": tag, "ok": False, "error": "did not reach 2 steps"}
-        t_restart = t_resumed = None
-        while time.monotonic() < deadline and any(p.poll() is None for p, _ in agents[:2]):
-            lines = progress.read_text().splitlines()
-            for ln in lines:
-                parts = ln.split()
-                if parts[0] == "start" and float(parts[2]) > t_kill and t_restart is None:
-                    t_restart = float(parts[2])
-                if parts[0] == "step" and t_restart is not None and float(parts[2]) > t_restart:
-                    t_resumed = float(parts[2])
-                    break
-            if t_resumed:
-                break
-            time.sleep(0.05)
-        lost = None
-        if t_resumed:
-            before = [int(ln.split()[1]) for ln in lines if ln.startswith("step") and float(ln.split()[2]) <= t_kill]
-            restart_from = next(int(ln.split()[1]) for ln in lines if ln.startswith("start")
-                                and float(ln.split()[2]) == t_restart)
-            lost = max(before, default=0) - restart_from
+        t_restart, t_resumed, lines = _wait_resumed(progress, agents, t_kill, deadline)
+        lost = _steps_lost(lines, t_kill, t_restart) if t_resumed else None
         return {"tag": tag, "ok": t_resumed is not None, "last_call_timeout_s": last_call_s if last_call_s else 30.0,
                 "total_s": (t_resumed - t_kill) if t_resumed else None,
                 "to_workers_restarted_s": (t_restart - t_kill) if t_restart else None,
                 "resume_s": (t_resumed - t_restart) if t_resumed else None, "steps_lost": lost}
     finally:
-        for p, _ in agents:
-            if p.poll() is None:
-                _kill_tree(p.pid, signal.SIGTERM)
-        time.sleep(1.0)
-        for p, f in agents:
-            if p.poll() is None:
-                _kill_tree(p.pid)
-            p.wait(10)
-            f.close()
+        _stop_agents(agents)
 
 
 # -- the run -------------------------------------------------------------------------------------------

@@ -184,65 +184,73 @@ def _conditions(transports: list[str]) -> dict[str, Any]:
     return cond
 
 
-def run(transports: list[str], frames: int, warmup: int, block: int, threads: int, timeout_s: float,
-        logdir: str) -> dict[str, Any]:
+def _start_chain(group: Any, transport: str, threads: int, logdir: str, frame: list[tuple[str, Any]],
+                 closers: list[Any]) -> _Driver:
+    """Start one transport's bus (a hub of its own for ZeroMQ) and its three node processes; the driver that
+    plays the world on it. Whatever must be closed afterwards is appended to `closers`."""
     from flad_core.bus import BusConfig, BusHub, ZmqBus
-    from flad_core.procs import ProcessGroup, free_port_base, python_module_cmd
+    from flad_core.procs import free_port_base, python_module_cmd
 
-    frame, frame_info = _frame_messages()
-    load_before = os.getloadavg()
-    drivers: dict[str, _Driver] = {}
-    closers: list[Any] = []
-    samples: dict[str, list[dict[str, float]]] = {t: [] for t in transports}
-    lost = dict.fromkeys(transports, 0)
-    with ProcessGroup(grace_s=10.0) as group:
-        for transport in transports:
-            hub = None
-            if transport == "zmq":
-                base = free_port_base(2)
-                hub = (f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{base + 1}")
-                cfg = BusConfig(hub_pub=hub[0], hub_sub=hub[1])
-                h = BusHub(cfg)
-                bus: Any = ZmqBus("bench_driver", cfg)
-                closers += [bus, h]
-            else:
-                from flad_core.bus_ros import RosBus
+    hub = None
+    if transport == "zmq":
+        base = free_port_base(2)
+        hub = (f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{base + 1}")
+        cfg = BusConfig(hub_pub=hub[0], hub_sub=hub[1])
+        h = BusHub(cfg)
+        bus: Any = ZmqBus("bench_driver", cfg)
+        closers += [bus, h]
+    else:
+        from flad_core.bus_ros import RosBus
 
-                bus = RosBus("bench_driver")
-                closers.append(bus)
-            for name, argv in _chain(transport, hub, threads, logdir):
-                group.start(f"{transport}-{name}", python_module_cmd(*argv),
-                            log_path=os.path.join(logdir, f"{transport}-{name}.log"))
-            drivers[transport] = _Driver(bus, [(t, _copy(m)) for t, m in frame])
-        try:
-            for drv in drivers.values():
-                drv.startup(timeout_s)
-            t = DT
-            for _ in range(warmup):
-                for drv in drivers.values():
-                    drv.one(t, timeout_s)
-                t += DT
-            done = 0
-            while done < frames:
-                n = min(block, frames - done)
-                for transport, drv in drivers.items():
-                    for i in range(n):
-                        s = drv.one(t + i * DT, timeout_s)
-                        if s is None:
-                            lost[transport] += 1
-                        else:
-                            samples[transport].append(s)
-                t += n * DT
-                done += n
-        finally:
-            for c in closers:
-                c.close()
-            if "ros" in transports:
-                import rclpy
+        bus = RosBus("bench_driver")
+        closers.append(bus)
+    for name, argv in _chain(transport, hub, threads, logdir):
+        group.start(f"{transport}-{name}", python_module_cmd(*argv),
+                    log_path=os.path.join(logdir, f"{transport}-{name}.log"))
+    return _Driver(bus, [(t, _copy(m)) for t, m in frame])
 
-                if rclpy.ok():
-                    rclpy.shutdown()
-        codes = group.stop()
+
+def _drive(drivers: dict[str, _Driver], frames: int, warmup: int, block: int, timeout_s: float
+           ) -> tuple[dict[str, list[dict[str, float]]], dict[str, int]]:
+    """Start-up, `warmup` untimed frames per chain, then `frames` timed ones alternating between the chains in
+    blocks of `block`; (samples, lost frames) per transport."""
+    samples: dict[str, list[dict[str, float]]] = {t: [] for t in drivers}
+    lost = dict.fromkeys(drivers, 0)
+    for drv in drivers.values():
+        drv.startup(timeout_s)
+    t = DT
+    for _ in range(warmup):
+        for drv in drivers.values():
+            drv.one(t, timeout_s)
+        t += DT
+    done = 0
+    while done < frames:
+        n = min(block, frames - done)
+        for transport, drv in drivers.items():
+            for i in range(n):
+                s = drv.one(t + i * DT, timeout_s)
+                if s is None:
+                    lost[transport] += 1
+                else:
+                    samples[transport].append(s)
+        t += n * DT
+        done += n
+    return samples, lost
+
+
+def _close_buses(closers: list[Any], transports: list[str]) -> None:
+    for c in closers:
+        c.close()
+    if "ros" in transports:
+        import rclpy
+
+        if rclpy.ok():
+            rclpy.shutdown()
+
+
+def _results(transports: list[str], samples: dict[str, list[dict[str, float]]], lost: dict[str, int]
+             ) -> dict[str, Any]:
+    """Per transport: end-to-end and per-stage latency percentiles (ms) and the lost frames."""
     results: dict[str, Any] = {}
     for transport in transports:
         ss = samples[transport]
@@ -251,6 +259,26 @@ def run(transports: list[str], frames: int, warmup: int, block: int, threads: in
             "stages_ms": {k: _percentiles([s[k] for s in ss if k in s])
                           for k in ("sensors_to_features", "features_to_waypoints", "waypoints_to_control")},
             "lost_frames": lost[transport]}
+    return results
+
+
+def run(transports: list[str], frames: int, warmup: int, block: int, threads: int, timeout_s: float,
+        logdir: str) -> dict[str, Any]:
+    from flad_core.procs import ProcessGroup
+
+    frame, frame_info = _frame_messages()
+    load_before = os.getloadavg()
+    drivers: dict[str, _Driver] = {}
+    closers: list[Any] = []
+    with ProcessGroup(grace_s=10.0) as group:
+        for transport in transports:
+            drivers[transport] = _start_chain(group, transport, threads, logdir, frame, closers)
+        try:
+            samples, lost = _drive(drivers, frames, warmup, block, timeout_s)
+        finally:
+            _close_buses(closers, transports)
+        codes = group.stop()
+    results = _results(transports, samples, lost)
     out: dict[str, Any] = {"benchmark": "ros", "frames_per_transport": frames, "warmup_frames": warmup,
                            "block": block, "results": results, "frame": frame_info,
                            "exit_codes": codes}

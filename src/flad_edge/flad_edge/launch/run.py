@@ -43,14 +43,63 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _is_assignment(item: str) -> bool:
+    """Whether a command-line word is a launch argument (NAME:=VALUE, or NAME=VALUE as `_parse_set` takes it)."""
+    if item.startswith("-"):
+        return False
+    key, sep, _ = item.partition(":=")
+    if not sep:
+        key, sep, _ = item.partition("=")
+    return bool(sep and key.strip())
+
+
+class _LaunchParser(argparse.ArgumentParser):
+    """`flad launch`'s parser: NAME:=VALUE launch arguments anywhere, before, between or after the options.
+
+    argparse fills the `arguments` positional only from the words right after the plan; NAME:=VALUE words
+    after an option come back as extras, which the top-level `flad` parser would reject ("unrecognized
+    arguments"). Here they join `arguments` in command-line order; any other extra word is kept in
+    `unrecognized` for `run_launch` to refuse in one line (exit 2)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if hasattr(namespace, "arguments"):
+            namespace.arguments = [*(namespace.arguments or []), *(a for a in extras if _is_assignment(a))]
+            namespace.unrecognized = [*getattr(namespace, "unrecognized", []),
+                                      *(a for a in extras if not _is_assignment(a))]
+            extras = []
+        return namespace, extras
+
+
+def _missing_paths(raw: dict[str, Any]) -> str | None:
+    """A dry run's check of the path arguments a plan hands its nodes: `data:=PATH` (unless 'synthetic') and
+    `fhdp_config:=PATH` (unless empty, the default) must exist. One line naming the first that does not."""
+    for name, default in (("data", "synthetic"), ("fhdp_config", "")):
+        value = raw.get(name)
+        if value is None or value == default:
+            continue
+        if not Path(value).expanduser().exists():
+            return f"{name}:={value}: no such file or directory"
+    return None
+
+
 def run_launch(args: argparse.Namespace) -> int:
     """`flad launch PLAN [name:=value ...]`: start a plan's nodes as processes; stop them all on Ctrl-C/exit."""
     from flad_core.atomic import atomic_write_text
     from flad_core.procs import ProcessGroup
     from flad_core.runs import RunDir
 
+    unrecognized = getattr(args, "unrecognized", None)
+    if unrecognized:
+        print(f"flad launch: unrecognized argument(s) {' '.join(unrecognized)}: expected an option "
+              "(see flad launch --help) or a launch argument NAME:=VALUE", file=sys.stderr)
+        return 2
     try:
         raw = _parse_set(args.arguments)
+        missing = _missing_paths(raw) if args.dry_run else None
+        if missing:
+            print(f"flad launch: {missing}", file=sys.stderr)
+            return 2
         if args.run_dir is None and "run_dir" not in raw:
             raw["run_dir"] = str(RunDir.create(f"launch-{args.plan}", None, root=args.runs_dir).path)
         elif args.run_dir is not None:
@@ -193,9 +242,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "launch", help="start a launch plan's ROS 2 nodes as processes (no `ros2 launch` needed)",
         description=f"{__doc__}\n{plans.__doc__}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.__class__ = _LaunchParser     # NAME:=VALUE after options too (add_parser has no per-parser class)
     p.add_argument("plan", choices=list(PLANS), help="which plan")
     p.add_argument("arguments", nargs="*", metavar="NAME:=VALUE",
-                   help="launch arguments, as for ros2 launch: "
+                   help="launch arguments, as for ros2 launch (before or after the options): "
                         + ", ".join(f.name for f in dataclasses.fields(PlanArgs)))
     p.add_argument("--run-dir", type=Path, default=None, help="node logs and parameter files (default: runs/<id>/)")
     p.add_argument("--runs-dir", type=Path, default=None, help="where runs/<id>/ goes (default: ./runs)")
@@ -206,4 +256,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-includes", action="store_true",
                    help="start only FLAD's nodes of a plan that includes other packages' launch files")
     p.add_argument("--dry-run", action="store_true", help="print the node commands and exit")
-    p.set_defaults(func=run_launch)
+    p.set_defaults(func=run_launch, unrecognized=[])

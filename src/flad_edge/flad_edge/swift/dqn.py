@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from flad_core.atomic import atomic_write_bytes
+from flad_core.config import ConfigError
 from flad_edge.swift.cost import CostModel
 from flad_edge.swift.cover import cover_table
 from flad_edge.swift.model import random_cluster, synthetic_profile
@@ -56,6 +58,20 @@ N_FEATURES = 26
 MAX_ENDS = 12
 W = (1.0, 0.1, 0.1, 0.1)
 DEFAULT_EPISODES = int(os.environ.get("FLAD_SWIFT_DQN_EPISODES", "800"))
+
+
+class PolicyFileError(ConfigError):
+    """A file at a policy path that is there but not a usable DQN policy (unreadable, corrupt, foreign).
+
+    `load_or_train` raises it instead of training over the file: the file is left as it is. A ConfigError, so
+    `flad` reports it as one line naming the path."""
+
+    def __init__(self, path: str | Path, exc: BaseException) -> None:
+        why = " ".join(str(exc).split())   # one line: torch's load_state_dict errors span several
+        super().__init__(str(path), f"not a usable DQN policy ({type(exc).__name__}: {why}); left as it is: move "
+                                    "it away to train a new one there, or pass another path (`flad edge "
+                                    "train-policy --out FILE` makes one)")
+        self.path = Path(path)
 
 
 def default_policy_path(objective: str = "path") -> Path:
@@ -273,9 +289,15 @@ def random_instance(rng: np.random.Generator) -> CostModel:
 def train(episodes: int = DEFAULT_EPISODES, objective: str = "path", seed: int = 0, batch: int = 64,
           lr: float = 1e-3, gamma: float = 1.0, buffer_size: int = 10_000, target_sync: int = 200,
           instances: list[CostModel] | None = None, time_budget_s: float | None = None,
-          train_every: int = 2) -> DQNPolicy:
-    """Train a Double DQN policy on random instances (or the given ones); deterministic for a seed."""
-    with one_thread():
+          train_every: int = 2, progress: bool = True) -> DQNPolicy:
+    """Train a Double DQN policy on random instances (or the given ones); deterministic for a seed.
+
+    A progress bar (episodes, on stderr) shows unless `progress=False` or stdout/stderr is not a terminal."""
+    from tqdm import tqdm
+
+    show = progress and sys.stdout.isatty() and sys.stderr.isatty()
+    bar = tqdm(total=episodes, desc=f"train DQN policy ({objective})", unit="ep", leave=False, disable=not show)
+    with one_thread(), bar:
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         online, target = _mlp(), _mlp()
@@ -286,6 +308,7 @@ def train(episodes: int = DEFAULT_EPISODES, objective: str = "path", seed: int =
         for ep in range(episodes):
             if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
                 break
+            bar.update()
             eps = max(0.05, 1.0 - ep / max(1.0, 0.6 * episodes))
             cm = instances[ep % len(instances)] if instances else random_instance(rng)
             if float(cm.mem_v.sum()) < float(cm.mem_prefix[-1]) or cm.n > cm.L:
@@ -357,15 +380,41 @@ def _update(online: nn.Module, target: nn.Module, opt: torch.optim.Optimizer, re
     opt.step()
 
 
+def _feature_version(path: Path) -> str | None:
+    """The feature version a FLAD policy file records (None: not readable as one)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("feature_version")
+    except Exception:   # safetensors raises its own error type for a foreign file
+        return None
+
+
+def _load_existing(path: Path) -> DQNPolicy | None:
+    """The policy saved at `path`, or None for a FLAD policy of an older feature version (it cannot be used;
+    it is retrained in place, as before). Anything else there that does not load raises PolicyFileError."""
+    try:
+        return DQNPolicy.load(path)
+    except Exception as exc:   # safetensors raises its own error type for a foreign file
+        old = _feature_version(path)
+        if old is not None and old != FEATURE_VERSION:
+            log.warning("DQN policy %s has feature version %r, need %r; retraining it", path, old, FEATURE_VERSION)
+            return None
+        raise PolicyFileError(path, exc) from exc
+
+
 def load_or_train(path: str | Path | None = None, objective: str = "path", episodes: int | None = None,
                   seed: int = 0) -> DQNPolicy:
-    """Reuse the saved policy at `path` (default location per objective); train and save one if missing."""
+    """Reuse the saved policy at `path` (default location per objective); train and save one if missing.
+
+    A file there that is not a usable policy (unreadable, corrupt, foreign) raises PolicyFileError and is left
+    untouched; only a FLAD policy of an older feature version is retrained in its place."""
     p = Path(path) if path else default_policy_path(objective)
     if p.exists():
-        try:
-            return DQNPolicy.load(p)
-        except (ValueError, RuntimeError, OSError) as exc:
-            log.warning("cannot reuse DQN policy %s (%s); retraining", p, exc)
+        pol = _load_existing(p)
+        if pol is not None:
+            return pol
     log.info("no DQN policy at %s; training one (%d episodes)", p, episodes or DEFAULT_EPISODES)
     pol = train(episodes or DEFAULT_EPISODES, objective, seed)
     pol.save(p)
