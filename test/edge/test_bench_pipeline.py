@@ -11,17 +11,18 @@ import torch
 
 from flad_bench import pipeline as bp
 from flad_core import tensorcodec, tensorframe
+from flad_edge.swift.bounds import ideal_step_s
 
 
 def test_ideal_bound_is_fill_plus_micro_batches_times_slowest_plus_drain():
     # per micro-batch: 0.25, 0.5, 0.25 -> fill+drain of one micro-batch (1.0) + 3 more at the slowest (1.5)
-    assert bp.ideal_step_s([1.0, 2.0, 1.0], 4) == pytest.approx(2.5)
-    assert bp.ideal_step_s([3.0], 1) == pytest.approx(3.0)          # one stage, one micro-batch: no pipelining
-    assert bp.ideal_step_s([1.0, 1.0], 1) == pytest.approx(2.0)     # one micro-batch: stages run in sequence
+    assert ideal_step_s([1.0, 2.0, 1.0], 4) == pytest.approx(2.5)
+    assert ideal_step_s([3.0], 1) == pytest.approx(3.0)          # one stage, one micro-batch: no pipelining
+    assert ideal_step_s([1.0, 1.0], 1) == pytest.approx(2.0)     # one micro-batch: stages run in sequence
     # many micro-batches: the slowest stage dominates
-    assert bp.ideal_step_s([1.0, 2.0], 1000) == pytest.approx(2.0, rel=2e-3)
+    assert ideal_step_s([1.0, 2.0], 1000) == pytest.approx(2.0, rel=2e-3)
     with pytest.raises(ValueError):
-        bp.ideal_step_s([], 2)
+        ideal_step_s([], 2)
 
 
 def test_random_partitions_are_valid_and_seeded():
@@ -172,7 +173,7 @@ def test_codecs_only_run_reports_both_modes(capsys):
 
 
 def test_cut_traffic_counts_live_tensors_and_keeps_labels_exact():
-    from flad_bench.pipeline import cut_traffic
+    from flad_edge.swift.bounds import cut_traffic
 
     rows = cut_traffic("tiny", "synthetic", "v000", ("fp32", "int8"))
     by_layer = {r["layer"]: r for r in rows}
@@ -195,7 +196,8 @@ def test_cut_traffic_counts_live_tensors_and_keeps_labels_exact():
 
 
 def test_link_floor_arithmetic():
-    from flad_bench.pipeline import BenchConfig, link_floor
+    from flad_bench.pipeline import BenchConfig
+    from flad_edge.swift.bounds import link_floor
 
     traffic = [{"cut_before": 5, "layer": "a", "trained_layers_after": True,
                 "forward": {"fp32": 1_000_000}, "backward": {"fp32": 800_000}},
@@ -204,7 +206,7 @@ def test_link_floor_arithmetic():
                {"cut_before": 7, "layer": "loss", "trained_layers_after": False,    # cheaper but useless
                 "forward": {"fp32": 10}, "backward": {"fp32": 10}}]
     cfg = BenchConfig(codecs=("fp32",))        # default cluster: 2 Nanos (50 Mb/s) and an AGX (100 Mb/s)
-    f = link_floor(cfg, traffic, standalone_sps=20.0)["codecs"]["fp32"]
+    f = link_floor(cfg.cluster, cfg.codecs, traffic, standalone_sps=20.0)["codecs"]["fp32"]
     assert f["cheapest_cut_before"] == 6
     assert f["link_s_per_sample_fastest"] == pytest.approx(600_000 * 8 / 100e6)
     assert f["max_pipeline_vs_standalone_fastest_link"] == pytest.approx(0.05 / 0.048)
@@ -263,14 +265,16 @@ def test_noniid_study_runs_per_seed_over_real_processes(tmp_path):
 
 
 def test_pipeline_floor_estimate_arithmetic():
-    from flad_bench.pipeline import BenchConfig, pipeline_floor
+    from flad_bench.pipeline import BenchConfig
+    from flad_edge.swift.bounds import pipeline_floor
 
     # 4 layers, FLOPs 70/20/5/5 %, parameters in all but the last; cuts allowed before layers 1..3
     profile = {"layers": [{"flops": f, "param_bytes": pb} for f, pb in ((70, 1), (20, 1), (5, 1), (5, 0))]}
     traffic = [{"cut_before": c, "forward": {"fp32": fb}, "backward": {"fp32": bb}}
                for c, fb, bb in ((1, 100_000, 100_000), (2, 10_000, 10_000), (3, 1_000, 0))]
     cfg = BenchConfig(codecs=("fp32",))     # agx (3.85 TFLOPS, 100 Mb/s), n1, n2 (0.472 TFLOPS, 50 Mb/s)
-    f = pipeline_floor(cfg, traffic, profile, standalone_sps=100.0)["codecs"]["fp32"]   # 10 ms a sample alone
+    # 10 ms a sample alone
+    f = pipeline_floor(cfg.cluster, cfg.codecs, traffic, profile, standalone_sps=100.0)["codecs"]["fp32"]
     slow = 3.85 / 0.472
     # any partition: the AGX keeps [0,2) (9 ms); each Nano one 5 % layer (0.5 ms x 8.16); links <= 1.6 ms
     best = f["any"]
@@ -320,10 +324,11 @@ def test_torch_pipelining_baseline_trains_like_one_process():
 
 
 def test_pipeline_floor_needs_a_standalone_figure_and_two_vehicles():
-    from flad_bench.pipeline import BenchConfig, pipeline_floor
+    from flad_bench.pipeline import BenchConfig
+    from flad_edge.swift.bounds import pipeline_floor
 
     profile = {"layers": [{"flops": 1, "param_bytes": 1}] * 2}
     traffic = [{"cut_before": 1, "forward": {"fp32": 10}, "backward": {"fp32": 10}}]
-    assert "error" in pipeline_floor(BenchConfig(codecs=("fp32",)), traffic, profile, standalone_sps=0.0)
+    assert "error" in pipeline_floor(BenchConfig().cluster, ("fp32",), traffic, profile, standalone_sps=0.0)
     alone = BenchConfig(codecs=("fp32",), cluster=(("agx", "jetson_agx"),))
-    assert "one-vehicle" in pipeline_floor(alone, traffic, profile, standalone_sps=10.0)["error"]
+    assert "one-vehicle" in pipeline_floor(alone.cluster, alone.codecs, traffic, profile, standalone_sps=10.0)["error"]
