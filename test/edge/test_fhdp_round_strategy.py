@@ -92,5 +92,5 @@ def test_a_straggler_is_refused_as_late_and_changes_nothing(edge):
 
 def test_a_round_without_any_update_fails_with_every_reason(edge):
     clients = [ScriptedClient("a", fail="a: no member left"), ScriptedClient("b", fail="b: SWIFT found no pipeline")]
-    with pytest.raises(RuntimeError, match="round 3: no client delivered an update.*no member left.*no pipeline"):
+    with pytest.raises(RuntimeError, match=r"round 3: no client delivered an update.*no member left.*no pipeline"):
         edge.run_round(3, clients)
