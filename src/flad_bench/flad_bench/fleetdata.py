@@ -15,11 +15,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def has_fleet(root: str | Path) -> bool:
-    """Whether `root` holds a `flad sim collect` output (its fleet manifest)."""
-    return (Path(root) / "manifest.json").is_file()
-
-
 def collect_command(root: str | Path, vehicles: int | None = None, frames: int | None = None) -> str:
     """The `flad sim collect` command line that makes the dataset at `root` (None: that command's default)."""
     words = ["flad sim collect"]
@@ -36,9 +31,10 @@ def ensure_fleet(root: str | Path, who: str, vehicles: int | None = None, frames
 
     `vehicles` / `frames` default to `flad sim collect`'s own (50 x 60, one town per vehicle, every town);
     returns what was collected and how long it took, for the benchmark's JSON."""
-    if has_fleet(root):
+    from flad_sim.dataset import CollectConfig, collect, is_fleet_dataset
+
+    if is_fleet_dataset(root):
         return None
-    from flad_sim.dataset import CollectConfig, collect
 
     cfg = CollectConfig(out=str(root), seed=seed, workers=workers)
     if vehicles is not None:

@@ -357,9 +357,10 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
         return args, (f"--encoder {args.encoder}: no such checkpoint (make one with `flad vehicle train`, or leave "
                       "out --encoder to train one here)")
     if args.data is not None and args.data != DEFAULT_DATA:
-        from flad_bench.fleetdata import collect_command, has_fleet
+        from flad_bench.fleetdata import collect_command
+        from flad_sim.dataset import is_fleet_dataset
 
-        if not has_fleet(args.data):
+        if not is_fleet_dataset(args.data):
             return args, f"no fleet dataset at {args.data} (make one with `{collect_command(args.data)}`)"
     if min(args.routes_per_town, args.workers, args.plan_every) < 1 or args.load_seconds <= 0:
         return args, "--routes-per-town, --workers and --plan-every must be >= 1 and --load-seconds > 0"

@@ -604,8 +604,9 @@ def run_noniid_study(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
 
     Without --data it runs on `data/fleet`, collected on demand if missing (with --quick: a small fleet
     collected into a temporary folder, dropped afterwards)."""
-    from flad_bench.fleetdata import ensure_fleet, has_fleet
+    from flad_bench.fleetdata import ensure_fleet
     from flad_bench.pipeline_noniid import NoniidConfig, run_noniid, summarize_seeds
+    from flad_sim.dataset import is_fleet_dataset
 
     ncfg = NoniidConfig(quick=args.quick)
     if args.noniid_rounds is not None:
@@ -618,7 +619,7 @@ def run_noniid_study(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     per_seed: dict[int, dict[str, Any]] = {}
     failed = False
     with contextlib.ExitStack() as stack:
-        if args.quick and not has_fleet(ncfg.data):
+        if args.quick and not is_fleet_dataset(ncfg.data):
             ncfg.data = str(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flad-noniid-"))) / "fleet")
             collected = ensure_fleet(ncfg.data, "flad bench pipeline --noniid --quick", vehicles=6, frames=16)
         else:

@@ -91,12 +91,12 @@ def bench_sensors(scenes: list, seconds: float = 3.0, rig_config: Any = None) ->
 
 def bench_loader(data: str | None, seconds: float = 3.0, batch_size: int = 32, seed: int = 0) -> dict[str, Any]:
     """Loader samples/s over `data` (a fleet root) or over a small world-collected fleet made for the purpose."""
-    from flad_sim.dataset import CollectConfig, FleetDataset, collect, loader_throughput
+    from flad_sim.dataset import CollectConfig, FleetDataset, collect, is_fleet_dataset, loader_throughput
 
     tmp = None
     note: dict[str, Any] = {}
     root = Path(data) if data else None
-    if root is None or not (root / "manifest.json").exists():
+    if root is None or not is_fleet_dataset(root):
         tmp = tempfile.TemporaryDirectory(prefix="flad-bench-sim-")
         root = Path(tmp.name) / "fleet"
         t0 = time.perf_counter()

@@ -67,12 +67,13 @@ def _training_inputs_error(args: argparse.Namespace) -> str | None:
     """What is wrong with the FHDP config or the dataset, before any process starts (None: nothing)."""
     from flad_core.config import load_yaml
     from flad_edge.fhdp.config import FhdpConfig
+    from flad_sim.dataset import is_fleet_dataset
 
     try:
         load_yaml(FhdpConfig, args.config)
     except ConfigError as exc:
         return f"bad FHDP config: {exc}"
-    if args.data and args.data != "synthetic" and not (Path(args.data) / "manifest.json").is_file():
+    if args.data and args.data != "synthetic" and not is_fleet_dataset(args.data):
         return (f"no fleet dataset at {args.data} (make one with `flad sim collect --out {args.data}`, pass "
                 "--data synthetic, or leave out --data to collect a small one into the run folder)")
     if args.frames < 1:

@@ -175,6 +175,11 @@ class ShardWriter:
         return manifest
 
 
+def is_fleet_dataset(root: Path | str) -> bool:
+    """Whether `root` holds a `flad sim collect` output (its fleet manifest)."""
+    return (Path(root) / MANIFEST).is_file()
+
+
 def write_shard(path: Path | str, vehicle_id: str, samples: Iterable[dict[str, Any]], specs: dict[str, FieldSpec],
                 capacity: int, towns: list[str] | None = None) -> dict[str, Any]:
     """Convenience: write an iterable of samples (each may carry a `_town` key) as one shard."""

@@ -70,9 +70,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_inputs(args: argparse.Namespace) -> str | None:
     """What is missing for `flad llm train`, and which command makes it (None: nothing is)."""
+    from flad_sim.dataset import is_fleet_dataset
     from flad_vehicle.encoder.checkpoint import CheckpointError, read_checkpoint
 
-    if not (Path(args.data) / "manifest.json").is_file():
+    if not is_fleet_dataset(args.data):
         return f"no fleet dataset at {args.data} (make one with `flad sim collect --out {args.data}`)"
     try:
         read_checkpoint(args.encoder)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -76,9 +76,6 @@ class ClientStats:
         if total == 0:
             return float(sum(p.loss for p in self.pipelines) / len(self.pipelines))
         return float(sum(p.loss * p.steps for p in self.pipelines) / total)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "loss": self.loss}
 
 
 class RotationClient:

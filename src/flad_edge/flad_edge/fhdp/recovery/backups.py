@@ -179,5 +179,6 @@ class EdgeBackups:
         client = self.client_of.get(req.requester)
         if client is None:
             raise ValueError(f"{req.requester} belongs to no client")
-        server = self.servers.setdefault(client, LayerServer(self.edge_id, lambda names: self.export(client, names)))
-        return server.handle(req)
+        if client not in self.servers:
+            self.servers[client] = LayerServer(self.edge_id, lambda names: self.export(client, names))
+        return self.servers[client].handle(req)

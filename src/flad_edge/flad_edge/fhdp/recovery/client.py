@@ -38,7 +38,7 @@ from flad_edge.fhdp.config import FhdpConfig
 from flad_edge.fhdp.control import READY, REPORT, PipelineControl
 from flad_edge.fhdp.recovery.backups import EdgeBackups
 from flad_edge.fhdp.recovery.detection import Membership, ProgressTracker
-from flad_edge.fhdp.recovery.moves import departed_share, keep_in_place, moved_bytes, plan_moves
+from flad_edge.fhdp.recovery.moves import Move, departed_share, keep_in_place, moved_bytes, plan_moves
 from flad_edge.fhdp.recovery.records import PipelineFailedError, RecoveryConfig, RecoveryRecord
 from flad_vehicle.fhdp.layerstore import LayerStore
 from flad_vehicle.fhdp.pipeline import Assignment, Pipeline, pipeline_from_owners
@@ -270,12 +270,10 @@ class RecoveringClient(RotationClient):
             return Phase.DONE     # the data owner leaves: its pipeline ends, its layers are gathered from it now
         plans, _ = self.pipelines_for(alive)
         new = plans.get(pr.first)
-        current = pipeline_from_owners(cr.owners) if not self._edge_holds_layers(cr.owners) else None
-        if current is not None and new is not None:
-            alt = self._keep_in_place(current, leaving, new)
-            if alt is not None and alt != new:
-                new, entry["choice"] = alt, "keep-in-place"
-            moves = plan_moves(current, new, set(), self.layers, self.ctx.layer_bytes)
+        _, new, choice, moves = self._replacement(cr, leaving, new, lost=False)
+        if moves is not None:
+            if choice != "template":
+                entry["choice"] = choice
             entry["planned_moved_bytes"] = moved_bytes(moves)
             entry["moves"] = [(m.layer, m.source, m.dest) for m in moves]
         # the owners stay as they are: the leaving vehicle still serves its layers to their new owners
@@ -306,12 +304,8 @@ class RecoveringClient(RotationClient):
         if alive and first not in departed:
             plans, rec.template_precomputed = self.pipelines_for(alive)
             new = plans.get(first)
-        current = pipeline_from_owners(cr.owners) if not self._edge_holds_layers(cr.owners) else None
-        if new is not None and current is not None:
-            alt = self._keep_in_place(current, departed, new)
-            if alt is not None and alt != new:
-                new, rec.choice = alt, "keep-in-place"
-            moves = plan_moves(current, new, departed, self.layers, self.ctx.layer_bytes)
+        current, new, rec.choice, moves = self._replacement(cr, departed, new, lost=True)
+        if moves is not None and current is not None and new is not None:
             rec.moves = [(m.layer, m.source, m.dest) for m in moves]
             rec.planned_moved_bytes = moved_bytes(moves)
             rec.departed_share_bytes = departed_share(current, departed, self.layers, self.ctx.layer_bytes)
@@ -357,15 +351,26 @@ class RecoveringClient(RotationClient):
                 for layer in self.layers[s:e]:
                     cr.layer_steps[layer].append(a.first_step + i)
 
-    def _keep_in_place(self, current: Pipeline, departed: set[str], template: Pipeline) -> Pipeline | None:
-        if self.swift is None:
-            return None
-        cluster, profile = self.swift
-        return keep_in_place(current, departed, template, cluster, profile, self.rcfg.min_move_slowdown)
+    def _replacement(self, cr: ClientRound, gone: set[str], template: Pipeline | None, *, lost: bool
+                     ) -> tuple[Pipeline | None, Pipeline | None, str, list[Move] | None]:
+        """What replaces the running pipeline once `gone` leave: (running pipeline, replacement, choice, moves).
 
-    @staticmethod
-    def _edge_holds_layers(owners: list[str]) -> bool:
-        return any(o in (EDGE_OWNER, BACKUP_OWNER) for o in owners)
+        The replacement is the survivors' template, or the running pipeline with each gone stage's layers joined
+        to its upstream neighbour ("keep-in-place") when that is cheap enough (`min_move_slowdown`). `lost`:
+        the gone vehicles' layers come from the edge backup (unplanned), else from the vehicles themselves.
+        Moves are None while the edge still holds layers (no pipeline runs on vehicles yet) or with no template."""
+        held_by_edge = any(o in (EDGE_OWNER, BACKUP_OWNER) for o in cr.owners)
+        current = None if held_by_edge else pipeline_from_owners(cr.owners)
+        if current is None or template is None:
+            return current, template, "template", None
+        new, choice = template, "template"
+        if self.swift is not None:
+            cluster, profile = self.swift
+            alt = keep_in_place(current, gone, template, cluster, profile, self.rcfg.min_move_slowdown)
+            if alt is not None and alt != template:
+                new, choice = alt, "keep-in-place"
+        moves = plan_moves(current, new, gone if lost else set(), self.layers, self.ctx.layer_bytes)
+        return current, new, choice, moves
 
     # -- planning on the survivors ----------------------------------------------------------------------------
     def pipelines_for(self, alive: list[str]) -> tuple[dict[str, Pipeline], bool]:

@@ -41,6 +41,7 @@ from flad_edge.fhdp.recovery.client import RecoveringClient, RecoveryContext
 from flad_edge.fhdp.recovery.detection import DisconnectWatch, Membership, ProgressTracker, last_registration
 from flad_edge.fhdp.recovery.records import RecoveryConfig, RecoveryRecord
 from flad_edge.fl.edge_server import EdgeServer
+from flad_edge.swift.model import load_profile
 from flad_edge.swift.templates import PreventiveTemplates
 from flad_vehicle.fhdp.layerstore import LayerStore
 
@@ -135,7 +136,7 @@ class RecoveringFhdpEdge(FhdpEdge):
     def cluster_client(self, members: list[str], client_id: str) -> RotationClient:
         """One cluster client over `members` (SWIFT essential pipelines), with its templates started."""
         pipelines = self.essential_pipelines(members)
-        swift = (self.swift_cluster(members), self.swift_profile())
+        swift = (self.swift_cluster(members), load_profile(self.layer_profile()))
         templates = None
         if len(members) > 1 and self.rcfg.templates_f > 0:
             running = {p.first: p.members for p in pipelines}
@@ -144,11 +145,6 @@ class RecoveringFhdpEdge(FhdpEdge):
                                             running=running).start()
             self.templates[client_id] = templates
         return RecoveringClient(client_id, members, pipelines, self.control, self.cfg, self.ctx, templates, swift)
-
-    def swift_profile(self) -> Any:
-        from flad_edge.swift.model import load_profile
-
-        return load_profile(self.layer_profile())
 
     # -- liveness bookkeeping ---------------------------------------------------------------------------------
     def readmit(self) -> list[str]:
