@@ -24,7 +24,7 @@ import pytest
 QUICK_GOAL_S = 60.0
 QUICK_LIMIT_S = 90.0
 
-EXPECTED = {"bus", "sim", "encoder", "swift", "pipeline", "llm", "recovery", "ros"}
+EXPECTED = {"bus", "sim", "encoder", "swift", "pipeline", "llm", "recovery", "ros", "fleet"}
 
 def _benches() -> list[str]:
     return sorted(ep.name for ep in entry_points(group="flad.benchmarks"))
@@ -122,7 +122,19 @@ def _check_ros(d: dict) -> None:
         assert "ros" not in d["results"] and "rclpy" in d["skipped_transports"]["ros"]
 
 
-CHECKS = {"bus": _check_bus, "sim": _check_sim, "encoder": _check_encoder, "swift": _check_swift,
+def _check_fleet(d: dict) -> None:
+    assert d["bench"] == "fleet" and [p["vehicles"] for p in d["planning"]] == [50, 200]
+    for p in d["planning"]:
+        assert p["in_coverage"] == p["vehicles"] and p["clusters"] >= 1 and p["essential_pipelines"] >= p["clusters"]
+        assert p["sufficient"] + p["limited"] + p["ineligible"] == p["in_coverage"]
+        assert _num(p["seconds"]["total"]) and p["seconds"]["total"] > 0
+    mem = d["memory"]
+    assert [r["vehicles"] for r in mem["runs"]] == [50, 200] and _num(mem["per_idle_vehicle_MB"])
+    assert d["goals"]["planning_le_1s_at_1000"]["met"] is None      # 1,000 vehicles only without --quick
+    assert d["goals"]["idle_vehicle_le_5MB"]["met"] in (True, False)
+
+
+CHECKS = {"fleet": _check_fleet, "bus": _check_bus, "sim": _check_sim, "encoder": _check_encoder, "swift": _check_swift,
           "pipeline": _check_pipeline, "llm": _check_llm, "recovery": _check_recovery, "ros": _check_ros}
 
 

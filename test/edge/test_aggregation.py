@@ -80,3 +80,17 @@ def test_no_quorum_reports_failure():
     assert rc.wait() is False
     with pytest.raises(AggregationError, match="quorum"):
         RoundCollector(1, ["a"], deadline_s=1, quorum=2)
+
+
+def test_an_abstaining_client_completes_the_round_without_weight():
+    """An edge with no vehicles this round abstains: the cloud stops waiting for it and averages the rest."""
+    c = RoundCollector(3, ["edge-0", "edge-1"], deadline_s=60)
+    assert c.abstain("edge-9") == (False, "edge-9 was not selected for round 3")
+    assert not c.complete()
+    assert c.abstain("edge-1") == (True, "abstained")
+    assert not c.complete() and c.missing() == ["edge-0"]
+    ok, _ = c.offer(Update("edge-0", 3, "u0", 8, {"w": torch.ones(2)}))
+    assert ok and c.complete() and c.missing() == []
+    state, samples = c.aggregate()
+    assert samples == 8 and torch.equal(state["w"], torch.ones(2))
+    assert c.abstain("edge-0")[0] is False      # it already delivered

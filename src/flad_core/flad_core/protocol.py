@@ -19,6 +19,7 @@ SERVICE_ASSIGN = "vehicle/assign"        # PipelineAssignment -> Ack: prepare a 
 SERVICE_START = "vehicle/start"          # PipelineAssignment -> Ack: run the prepared stage's steps
 SERVICE_LAYERS = "vehicle/layers"        # LayerRequest -> WeightChunk: the layers this vehicle holds
 SERVICE_ABORT = "vehicle/abort"          # PipelineAbort -> Ack: drop the running pipeline (a member left)
+SERVICE_ADOPT = "vehicle/adopt"          # VehicleIdentity -> Ack: a pooled worker becomes that vehicle (empty: idle)
 
 # -- FHDP: services the edge serves (vehicles call them) ----------------------------------------------------
 SERVICE_EDGE_READY = "edge/ready"                  # StepReport -> Ack: a stage has its layers

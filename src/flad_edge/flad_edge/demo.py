@@ -1,7 +1,14 @@
 """`flad demo`: the whole system on one machine, as real processes on loopback ZeroMQ.
 
-Default (FHDP): a cloud, an edge and the fleet's vehicles (launch/fleet.yaml: 2 resource-sufficient
-Jetson AGX, 2 clusters of 2 Nano/NX) start as separate OS processes. Each vehicle trains the tiny
+Default: a short instance of the FLAD experiment (`flad run quick`, fewer rounds): a moving fleet of 12
+vehicles, two edges with coverage, SWIFT clustering and client sampling every round, FHDP on pooled vehicle
+processes, FedAvg at the edges and the cloud, departures handed over or recovered, the driver trained and
+driven, and the report in runs/<id>/report.md.
+
+--fixed-fleet (implied by the fleet-file options below): the fleet file's vehicles, one process each, with
+the clusters fixed in the FHDP config -- the real-fleet path of `flad launch`: a cloud, an edge and the
+fleet's vehicles (launch/fleet.yaml: 2 resource-sufficient Jetson AGX, 2 clusters of 2 Nano/NX) start as
+separate OS processes. Each vehicle trains the tiny
 vision encoder on its own embedded-world data (collected first into the run folder, unless --data
 points at a `flad sim collect` output): the AGXs alone, each cluster by pipeline parallelism over its
 SWIFT-planned essential pipelines in rotation. The edge FedAvgs the clients each round, the cloud
@@ -81,7 +88,26 @@ def _training_inputs_error(args: argparse.Namespace) -> str | None:
     return None
 
 
+#: `flad demo` = the quick preset, shortened so it takes about a minute on 2 cores
+DEMO_SETS = ["rounds.rounds=2", "driver.general_steps=10", "driver.distill_steps=10", "driver.lora_steps=10",
+             "driver.adm_steps=20"]
+#: options of the fixed-fleet demo; any of them (or --fixed-fleet) selects it
+FIXED_FLEET_OPTIONS = ("fleet", "config", "data", "recovery", "control_plane_only", "vehicles", "curve", "port_base")
+DEFAULT_FHDP_CONFIG = Path(__file__).resolve().parents[3] / "launch" / "fhdp.yaml"
+
+
+def run_experiment_demo(args: argparse.Namespace) -> int:
+    from flad_edge.experiment.cli import main_run
+
+    sets = list(DEMO_SETS) + (["rounds.rounds=" + str(args.rounds)] if args.rounds else [])
+    return main_run(argparse.Namespace(experiment="quick", set=sets, resume=None, runs_dir=args.runs_dir))
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    fixed = args.fixed_fleet or any(getattr(args, k) not in (None, False) for k in FIXED_FLEET_OPTIONS)
+    if not fixed:
+        return run_experiment_demo(args)
+    args.config = args.config or DEFAULT_FHDP_CONFIG
     try:
         probe = load_fleet(args.fleet or default_fleet_path())
     except ConfigError as exc:
@@ -151,8 +177,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo", help="run the whole system on this machine (cloud, edge and vehicles on loopback)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--fixed-fleet", action="store_true",
+                      help="the fleet file's vehicles, one process each, fixed clusters (the real-fleet path)")
     demo.add_argument("--fleet", type=Path, default=None, help="fleet YAML (default: launch/fleet.yaml)")
-    demo.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[3] / "launch" / "fhdp.yaml",
+    demo.add_argument("--config", type=Path, default=None,
                       help="FHDP config YAML (default: launch/fhdp.yaml)")
     demo.add_argument("--rounds", type=int, default=None, help="FL rounds (default: from the FHDP config)")
     demo.add_argument("--data", default=None,

@@ -30,6 +30,22 @@ WALK, WAIT, CROSS = 0, 1, 2
 PED_SIZE = (0.5, 0.5, 1.75)
 
 
+def idm_acceleration(v: np.ndarray, v0: np.ndarray, gap_lead: np.ndarray, v_lead: np.ndarray,
+                     gap_stop: np.ndarray) -> np.ndarray:
+    """IDM acceleration behind a leader (gap, speed; inf: none) and before a stop point (inf: none)."""
+    sqrt_ab = math.sqrt(IDM_A * IDM_B)
+    free = 1.0 - (v / np.maximum(v0, 0.1)) ** 4
+
+    def interact(gap: np.ndarray, dv: np.ndarray) -> np.ndarray:
+        s_star = IDM_S0 + np.maximum(0.0, v * IDM_T + v * dv / (2 * sqrt_ab))
+        return np.where(np.isfinite(gap), (s_star / np.maximum(gap, 0.05)) ** 2, 0.0)
+
+    acc_lead = IDM_A * (free - interact(gap_lead, v - v_lead))
+    stop_gap_adj = np.where(np.isfinite(gap_stop), gap_stop + IDM_S0 - 0.5, np.inf)
+    acc_stop = IDM_A * (free - interact(stop_gap_adj, v))
+    return np.minimum(np.maximum(np.minimum(acc_lead, acc_stop), -9.0), IDM_A)
+
+
 class NpcVehicles:
     """Lane-bound NPC traffic. Arrays are indexed by NPC slot."""
 
@@ -199,17 +215,7 @@ class NpcVehicles:
         v = self.v
         cap = np.minimum(town.elem_speed_cap[e0], np.where(rem0 < 20.0, town.elem_speed_cap[self.chain[:, 0]], 99.0))
         v0 = np.minimum(self.v0, cap)
-        sqrt_ab = math.sqrt(IDM_A * IDM_B)
-        free = 1.0 - (v / np.maximum(v0, 0.1)) ** 4
-
-        def interact(gap: np.ndarray, dv: np.ndarray) -> np.ndarray:
-            s_star = IDM_S0 + np.maximum(0.0, v * IDM_T + v * dv / (2 * sqrt_ab))
-            return np.where(np.isfinite(gap), (s_star / np.maximum(gap, 0.05)) ** 2, 0.0)
-
-        acc_lead = IDM_A * (free - interact(gap_lead, v - v_lead))
-        stop_gap_adj = np.where(np.isfinite(gap_stop), gap_stop + IDM_S0 - 0.5, np.inf)
-        acc_stop = IDM_A * (free - interact(stop_gap_adj, v))
-        acc = np.minimum(np.maximum(np.minimum(acc_lead, acc_stop), -9.0), IDM_A)
+        acc = idm_acceleration(v, v0, gap_lead, v_lead, gap_stop)
         self.debug = {"gap_lead": gap_lead, "gap_stop": gap_stop, "acc": acc, "v0": v0}
         self.v = np.maximum(v + acc * dt, 0.0)
         self.s = self.s + self.v * dt

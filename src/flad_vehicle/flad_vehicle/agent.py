@@ -15,7 +15,7 @@ import time
 
 from flad_core import codec
 from flad_core.bus import Bus, BusError, ZmqBus
-from flad_core.fleet import FleetConfig
+from flad_core.fleet import DeviceProfile, FleetConfig, VehicleSpec
 from flad_core.procs import install_stop_handlers
 from flad_core.protocol import SERVICE_REGISTER, TOPIC_HEARTBEAT, TOPIC_ROUND, TOPIC_STATUS
 from flad_core.roles import add_role_args, fleet_from_args, security_for, setup_role_logging
@@ -40,6 +40,8 @@ class VehicleAgent:
         self.round = 0
         self.state = "idle"   # reported in status messages; trainers set "training"
         self.stop = threading.Event()
+        # held while a beat is built and sent, so `adopt` (a pooled worker) swaps identity between two beats
+        self.identity_lock = threading.RLock()
         self.bus.subscribe(TOPIC_ROUND, "flad_msgs/msg/RoundControl", self._on_round)
 
     def status_msg(self, state: str = "idle"):
@@ -62,6 +64,17 @@ class VehicleAgent:
         if msg.command in (RoundControl.CMD_STOP, RoundControl.CMD_ABORT):
             log.info("%s: edge asked to stop (round %d)", self.spec.id, msg.round)
             self.stop.set()
+
+    def adopt(self, spec: VehicleSpec, profile: DeviceProfile) -> None:
+        """Speak for another vehicle from the next beat on (a pooled worker, `fhdp/pool_worker.py`).
+
+        The current identity says goodbye first, so the edge records a departure, not a loss; heartbeat
+        numbering and the round start afresh for the new one. Call `register` next: until the edge admits
+        the new id it ignores its beats (hold `identity_lock` around both to send none in between)."""
+        with self.identity_lock:
+            self.bus.publish(TOPIC_HEARTBEAT, self.heartbeat_msg(Heartbeat.STATE_LEAVING))
+            self.spec, self.profile = spec, profile
+            self.seq, self.round, self.state = 0, 0, "idle"
 
     def register(self, deadline_s: float = 30.0) -> None:
         """Ask the edge to admit us, retrying while it starts up."""
@@ -90,12 +103,14 @@ class VehicleAgent:
         interval = self.fleet.heartbeat.interval_s
         next_beat = time.monotonic()
         while not self.stop.is_set():
-            self.bus.publish(TOPIC_HEARTBEAT, self.heartbeat_msg(Heartbeat.STATE_IDLE))
-            self.bus.publish(TOPIC_STATUS, self.status_msg(self.state))
+            with self.identity_lock:
+                self.bus.publish(TOPIC_HEARTBEAT, self.heartbeat_msg(Heartbeat.STATE_IDLE))
+                self.bus.publish(TOPIC_STATUS, self.status_msg(self.state))
             next_beat += interval
             self.stop.wait(max(0.0, next_beat - time.monotonic()))
         # say goodbye so the edge records a departure rather than a loss
-        self.bus.publish(TOPIC_HEARTBEAT, self.heartbeat_msg(Heartbeat.STATE_LEAVING))
+        with self.identity_lock:
+            self.bus.publish(TOPIC_HEARTBEAT, self.heartbeat_msg(Heartbeat.STATE_LEAVING))
         time.sleep(0.1)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ metrics = `ClientStats`) or a `Failure` naming why.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,13 +70,15 @@ class ClientStats:
 
     @property
     def loss(self) -> float:
-        """Mean training loss over the round's steps (pipelines weighted by their steps)."""
-        if not self.pipelines:
+        """Mean training loss over the round's steps (pipelines weighted by their steps; a pipeline whose loss
+        was never reported -- its last stage left -- is left out; NaN when none reported one)."""
+        known = [p for p in self.pipelines if math.isfinite(p.loss)]
+        if not known:
             return float("nan")
-        total = sum(p.steps for p in self.pipelines)
+        total = sum(p.steps for p in known)
         if total == 0:
-            return float(sum(p.loss for p in self.pipelines) / len(self.pipelines))
-        return float(sum(p.loss * p.steps for p in self.pipelines) / total)
+            return float(sum(p.loss for p in known) / len(known))
+        return float(sum(p.loss * p.steps for p in known) / total)
 
 
 class RotationClient:

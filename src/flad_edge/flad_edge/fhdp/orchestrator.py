@@ -11,6 +11,7 @@ A straggler's update that arrives after the round closed is offered all the same
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -60,6 +61,12 @@ class FhdpEdge:
         self.version = 0
         self.collectors: dict[int, RoundCollector] = {}
         self._profile: dict | None = None
+
+    def use_fleet(self, fleet: FleetConfig) -> None:
+        """Train a different set of vehicles from now on (a moving fleet: who is here changes every round)."""
+        self.fleet = fleet
+        self.control.fleet = fleet
+        self.edge.fleet = fleet
 
     # -- planning --------------------------------------------------------------------------------------
     @property
@@ -147,11 +154,13 @@ class FhdpEdge:
         self.version += 1
         summary = {"round": rnd, "clients": len(clients), "accepted": len(collector.updates),
                    "missing": collector.missing(), "samples": samples,
-                   "train_loss": float(sum(s.loss for s in stats.values()) / max(1, len(stats))),
+                   "train_loss": _mean_finite([s.loss for s in stats.values()]),
                    "moved_bytes": int(sum(s.moved_bytes for s in stats.values())),
                    "seconds": round(time.monotonic() - t0, 2), "errors": errors,
                    "per_client": {k: {"loss": s.loss, "moved_bytes": s.moved_bytes, "pipelines": len(s.pipelines)}
-                                  for k, s in stats.items()}}
+                                  for k, s in stats.items()},
+                   "updates": {c: {"update_id": u.update_id, "samples": u.num_samples}
+                               for c, u in collector.updates.items()}}
         if self.run is not None:
             self.run.log_metrics(summary)
         return summary
@@ -166,6 +175,12 @@ class FhdpEdge:
 
     def close(self) -> None:
         self.edge.close()
+
+
+def _mean_finite(values: list[float]) -> float:
+    """Mean of the finite values (a client whose loss was never reported is left out); NaN if none."""
+    ok = [v for v in values if math.isfinite(v)]
+    return float(sum(ok) / len(ok)) if ok else float("nan")
 
 
 def wait_for_vehicles(edge: EdgeServer, ids: list[str], timeout_s: float = 120.0) -> None:

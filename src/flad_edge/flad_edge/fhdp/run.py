@@ -69,7 +69,9 @@ def run_training(fleet: FleetConfig, cfg: FhdpConfig, run: RunDir | None, consol
                 if use_cloud:
                     upload(fhdp.bus, dict(fhdp.model.state_dict()), sender=fleet.edge.id, rnd=rnd,
                            samples=summary["samples"], update_id=f"{fleet.edge.id}-r{rnd}")
-                    fhdp.model.load_state_dict(download(fhdp.bus, rnd, fleet.edge.id))
+                    global_state = download(fhdp.bus, rnd, fleet.edge.id)
+                    if global_state is not None:
+                        fhdp.model.load_state_dict(global_state)
                     summary["cloud"] = True
                 summaries.append(summary)
                 progress.console.print(

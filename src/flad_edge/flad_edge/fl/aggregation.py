@@ -90,6 +90,7 @@ class RoundCollector:
         self.updates: dict[str, Update] = {}        # by client
         self.seen_ids: set[str] = set()
         self.refused: list[tuple[str, str]] = []    # (client, reason)
+        self.abstained: set[str] = set()            # selected clients that said they have nothing this round
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
 
@@ -118,8 +119,19 @@ class RoundCollector:
             self._done.notify_all()
             return True, "accepted"
 
+    def abstain(self, client: str) -> tuple[bool, str]:
+        """`client` has nothing to deliver this round (e.g. an edge without vehicles): stop waiting for it."""
+        with self._lock:
+            if client not in self.selected:
+                return False, f"{client} was not selected for round {self.round}"
+            if client in self.updates:
+                return False, f"{client} already delivered an update this round"
+            self.abstained.add(client)
+            self._done.notify_all()
+            return True, "abstained"
+
     def complete(self) -> bool:
-        return len(self.updates) == len(self.selected)
+        return len(self.updates) + len(self.abstained - set(self.updates)) == len(self.selected)
 
     def can_close(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
@@ -136,7 +148,7 @@ class RoundCollector:
             return True
 
     def missing(self) -> list[str]:
-        return [c for c in self.selected if c not in self.updates]
+        return [c for c in self.selected if c not in self.updates and c not in self.abstained]
 
     def aggregate(self) -> tuple[dict[str, torch.Tensor], int]:
         """FedAvg of the accepted updates and their total sample count."""

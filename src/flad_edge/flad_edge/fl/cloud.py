@@ -1,7 +1,8 @@
 """The cloud process: the second FedAvg tier, over edges.
 
 Each edge uploads its round aggregate (safetensors chunks with its sample count) to `cloud/upload`;
-once every expected edge has uploaded (or the deadline passed with a quorum), the cloud averages the
+once every expected edge has uploaded or abstained (an upload of 0 samples: an edge with no vehicles this
+round), or the deadline passed with a quorum, the cloud averages the
 edges by samples -- equal to flat FedAvg over all clients, since each edge aggregate carries its
 clients' total -- and serves the new global model on `cloud/global` (LayerRequest with transfer id
 `round:<n>`; it answers "not ready" until that round is aggregated).
@@ -55,13 +56,20 @@ class CloudServer:
                 return codec.new("flad_msgs/msg/Ack", ok=True, message=f"chunk {chunk.chunk_index} stored")
             del self.assemblers[chunk.update_id]
             state = wts.from_bytes(asm.payload(), what=f"upload {chunk.update_id}")
-            ok, reason = self._collector(chunk.round).offer(
-                Update(chunk.sender, chunk.round, chunk.update_id, int(chunk.num_samples), state))
+            if int(chunk.num_samples) == 0:
+                ok, reason = self._collector(chunk.round).abstain(chunk.sender)
+            else:
+                ok, reason = self._collector(chunk.round).offer(
+                    Update(chunk.sender, chunk.round, chunk.update_id, int(chunk.num_samples), state))
             if ok and self._collector(chunk.round).complete():
                 self._aggregate(chunk.round)
         return codec.new("flad_msgs/msg/Ack", ok=ok, message=reason)
 
     def _aggregate(self, rnd: int) -> None:
+        if not self.rounds[rnd].updates:
+            self.results[rnd] = []      # every edge abstained: no new global model this round
+            log.info("round %d: every edge abstained; the global model stays", rnd)
+            return
         state, samples = self.rounds[rnd].aggregate()
         payload = wts.to_bytes(state, {"round": str(rnd), "samples": str(samples)})
         self.results[rnd] = wts.chunk_messages(payload, sender=self.fleet.cloud.id, update_id=f"global-{rnd}",
@@ -76,6 +84,8 @@ class CloudServer:
             chunks = self.results.get(rnd)
         if chunks is None:
             raise LookupError(f"round {rnd} is not aggregated yet")
+        if not chunks:
+            raise LookupError(f"round {rnd} has no global model: every edge abstained")
         return chunks[req.chunk_index]
 
     def close(self) -> None:
@@ -91,8 +101,13 @@ def upload(bus, state: dict[str, torch.Tensor], *, sender: str, rnd: int, sample
             raise RuntimeError(f"cloud refused upload {update_id}: {ack.message}")
 
 
-def download(bus, rnd: int, requester: str, timeout_s: float = 600.0) -> dict[str, torch.Tensor]:
-    """Wait for the cloud's global model of round `rnd` and fetch it."""
+def abstain(bus, *, sender: str, rnd: int) -> None:
+    """Tell the cloud this edge has no update for round `rnd` (so it does not wait for one)."""
+    upload(bus, {}, sender=sender, rnd=rnd, samples=0, update_id=f"{sender}-r{rnd}-abstain")
+
+
+def download(bus, rnd: int, requester: str, timeout_s: float = 600.0) -> dict[str, torch.Tensor] | None:
+    """Wait for the cloud's global model of round `rnd` and fetch it (None: every edge abstained)."""
     from flad_core.bus import RemoteError
 
     deadline = time.monotonic() + timeout_s
@@ -104,6 +119,8 @@ def download(bus, rnd: int, requester: str, timeout_s: float = 600.0) -> dict[st
         try:
             chunk = bus.request(SERVICE_GLOBAL, req, "flad_msgs/msg/WeightChunk", timeout_s=30.0)
         except RemoteError as exc:
+            if "every edge abstained" in str(exc):
+                return None
             if "not aggregated yet" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)

@@ -45,6 +45,7 @@ from flad_core import codec
 from flad_core import weights as wts
 from flad_core.bus import BusError, RequestTimeoutError
 from flad_core.emulation import ComputeDilation, MemoryGuard, TokenBucket
+from flad_core.fleet import DeviceProfile, VehicleSpec
 from flad_core.procs import install_stop_handlers
 from flad_core.protocol import (
     ABORTED,
@@ -195,6 +196,34 @@ class FhdpVehicle:
                        self.server.handle, address=self.spec.control)
         self.bus.serve(SERVICE_ABORT, "flad_msgs/msg/PipelineAbort", "flad_msgs/msg/Ack", self._on_abort,
                        address=self.spec.control)
+
+    def take_identity(self, spec: VehicleSpec, profile: DeviceProfile, data: str, seed: int) -> None:
+        """Become another vehicle between rounds (a pooled worker process, `pool_worker.py`).
+
+        Everything tied to the previous identity goes, so nothing of one vehicle leaks into the next:
+        queued jobs, aborted ids, batch streams, buffered frames, the layers it held (a fresh round fetches
+        every layer from the edge anyway), the layer-transfer cache and the backup bookkeeping. Pending
+        backups and audit records are written out first, under the old id. The sockets, the model object
+        and the process stay. The caller makes sure no job runs, and switches the agent (registration,
+        heartbeats: `VehicleAgent.adopt`) itself."""
+        self.uploader.flush()
+        if len(self.link_stats.audit) > self._audited or len(self.server.audit) > self._served_audited:
+            self._write_audit()
+        with self._jobs_ready:
+            self._jobs.clear()
+            self._aborted.clear()
+        self._batches = {}
+        self._current = None
+        self.store.release(list(self.store.owned))
+        self.tracker.sent.clear()
+        self.inbox.drop_steps_below(sys.maxsize)
+        with self.server._lock:
+            self.server.sender = spec.id
+            self.server.cache.clear()
+        if self.audit_file is not None:
+            self.audit_file = self.audit_file.with_name(f"audit-{spec.id}.jsonl")
+        self.spec, self.profile, self.data = spec, profile, data
+        seed_everything(seed)
 
     # -- control ------------------------------------------------------------------------------------
     def _enqueue(self, kind: str, msg):

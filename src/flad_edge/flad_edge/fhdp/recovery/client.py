@@ -97,6 +97,7 @@ class PipelineRound:
     attempts: int = 0
     done: int = 0
     loss_sum: float = 0.0
+    loss_steps: int = 0                         # steps whose loss was reported (a departure loses the report)
     moved: int = 0
     steps: int = 0                              # steps of the current attempt
     a: Assignment | None = None
@@ -160,7 +161,8 @@ class RecoveringClient(RotationClient):
         cr.stats.steps += pr.done
         cr.stats.samples += pr.done * self.cfg.batch_size
         if pr.done:
-            cr.stats.pipelines.append(PipelineRun(pr.first, list(pr.pipeline or []), pr.loss_sum / pr.done, pr.done,
+            loss = pr.loss_sum / pr.loss_steps if pr.loss_steps else float("nan")
+            cr.stats.pipelines.append(PipelineRun(pr.first, list(pr.pipeline or []), loss, pr.done,
                                                   moved_bytes=pr.moved))
 
     # -- states --------------------------------------------------------------------------------------------------
@@ -232,6 +234,7 @@ class RecoveringClient(RotationClient):
         pr.done += last.steps_done
         pr.remaining -= last.steps_done
         pr.loss_sum += last.loss * last.steps_done
+        pr.loss_steps += last.steps_done
         return Phase.PLAN
 
     def _recover(self, cr: ClientRound, pr: PipelineRound) -> Phase:

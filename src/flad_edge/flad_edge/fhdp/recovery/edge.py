@@ -96,6 +96,22 @@ class RecoveringFhdpEdge(FhdpEdge):
         self._monitor = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
         self._monitor.start()
 
+    def use_fleet(self, fleet: FleetConfig, training: list[str] | None = None) -> None:
+        """A new round's vehicles (`training`: the ones to watch; default all with a control address): watch
+        their connections, forget who left before, drop old templates."""
+        fleet = dataclasses.replace(fleet, heartbeat=self.fleet.heartbeat)
+        super().use_fleet(fleet)
+        if self.watch is not None:
+            self.watch.close()
+            watched = fleet if training is None else dataclasses.replace(
+                fleet, vehicles=[v for v in fleet.vehicles if v.id in set(training)])
+            self.watch = DisconnectWatch(watched, fleet.edge.id, self.notify_failure)
+        self.membership.forget([v.id for v in fleet.vehicles])
+        self.predicted_departures.clear()
+        for t in self.templates.values():
+            t.stop()
+        self.templates.clear()
+
     # -- what tests, benchmarks and tools read ------------------------------------------------------------
     @property
     def records(self) -> list[RecoveryRecord]:

@@ -1,0 +1,204 @@
+"""`flad bench fleet`: the FLAD experiment at scale -- planning time, per-round overhead, memory per vehicle.
+
+(a) planning: one edge's round at 50 / 200 / 1,000 vehicles of a moving fleet, all in its coverage (one town,
+    5 min of traces; dense fleets drive in copies of the town, see flad_sim.fleet_motion):
+    dwell regressor fit + prediction, Eqs. 1-2, DTMC fit + Eqs. 3-6 clustering, and SWIFT's essential
+    pipelines for every cluster. Goal: <= 1 s at 1,000 vehicles.
+(b) overhead: real `flad run` rounds (quick preset; paper preset with fewer rounds) split into planning,
+    training, aggregation and overhead (fleet motion, taking on identities, snapshots, checkpoint). Goal:
+    overhead <= 10% of a round. The held-out evaluation is measurement, reported apart.
+(c) memory: resident memory of the whole run (experiment process + cloud + pool processes) after setup and
+    one planned round at 50 and 200 vehicles; the difference per added vehicle is what an idle vehicle costs.
+    Goal: <= 5 MB.
+Device speeds are emulated (Table 1, time_scale 0.02); the host is shared, so the JSON reports the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TOWNS = ["Town01", "Town02", "Town03", "Town04", "Town05"]
+PLANNING_TOWN = "Town03"
+
+
+def conditions() -> dict[str, Any]:
+    return {"host": platform.node(), "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(), "device": "cpu",
+            "emulated": "Jetson compute/memory/links (Table 1) by time_scale; vehicles are pooled processes"}
+
+
+# -- (a) planning ---------------------------------------------------------------------------------------------
+def planning_at(n: int, seed: int = 0) -> dict[str, Any]:
+    from flad_core.fleet import DeviceProfile
+    from flad_edge.experiment.config import EdgeSpec, ExperimentConfig
+    from flad_edge.experiment.planning import by_vehicle, plan_edge_round
+    from flad_edge.experiment.run import device_assignment, plan_profile
+    from flad_edge.swift import Cluster, Vehicle, plan
+    from flad_sim.fleet_motion import FleetMotion
+
+    cfg = ExperimentConfig()
+    ids = [f"v{i:04d}" for i in range(n)]
+    towns = dict.fromkeys(ids, PLANNING_TOWN)     # one edge's coverage: every vehicle drives in it
+    t = time.perf_counter()
+    motion = FleetMotion(towns, seed=seed, dt=0.5, trace_every_s=2.0)
+    motion.advance(300.0)
+    motion_s = time.perf_counter() - t
+    tile = motion.tiles[0]
+    edge = EdgeSpec("edge-0", (tile.x0 + tile.x1) / 2, (tile.y0 + tile.y1) / 2,
+                    0.5 * ((tile.x1 - tile.x0) ** 2 + (tile.y1 - tile.y0) ** 2) ** 0.5)
+    devices = device_assignment(ids, cfg.fleet.device_mix, seed)
+    profiles: dict[str, DeviceProfile] = {v: cfg.fleet.devices[d] for v, d in devices.items()}
+    prof_plan, prof_train = plan_profile("paper"), plan_profile("tiny")
+    sw = cfg.swift
+    t = time.perf_counter()
+    rows = motion.traces()
+    tracks = by_vehicle(rows)
+    present = [v for v in ids if v in tracks]
+    traces_s = time.perf_counter() - t
+    p = plan_edge_round(edge, tracks, rows, present, profiles, prof_plan, samples_per_epoch=16, epochs=5,
+                        alpha=sw.alpha, alpha_p=sw.alpha_p, v2v_radius_m=sw.v2v_radius_m, cell_m=sw.cell_m,
+                        step_s=sw.step_s, patterns=sw.patterns, cluster_cap=sw.cluster_cap, horizon_s=120.0,
+                        seed=seed)
+    t = time.perf_counter()
+    pipelines = 0
+    for members in p.clusters:
+        cluster = Cluster([Vehicle(m, profiles[m].mem_bytes, profiles[m].tflops, profiles[m].link_mbps, 1.0)
+                           for m in members], n_batch=4)
+        # one SWIFT call plans the cluster's pipeline and every member's essential pipeline (§4.1.3)
+        planned = plan(cluster, prof_train, sw.method, objective="bottleneck")
+        pipelines += len(planned.extra.get("pipelines", [])) if sw.method == "swift" else 1
+    swift_s = time.perf_counter() - t
+    total = traces_s + p.timings["total"] + swift_s
+    return {"vehicles": n, "in_coverage": len(present), "sufficient": len(p.availability.sufficient),
+            "limited": len(p.availability.limited), "ineligible": len(p.availability.ineligible),
+            "clusters": len(p.clusters), "essential_pipelines": pipelines,
+            "seconds": {"traces": round(traces_s, 4), **{k: round(v, 4) for k, v in p.timings.items()
+                                                          if k != "total"},
+                        "swift_pipelines": round(swift_s, 4), "total": round(total, 4)},
+            "fleet_motion_300s_s": round(motion_s, 3)}
+
+
+# -- (b) run overhead -------------------------------------------------------------------------------------------
+def overhead_of(run_path: Path) -> dict[str, Any]:
+    rounds: dict[int, dict] = {}
+    for line in (run_path / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "round":
+            rounds[rec["round"]] = rec
+    walls = [r["wall"] for _, r in sorted(rounds.items())]
+    if not walls:
+        return {"rounds": 0}
+    keys = ("planning_s", "training_s", "aggregation_s", "overhead_s", "motion_s", "eval_s", "total_s")
+    mean = {k: round(sum(w[k] for w in walls) / len(walls), 3) for k in keys}
+    share = sum(w["overhead_s"] for w in walls) / max(1e-9, sum(w["total_s"] - w["eval_s"] for w in walls))
+    return {"rounds": len(walls), "mean_per_round": mean, "overhead_share": round(share, 4),
+            "per_round": walls, "run": str(run_path)}
+
+
+def run_preset(preset: str, sets: list[str], workdir: Path) -> Path:
+    cmd = [sys.executable, "-m", "flad_core.cli", "run", preset, "--runs-dir", str(workdir)]
+    for s in sets:
+        cmd += ["--set", s]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
+    runs = sorted(p for p in workdir.iterdir() if p.is_dir())
+    return runs[-1]
+
+
+# -- (c) memory -------------------------------------------------------------------------------------------------
+MEMORY_PROBE = """
+import json, sys, psutil
+from pathlib import Path
+from rich.console import Console
+from flad_core.runs import RunDir
+from flad_edge.experiment.cli import build_config
+from flad_edge.experiment.run import Experiment
+n, root = int(sys.argv[1]), Path(sys.argv[2])
+cfg = build_config("quick", [f"fleet.vehicles={n}", "fleet.frames_per_vehicle=1", "rounds.eval_frames=0",
+                             "driver.enabled=false", "pool.slots_per_edge=2", "swift.cluster_cap=2",
+                             "fleet.towns=[Town01,Town02,Town03,Town04,Town05]"])
+run = RunDir.create("mem", cfg, root=root, log=False)
+exp = Experiment(cfg, run, Console(quiet=True))
+try:
+    exp.setup()
+    exp.motion.advance(cfg.rounds.warmup_s)
+    exp.plan_round(0)
+    me = psutil.Process()
+    tree = [me, *me.children(recursive=True)]
+    rss = {p.pid: p.memory_info().rss for p in tree}
+    print(json.dumps({"vehicles": n, "rss_main_MB": round(rss[me.pid] / 1e6, 1),
+                      "rss_tree_MB": round(sum(rss.values()) / 1e6, 1), "processes": len(tree),
+                      "motion_MB": round(exp.motion.memory_bytes() / 1e6, 3)}))
+finally:
+    exp.close()
+"""
+
+
+#: --quick: only what grows with the fleet (the moving fleet, its traces, one edge's planning), in one process
+MEMORY_PROBE_FLEET = """
+import json, sys, psutil
+from flad_bench.fleet import planning_at
+n = int(sys.argv[1])
+planning_at(n)
+print(json.dumps({"vehicles": n, "rss_main_MB": round(psutil.Process().memory_info().rss / 1e6, 1),
+                  "rss_tree_MB": round(psutil.Process().memory_info().rss / 1e6, 1), "processes": 1,
+                  "scope": "fleet motion + traces + one edge's planning (no sites)"}))
+"""
+
+
+def memory_at(n: int, workdir: Path, whole_run: bool = True) -> dict[str, Any]:
+    probe = [MEMORY_PROBE, str(n), str(workdir)] if whole_run else [MEMORY_PROBE_FLEET, str(n)]
+    out = subprocess.run([sys.executable, "-c", *probe], check=True, capture_output=True, text=True, timeout=900)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flad bench fleet", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+    parser.add_argument("--quick", action="store_true",
+                        help="< 60 s: planning at 50 and 200 vehicles, memory at 50 and 200; overhead only from "
+                             "--from-run runs")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="planning fleet sizes")
+    parser.add_argument("--from-run", type=Path, nargs="*", default=[],
+                        help="read the round overhead from these finished runs instead of running presets")
+    parser.add_argument("--paper-rounds", type=int, default=2, help="rounds of the paper preset for (b)")
+    args = parser.parse_args(argv)
+    sizes = args.sizes or ([50, 200] if args.quick else [50, 200, 1000])
+    out: dict[str, Any] = {"bench": "fleet", "quick": args.quick, "conditions": conditions()}
+    out["planning"] = [planning_at(n) for n in sizes]
+    big = out["planning"][-1]
+    out["goals"] = {"planning_le_1s_at_1000": {"target_s": 1.0, "vehicles": big["vehicles"],
+                                               "measured_s": big["seconds"]["total"],
+                                               "met": (big["seconds"]["total"] <= 1.0) if big["vehicles"] >= 1000
+                                               else None}}   # None: not measured at 1,000 (--quick)
+    with tempfile.TemporaryDirectory(prefix="flad-bench-fleet-") as tmp:
+        work = Path(tmp)
+        runs = list(args.from_run)
+        if not args.quick and not runs:
+            runs = [run_preset("quick", ["driver.enabled=false"], work / "quick"),
+                    run_preset("paper", [f"rounds.rounds={args.paper_rounds}", "driver.enabled=false"], work / "paper")]
+        out["overhead"] = [overhead_of(Path(r)) for r in runs]
+        shares = [o["overhead_share"] for o in out["overhead"] if o.get("rounds")]
+        out["goals"]["overhead_le_10pct"] = {"target": 0.10, "measured": shares,
+                                             "met": (max(shares) <= 0.10) if shares else None}
+        mem = [memory_at(n, work / "mem", whole_run=not args.quick) for n in (50, 200)]
+        per = (mem[1]["rss_tree_MB"] - mem[0]["rss_tree_MB"]) / 150
+        out["memory"] = {"runs": mem, "per_idle_vehicle_MB": round(per, 3),
+                         "scope": "whole run (experiment + cloud + pools)" if not args.quick else mem[0]["scope"]}
+        out["goals"]["idle_vehicle_le_5MB"] = {"target_MB": 5.0, "measured_MB": round(per, 3), "met": per <= 5.0}
+    out["conditions"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
