@@ -73,9 +73,25 @@ def crashed_and_resumed(tmp_path_factory):
     while time.monotonic() < end and any(alive(c) for c in children):
         time.sleep(0.2)
     orphans = [(c, Path(f"/proc/{c}/cmdline").read_text().replace("\0", " ")[:300]) for c in children if alive(c)]
-    resumed = subprocess.run(flad("run", "--resume", str(run)), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    # the resumed run loses its cloud process in round 2: the cloud is started again and round 2 redone
+    resumed = subprocess.Popen(flad("run", "--resume", str(run)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=ROOT)
+    cloud_killed = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and resumed.poll() is None:
+        if (run / "fleet" / "round_002.json").exists():
+            time.sleep(1.0)
+            clouds = [c for c in psutil.Process(resumed.pid).children(recursive=True)
+                      if "flad_edge.fl.cloud" in " ".join(c.cmdline())]
+            if clouds:
+                clouds[0].kill()
+                cloud_killed = clouds[0].pid
+            break
+        time.sleep(0.2)
+    out = resumed.communicate(timeout=900)[0]
     return {"run": run, "first_out": first_out, "ckpt_before": ckpt_before, "orphans": orphans,
-            "children": children, "resumed": resumed}
+            "children": children, "resumed": subprocess.CompletedProcess(resumed.args, resumed.returncode, out, ""),
+            "cloud_killed": cloud_killed}
 
 
 def test_resume_completes_the_run_after_the_edge_was_killed(crashed_and_resumed):
@@ -90,6 +106,8 @@ def test_resume_completes_the_run_after_the_edge_was_killed(crashed_and_resumed)
     assert ckpt["round"] == 2
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     assert any(e["kind"] == "resume" and e["round"] == 1 for e in events)
+    assert r["cloud_killed"] is not None, "the cloud process was not found to kill"
+    assert any(e["kind"] == "cloud_restart" and e["round"] == 2 for e in events), "round 2 was not redone"
     assert (run / "report.md").exists() and (run / "plots" / "learning.png").exists()
     assert list((run / "tb").glob("events.out.tfevents.*"))
 

@@ -504,6 +504,9 @@ def plot_wall(rounds: Sequence[dict[str, Any]], path: Path) -> None:
     """Wall-clock seconds of each round split into planning / training / aggregation / overhead."""
     x = [int(r["round"]) for r in rounds]
     layers = [(k.removesuffix("_s"), [_wall(r, k) or 0.0 for r in rounds]) for k in WALL_PARTS]
+    evals = [_wall(r, "eval_s") or 0.0 for r in rounds]
+    if any(evals):     # measurement, not FLAD: shown on top, outside the overhead share
+        layers.append(("held-out eval (measurement)", evals))
     fig = _figure(9.0, 4.0)
     ax = fig.subplots()
     _stacked_bars(ax, x, layers)

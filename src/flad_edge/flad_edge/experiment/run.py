@@ -31,6 +31,7 @@ import yaml
 from rich.console import Console
 
 from flad_core.atomic import atomic_write_bytes, atomic_write_json
+from flad_core.bus import BusError
 from flad_core.config import ConfigError, from_dict, to_dict
 from flad_core.fleet import VehicleSpec
 from flad_core.procs import ProcessGroup
@@ -46,7 +47,7 @@ from flad_edge.experiment.planning import (
     sample_clients,
 )
 from flad_edge.experiment.rounds import Departure, EdgeRoundResult, identity_for, train_edge_round
-from flad_edge.experiment.sites import EdgeSite, start_sites
+from flad_edge.experiment.sites import EdgeSite, start_cloud, start_sites
 from flad_edge.fl.cloud import download
 from flad_edge.swift.model import Profile, load_profile
 
@@ -140,10 +141,12 @@ class Experiment:
         heldout = self.run.path / "heldout"
         if self.cfg.rounds.eval_frames and not is_fleet_dataset(heldout):
             towns = list(self.cfg.driver.eval_towns)
-            drivers = max(4, len(towns))          # several routes, so lights, turns and stops all show up
+            # several drivers, a frame a second: the held-out set spans junctions, lights and turns (64 frames of
+            # one route a quarter second apart can all show the same light state)
+            drivers = max(8, len(towns))
             per = max(1, math.ceil(self.cfg.rounds.eval_frames / drivers))
             collect(CollectConfig(out=str(heldout), vehicles=drivers, frames_per_vehicle=per, towns=towns,
-                                  seed=self.cfg.seed + 1000, workers=2))
+                                  seed=self.cfg.seed + 1000, workers=2, record_every=20))
         manifest = json.loads((data / "manifest.json").read_text())
         vehicles = manifest["vehicles"]
         if len(vehicles) < f.vehicles:
@@ -168,7 +171,8 @@ class Experiment:
         self.sites = start_sites(self.cfg, self.edges, specs, self.run.path, self.data_root, self.group)
         self.trained_at = {e.id: set() for e in self.edges}
 
-    def restore(self, ckpt: dict[str, Any]) -> None:
+    def restore(self, ckpt: dict[str, Any], why: str = "resume") -> None:
+        """Back to the state after round `ckpt["round"]` (-1: after the warm-up, before round 0)."""
         self.next_round = int(ckpt["round"]) + 1
         self.ledger = list(ckpt["ledger"])
         self.global_state = ckpt["global_state"]
@@ -178,8 +182,19 @@ class Experiment:
         self.trained_at = {k: set(v) for k, v in ckpt.get("trained_at", {}).items()} or self.trained_at
         for site in self.sites:
             site.fhdp.model.load_state_dict(self.global_state)
-        self.event({"kind": "resume", "round": self.next_round, "sim_time_s": self.motion.time_s,
-                    "detail": f"resumed after round {ckpt['round']}; {len(self.ledger)} committed updates"})
+            for key in [k for k in site.fhdp.progress.steps if k.startswith(f"r{self.next_round}-")]:
+                del site.fhdp.progress.steps[key]     # a redone round's departures time on its own steps only
+        self.event({"kind": why, "round": self.next_round, "sim_time_s": self.motion.time_s,
+                    "detail": f"{why} after round {ckpt['round']}; {len(self.ledger)} committed updates"})
+
+    def restart_cloud(self) -> bool:
+        """Start the cloud process again if it died (True); it keeps nothing between rounds."""
+        proc = self.group.procs.get("cloud")
+        if proc is None or proc.poll() is None:
+            return False
+        log.error("the cloud process exited (%s): starting it again", proc.returncode)
+        start_cloud(self.group, self.run.path, self.sites[0].fleet, [e.id for e in self.edges])
+        return True
 
     # -- records ------------------------------------------------------------------------------------------
     def event(self, record: dict[str, Any]) -> None:
@@ -235,7 +250,6 @@ class Experiment:
     def simulate_round(self, rnd: int, plans: list[EdgeRoundPlan]) -> dict[str, list[Departure]]:
         """Drive the fleet through the round; who of each edge's training vehicles leaves or crashes, and when."""
         t0, span = self.motion.time_s, self.cfg.rounds.round_s
-        before = edge_of(self.motion.positions(), self.edges)
         self.motion.advance(t0 + span)
         tracks = by_vehicle(self.motion.traces(since_s=t0))
         by_edge = {e.id: e for e in self.edges}
@@ -259,16 +273,20 @@ class Experiment:
                     if crashed:
                         deps.append(Departure(v, crash_f, t0 + crash_f * span, False, "crash"))
             out[p.edge] = deps
-        after = edge_of(self.motion.positions(), self.edges)
-        for v in sorted(set(before) | set(after)):
-            if before.get(v) != after.get(v):
-                if before.get(v):
-                    self.event({"round": rnd, "sim_time_s": round(self.motion.time_s, 1), "kind": "leave",
-                                "vehicle": v, "edge": before[v]})
-                if after.get(v):
-                    self.event({"round": rnd, "sim_time_s": round(self.motion.time_s, 1), "kind": "enter",
-                                "vehicle": v, "edge": after[v]})
+        self.coverage_events(rnd, t0)
         return out
+
+    def coverage_events(self, rnd: int, t0: float) -> None:
+        """Every crossing of a coverage disc's edge during the round, at the trace sample where it happened."""
+        ids, ts, xy = self.motion.trace_arrays(since_s=t0)
+        if not len(ts):
+            return
+        for e in self.edges:
+            inside = ((xy[..., 0] - e.x) ** 2 + (xy[..., 1] - e.y) ** 2) <= e.radius_m ** 2      # (T, V)
+            prev = np.vstack([inside[:1], inside[:-1]])       # the first sample is the round's start
+            for t_i, k in zip(*np.nonzero(inside != prev), strict=True):
+                self.event({"round": rnd, "sim_time_s": round(float(ts[t_i]), 1),
+                            "kind": "enter" if inside[t_i, k] else "leave", "vehicle": ids[k], "edge": e.id})
 
     def train_round(self, rnd: int, plans: list[EdgeRoundPlan], departures: dict[str, list[Departure]]
                     ) -> list[EdgeRoundResult]:
@@ -404,11 +422,14 @@ class Experiment:
         total = self.cfg.rounds.rounds
         if self.next_round == 0 and self.motion.time_s < self.cfg.rounds.warmup_s:
             self.motion.advance(self.cfg.rounds.warmup_s)
+        if self.next_round == 0:     # the state a redo or a resume of round 0 starts from
+            self.global_state = {k: v.detach().clone() for k, v in self.sites[0].fhdp.model.state_dict().items()}
+            self.checkpoint(-1)
         with Progress(TextColumn("[bold]FLAD rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.console, transient=True) as progress:
             task = progress.add_task("rounds", total=total, completed=self.next_round)
             for rnd in range(self.next_round, total):
-                rec = self.run_round(rnd)
+                rec = self.run_round_or_redo(rnd)
                 g = rec.get("global") or {}
                 loss = "n/a" if rec["train_loss"] is None else f"{rec['train_loss']:.3f}"
                 progress.console.print(
@@ -421,6 +442,22 @@ class Experiment:
                     + f"  {rec['wall']['total_s']:.0f} s")
                 progress.advance(task)
                 self.next_round = rnd + 1
+
+    def run_round_or_redo(self, rnd: int, attempts: int = 3) -> dict[str, Any]:
+        """A round; if the cloud process died during it, the cloud is started again and the round is redone
+        from the last checkpoint (its partial updates were never committed, so none counts twice)."""
+        for attempt in range(attempts):
+            try:
+                return self.run_round(rnd)
+            except (BusError, TimeoutError, RuntimeError) as exc:
+                if attempt == attempts - 1 or not self.restart_cloud():
+                    raise
+                log.error("round %d failed (%s); redoing it from the checkpoint", rnd, exc)
+                for site in self.sites:
+                    site.pool.release()
+                self.attempt = uuid.uuid4().hex[:6]
+                self.restore(torch.load(self.run.path / CHECKPOINT, weights_only=False), why="cloud_restart")
+        raise AssertionError("unreachable")
 
     def driver_stage(self) -> dict[str, Any] | None:
         if not self.cfg.driver.enabled or self.global_state is None:

@@ -122,7 +122,7 @@ def start_sites(cfg: ExperimentConfig, edges: list[EdgeSpec], vehicles: list[Veh
     for i, spec in enumerate(edges):
         fleets.append(site_fleet(cfg, spec.id, vehicles, base + 2 + i * per_edge, cloud_port))
     start_cloud(group, run_path, fleets[0], [e.id for e in edges])
-    rcfg = RecoveryConfig(backup_every=2, templates_f=cfg.swift.templates_f, template_method="greedy",
+    rcfg = RecoveryConfig(backup_every=2, templates_f=cfg.swift.templates_f, template_method="swift",
                           handover_margin_s=1.0, link_timeout_s=30.0)
     try:
         for i, (spec, fleet) in enumerate(zip(edges, fleets, strict=True)):
