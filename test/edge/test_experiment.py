@@ -64,12 +64,12 @@ def crashed_and_resumed(tmp_path_factory):
                 break
         time.sleep(0.2)
     assert run is not None and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-    time.sleep(1.0)                          # into round 1 (its plan is written before it trains)
+    # now: round 1 is planned and not yet trained, so it cannot have been committed
     children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     proc.send_signal(signal.SIGKILL)
     first_out = proc.communicate(timeout=30)[0]
     ckpt_before = torch.load(run / "checkpoint.pt", weights_only=False)
-    end = time.monotonic() + 30
+    end = time.monotonic() + 45
     while time.monotonic() < end and any(alive(c) for c in children):
         time.sleep(0.2)
     orphans = [(c, Path(f"/proc/{c}/cmdline").read_text().replace("\0", " ")[:300]) for c in children if alive(c)]
@@ -79,8 +79,7 @@ def crashed_and_resumed(tmp_path_factory):
     cloud_killed = None
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and resumed.poll() is None:
-        if (run / "fleet" / "round_002.json").exists():
-            time.sleep(1.0)
+        if (run / "fleet" / "round_002.json").exists():      # round 2 planned, not yet uploaded
             clouds = [c for c in psutil.Process(resumed.pid).children(recursive=True)
                       if "flad_edge.fl.cloud" in " ".join(c.cmdline())]
             if clouds:

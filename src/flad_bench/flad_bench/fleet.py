@@ -40,7 +40,7 @@ def conditions() -> dict[str, Any]:
 def planning_at(n: int, seed: int = 0) -> dict[str, Any]:
     from flad_core.fleet import DeviceProfile
     from flad_edge.experiment.config import EdgeSpec, ExperimentConfig
-    from flad_edge.experiment.planning import by_vehicle, plan_edge_round
+    from flad_edge.experiment.planning import plan_edge_round, tracks_from_arrays
     from flad_edge.experiment.run import device_assignment, plan_profile
     from flad_edge.swift import Cluster, Vehicle, plan
     from flad_sim.fleet_motion import FleetMotion
@@ -60,11 +60,10 @@ def planning_at(n: int, seed: int = 0) -> dict[str, Any]:
     prof_plan, prof_train = plan_profile("paper"), plan_profile("tiny")
     sw = cfg.swift
     t = time.perf_counter()
-    rows = motion.traces()
-    tracks = by_vehicle(rows)
+    tracks = tracks_from_arrays(*motion.trace_arrays())
     present = [v for v in ids if v in tracks]
     traces_s = time.perf_counter() - t
-    p = plan_edge_round(edge, tracks, rows, present, profiles, prof_plan, samples_per_epoch=16, epochs=5,
+    p = plan_edge_round(edge, tracks, present, profiles, prof_plan, samples_per_epoch=16, epochs=5,
                         alpha=sw.alpha, alpha_p=sw.alpha_p, v2v_radius_m=sw.v2v_radius_m, cell_m=sw.cell_m,
                         step_s=sw.step_s, patterns=sw.patterns, cluster_cap=sw.cluster_cap, horizon_s=120.0,
                         seed=seed)

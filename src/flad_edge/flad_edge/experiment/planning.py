@@ -25,7 +25,7 @@ from flad_edge.swift.availability import (
     DwellRegressor,
     Zone,
     classify,
-    dwell_samples,
+    dwell_samples_from_tracks,
     mape,
     trajectory_features,
 )
@@ -84,18 +84,11 @@ def edge_of(positions: dict[str, tuple[float, float]], edges: list[EdgeSpec]) ->
                                                                                                    strict=True))}
 
 
-def by_vehicle(rows: list[tuple[str, float, float, float]]) -> dict[str, np.ndarray]:
-    """Rows (id, t, x, y) -> per-vehicle (t, x, y) arrays sorted by time (vectorised: rows can be 10^5+)."""
-    if not rows:
-        return {}
-    ids = np.array([r[0] for r in rows])
-    txy = np.array([r[1:] for r in rows], dtype=float)
-    order = np.lexsort((txy[:, 0], ids))
-    ids, txy = ids[order], txy[order]
-    cuts = np.flatnonzero(ids[1:] != ids[:-1]) + 1
-    starts = np.concatenate([[0], cuts])
-    ends = np.concatenate([cuts, [len(ids)]])
-    return {str(ids[s]): txy[s:e] for s, e in zip(starts, ends, strict=True)}
+def tracks_from_arrays(ids: list[str], times: np.ndarray, xy: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-vehicle (t, x, y) arrays from a fleet's trace arrays (times [T], xy [T, V, 2])."""
+    t = np.asarray(times, dtype=float)
+    return {v: np.column_stack([t, xy[:, k, 0].astype(float), xy[:, k, 1].astype(float)])
+            for k, v in enumerate(ids)}
 
 
 @dataclass
@@ -107,8 +100,8 @@ class DwellModel:
     samples: int = 0
     fit_mape: float = math.nan
 
-    def fit(self, rows: list[tuple[str, float, float, float]]) -> None:
-        X, a, _ = dwell_samples(rows, self.zone)
+    def fit(self, tracks: dict[str, np.ndarray]) -> None:
+        X, a, _ = dwell_samples_from_tracks(tracks, self.zone)
         self.samples = len(a)
         keep = a > 0
         if keep.sum() < MIN_DWELL_SAMPLES:
@@ -242,26 +235,27 @@ def pair_stability(model: MobilityModel, ids: list[str], pred: np.ndarray, pairs
     b = np.array([p[1] for p in pairs])
     per_t = np.concatenate([np.einsum("ptc,ptc->pt", Q[a[k:k + 4096]], pred[b[k:k + 4096]])
                             for k in range(0, len(a), 4096)])                 # (pairs, T+1), in bounded chunks
-    limit = np.array([min(T1, dwell_steps.get(ids[i], T1 - 1) + 1) for i in a])
+    per_vehicle = np.array([min(T1, dwell_steps.get(v, T1 - 1) + 1) for v in ids])
+    limit = per_vehicle[a]
     mask = np.arange(T1)[None, :] < limit[:, None]
     vals = (per_t * mask).sum(1)
     return {(ids[i], ids[j]): float(s) for i, j, s in zip(a, b, vals, strict=True)}
 
 
-def plan_edge_round(edge: EdgeSpec, tracks: dict[str, np.ndarray], rows: list[tuple[str, float, float, float]],
+def plan_edge_round(edge: EdgeSpec, tracks: dict[str, np.ndarray],
                     present: list[str], profiles: dict[str, Any], plan_profile: Profile, *, samples_per_epoch: int,
                     epochs: int, alpha: float, alpha_p: float, v2v_radius_m: float, cell_m: float, step_s: float,
                     patterns: int, cluster_cap: int, horizon_s: float, seed: int) -> EdgeRoundPlan:
     """Everything SWIFT decides for one edge's round except the pipelines (see the module docstring).
 
-    `tracks`: per-vehicle (t, x, y) arrays of the whole fleet so far; `rows`: the same as rows (the dwell
-    regressor's input); `present`: vehicles this edge serves now; `profiles`: vehicle -> DeviceProfile.
+    `tracks`: per-vehicle (t, x, y) arrays of the whole fleet so far (the dwell regressor's and the DTMC's
+    input); `present`: vehicles this edge serves now; `profiles`: vehicle -> DeviceProfile.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     zone = Zone(edge.x, edge.y, edge.radius_m)
     dwell_model = DwellModel(zone)
-    dwell_model.fit(rows)
+    dwell_model.fit(tracks)
     dwell = dwell_model.predict(tracks, present)
     timings["dwell"] = time.perf_counter() - t0
 

@@ -40,11 +40,11 @@ from flad_core.weights import to_bytes
 from flad_edge.experiment.config import EdgeSpec, ExperimentConfig
 from flad_edge.experiment.planning import (
     EdgeRoundPlan,
-    by_vehicle,
     edge_of,
     place_edges,
     plan_edge_round,
     sample_clients,
+    tracks_from_arrays,
 )
 from flad_edge.experiment.rounds import Departure, EdgeRoundResult, identity_for, train_edge_round
 from flad_edge.experiment.sites import EdgeSite, start_cloud, start_sites
@@ -233,13 +233,12 @@ class Experiment:
         sw = self.cfg.swift
         positions = self.motion.positions()
         serving = edge_of(positions, self.edges)
-        rows = self.motion.traces()
-        tracks = by_vehicle(rows)
+        tracks = tracks_from_arrays(*self.motion.trace_arrays())
         plans = []
         for e in self.edges:
             present = sorted(v for v, s in serving.items() if s == e.id)
             plans.append(plan_edge_round(
-                e, tracks, rows, present, self.profiles, self.plan_prof,
+                e, tracks, present, self.profiles, self.plan_prof,
                 samples_per_epoch=self.cfg.fleet.frames_per_vehicle, epochs=self.cfg.train.local_epochs,
                 alpha=sw.alpha, alpha_p=sw.alpha_p, v2v_radius_m=sw.v2v_radius_m, cell_m=sw.cell_m, step_s=sw.step_s,
                 patterns=sw.patterns, cluster_cap=sw.cluster_cap, horizon_s=self.cfg.rounds.round_s,
@@ -251,7 +250,7 @@ class Experiment:
         """Drive the fleet through the round; who of each edge's training vehicles leaves or crashes, and when."""
         t0, span = self.motion.time_s, self.cfg.rounds.round_s
         self.motion.advance(t0 + span)
-        tracks = by_vehicle(self.motion.traces(since_s=t0))
+        tracks = tracks_from_arrays(*self.motion.trace_arrays(since_s=t0))
         by_edge = {e.id: e for e in self.edges}
         out: dict[str, list[Departure]] = {}
         for p in plans:

@@ -84,8 +84,14 @@ def dwell_samples(rows: list[Row], zone: Zone, every_s: float = 10.0) -> tuple[n
 
     A passage still inside the zone when the trace ends is censored (its departure is unknown) and skipped.
     """
+    return dwell_samples_from_tracks(by_vehicle(rows), zone, every_s)
+
+
+def dwell_samples_from_tracks(tracks: dict[str, np.ndarray], zone: Zone, every_s: float = 10.0
+                              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """`dwell_samples` over per-vehicle (t, x, y) arrays already grouped and sorted by time."""
     xs, ys, ids = [], [], []
-    for vid, arr in by_vehicle(rows).items():
+    for vid, arr in tracks.items():
         inside = zone.inside(arr[:, 1], arr[:, 2])
         idx = np.flatnonzero(np.diff(np.concatenate([[0], inside.astype(int), [0]])))
         for s, e in zip(idx[::2], idx[1::2], strict=True):

@@ -298,7 +298,9 @@ def swift(cm: CostModel, first: int | None = None, objective: str = "path", poli
         starts: list[list[int]] = list((seeds or {}).get(f, []))
         if f == p1_first and phase1 is not None:
             starts.append(phase1[0])
-        if policy is not None and not (seeds and seeds.get(f)):
+        # with two vehicles and the first pinned there is one order: its optimal cuts (local_search) are the
+        # answer, and a DQN proposal could only repeat it
+        if policy is not None and cm.n > 2 and not (seeds and seeds.get(f)):
             if cover is None:
                 cover = cover_table(cm)
             sol = policy.rollout(cm, first=f, objective=objective, cover=cover)  # type: ignore[attr-defined]
