@@ -64,7 +64,7 @@ def crashed_and_resumed(tmp_path_factory):
                 break
         time.sleep(0.2)
     assert run is not None and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-    # now: round 1 is planned and not yet trained, so it cannot have been committed
+    time.sleep(1.0)                          # into round 1 (its plan is written before it trains)
     children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     proc.send_signal(signal.SIGKILL)
     first_out = proc.communicate(timeout=30)[0]
@@ -80,6 +80,7 @@ def crashed_and_resumed(tmp_path_factory):
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and resumed.poll() is None:
         if (run / "fleet" / "round_002.json").exists():      # round 2 planned, not yet uploaded
+            time.sleep(1.0)
             clouds = [c for c in psutil.Process(resumed.pid).children(recursive=True)
                       if "flad_edge.fl.cloud" in " ".join(c.cmdline())]
             if clouds:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import faulthandler
+import functools
 import logging
 import os
 import signal
@@ -26,9 +27,11 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(parent: int | None = None) -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)     # the parent died between fork and prctl: no signal would ever come
 
 
 def python_module_cmd(module: str, *args: str) -> list[str]:
@@ -51,7 +54,8 @@ class ProcessGroup:
         if log_path:
             self._logs.append(out)
         proc = subprocess.Popen(list(cmd), stdout=None if show_stdout else out, stderr=out, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
+                                env={**os.environ, **(env or {})},
+                                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         self.procs[name] = proc
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
         return proc

@@ -185,6 +185,17 @@ class PooledVehicle(FhdpVehicle):
 STOP_GRACE_S = 5.0
 
 
+def _exit_when_orphaned(parent: int) -> None:
+    """A slot belongs to its pool's process: once that is gone (re-parented), there is no one to train for or
+    say goodbye to, so the slot exits at once -- also while it is still starting up."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            log.warning("the pool's process %d is gone: exiting", parent)
+            logging.shutdown()
+            os._exit(0)
+
+
 def _exit_after_stop(stop: threading.Event, grace_s: float) -> None:
     stop.wait()
     time.sleep(grace_s)
@@ -207,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed while idle (an identity brings its own)")
     add_role_args(parser)
     args = parser.parse_args(argv)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), name="orphan-watch", daemon=True).start()
     setup_role_logging(args, args.slot)
     fleet = fleet_from_args(args)
     worker = PooledVehicle(fleet, args.slot, data=args.data, encoder=args.encoder, seed=args.seed,
