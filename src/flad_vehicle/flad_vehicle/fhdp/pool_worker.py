@@ -36,7 +36,7 @@ from flad_core.fleet import GB, DeviceProfile, FleetConfig, VehicleSpec
 from flad_core.procs import install_stop_handlers
 from flad_core.protocol import SERVICE_ADOPT
 from flad_core.roles import add_role_args, fleet_from_args, setup_role_logging
-from flad_vehicle.fhdp.worker import FhdpVehicle
+from flad_vehicle.fhdp.worker import FhdpVehicle, run_until_stopped
 
 log = logging.getLogger("flad_vehicle.fhdp.pool_worker")  # not __name__: this also runs as __main__
 
@@ -228,13 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     # gets a short grace to say goodbye and is then gone, even if a peer or the edge it waits on is dead
     threading.Thread(target=_exit_after_stop, args=(worker.agent.stop, STOP_GRACE_S), name="stop-deadline",
                      daemon=True).start()
-    try:
-        return worker.run()
-    except BusError as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        worker.close()
+    return run_until_stopped(worker)
 
 
 if __name__ == "__main__":

@@ -485,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     vehicle = FhdpVehicle(fleet, args.id, data=args.data, encoder=args.encoder, seed=args.seed,
                           audit_dir=args.run_dir)
     install_stop_handlers(vehicle.agent.stop)
+    return run_until_stopped(vehicle)
+
+
+def run_until_stopped(vehicle: FhdpVehicle) -> int:
+    """A vehicle process's main loop: run until stopped; a bus failure is logged as exit 1; always close."""
     try:
         return vehicle.run()
     except BusError as exc:
@@ -498,4 +503,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ABORTED", "BACKUP_OWNER", "FhdpVehicle", "LayerServer", "edge_service_address", "fetch_layers", "main"]
+__all__ = ["ABORTED", "BACKUP_OWNER", "FhdpVehicle", "LayerServer", "edge_service_address", "fetch_layers", "main",
+           "run_until_stopped"]
