@@ -173,7 +173,8 @@ def test_controller_node_turns_path_and_odometry_into_the_pids_control(tmp_path:
     tag = f"b1c{os.getpid()}"
     role = "b1hero"
     proc = start(_node("flad_vehicle.nodes.controller_node", f"{tag}_ctl", "-p", f"vehicle_id:={tag}",
-                        "-p", f"role_name:={role}", "-p", "max_waypoint_age_s:=0.5"), tmp_path / "ctl.log")
+                        "-p", f"role_name:={role}", "-p", "max_waypoint_age_s:=0.5",
+                        "-p", "pid.startup_brake_ticks:=0"), tmp_path / "ctl.log")
     inbox = _Inbox(rosbus, {f"/carla/{role}/vehicle_control_cmd": "carla_msgs/msg/CarlaEgoVehicleControl"})
     ctl_topic = f"/carla/{role}/vehicle_control_cmd"
     try:
@@ -193,10 +194,12 @@ def test_controller_node_turns_path_and_odometry_into_the_pids_control(tmp_path:
         assert c is not None, (tmp_path / "ctl.log").read_text()[-2000:]
         # LMDrive's PID by hand (fresh windows of 40 zeros): aim = mean of the first two waypoints in (x right,
         # y forward) = (-1.5, 3) -> angle -0.29517; steer = (1.25 + 0.75/40 + 0.3) * angle; desired speed
-        # |w1 - w0| / 0.5 = 4.47 m/s, speed error clipped to 0.35 -> throttle min(0.75, 6.0125 * 0.35)
+        # |w1 - w0| / 0.5 = 4.47 m/s, speed error clipped to 0.35 -> throttle min(0.75, 6.0125 * 0.35); LMDrive
+        # scales the steer by 0.8 (the start-up brake is off here; this is the node's second frame, which LMDrive's
+        # every-other-tick rule still computes)
         angle = math.degrees(math.pi / 2 - math.atan2(3.0, -1.5)) / 90
-        assert c.steer == pytest.approx((1.25 + 0.75 / 40 + 0.3) * angle, abs=1e-5)
-        assert c.steer == pytest.approx(-0.46305, abs=1e-4)
+        assert c.steer == pytest.approx(0.8 * (1.25 + 0.75 / 40 + 0.3) * angle, abs=1e-5)
+        assert c.steer == pytest.approx(0.8 * -0.46305, abs=1e-4)
         assert (c.throttle, c.brake) == pytest.approx((0.75, 0.0), abs=1e-6)
         # the plan is now 0.6 s old: safety brake
         rosbus.publish(f"/carla/{role}/odometry", _odometry(3.6, x=6.0, y=-2.0, yaw=0.3, speed=2.0))

@@ -94,6 +94,12 @@ def _check_llm(d: dict) -> None:
     assert d["service"]["adm_batch1_one_client"]["requests"] > 0 and d["service"]["batching_speedup"] > 0
     assert set(d["closed_loop"]["agents"]) == {"expert", "encoder_head", "ad_llm", "adm_via_service", "constant"}
     assert all(a["n_routes"] == 1 for a in d["closed_loop"]["agents"].values())
+    for a in d["closed_loop"]["agents"].values():      # one route: the interval is the point itself
+        assert a["ds_ci95"][0] <= a["ds"] <= a["ds_ci95"][1] and set(a["per_route"][0]) >= {"bag", "status"}
+        assert (Path(a["per_route"][0]["bag"]) / "metadata.yaml").is_file()
+    assert d["conditions"]["encoder"]["held_out"]["samples"] > 0
+    assert d["training_budget"]["ad_llm"]["frames"]["cloud"] > 0
+    assert set(d["goals"]) >= {"expert_ds_ge_95", "encoder_head_ds_ge_80", "route_deviations_le_10pct"}
     # fresh clone: no data/fleet, so --quick collected a small one into its run folder (not into ./data)
     data = d["conditions"]["data"]
     assert data["collected"]["samples"] > 0 and str(Path(data["root"])).startswith("runs")

@@ -57,7 +57,7 @@ def test_adapter_and_head_shapes() -> None:
     out = model(feats, ids, mask)
     assert out["waypoints"].shape == (4, 5, 2)
     assert out["end_logit"].shape == (4,)
-    assert out["hidden"].shape == (4, model.cfg.max_text_tokens + 3 + 5, model.hidden_size)
+    assert out["hidden"].shape == (4, model.cfg.max_text_tokens + 3 + 1 + 5, model.hidden_size)   # + navigation
     with pytest.raises(ValueError, match="expects"):
         model.adapter(torch.randn(2, 30, 64))
 
@@ -218,3 +218,37 @@ def test_training_learns_the_end_of_instruction_flag(data: FeatureSet) -> None:
     w0 = frozen.end_head.weight.detach().clone()
     fit(frozen, data, FitConfig(steps=5, batch_size=16, lr=3e-3, eoi_weight=0.0))
     assert torch.equal(frozen.end_head.weight, w0)
+
+
+def test_navigation_token_reads_the_target_point(tmp_path, data: FeatureSet) -> None:
+    model = tiny()
+    b = next(data.batches(4, shuffle=False))
+    left, right = torch.tensor([[15.0, 8.0]] * 4), torch.tensor([[15.0, -8.0]] * 4)
+    a = model.predict(b["features"], b["instruction"], b["notice"], left)
+    assert not torch.allclose(a, model.predict(b["features"], b["instruction"], b["notice"], right))
+    # no target point (None, or NaN rows as the service passes them) is one "unknown" token
+    none = model.predict(b["features"], b["instruction"], b["notice"])
+    nan = model.predict(b["features"], b["instruction"], b["notice"], torch.full((4, 2), float("nan")))
+    assert torch.equal(none, nan) and torch.isfinite(none).all()
+    # training uses the batch's target points: the synthetic set's lateral target decides the turn
+    assert "target_point" in b
+    plain = tiny(name="p")
+    plain.cfg.navigation = False
+    plain = ADLLM.build(plain.cfg)
+    assert plain.nav_embed is None
+    assert torch.equal(plain.predict(b["features"], b["instruction"], b["notice"], left),
+                       plain.predict(b["features"], b["instruction"], b["notice"], right))
+
+
+def test_models_saved_before_the_navigation_token_still_load(tmp_path) -> None:
+    import json
+
+    model = ADLLM.build(ADLLMConfig(name="old", llm=tiny_llama(32, 1, 4, 2), navigation=False,
+                                    adapter=AdapterConfig(d_model=32, n_queries=2)))
+    model.save_pretrained(tmp_path / "m")
+    meta_path = tmp_path / "m" / "celladapt.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["navigation"]           # what an older save looks like
+    meta_path.write_text(json.dumps(meta))
+    loaded = ADLLM.from_pretrained(tmp_path / "m")
+    assert loaded.cfg.navigation is False and loaded.nav_embed is None

@@ -164,6 +164,26 @@ def test_request_message_round_trip() -> None:
     assert back.features.vehicle_id == "v007" and back.features.frame == 42 and list(back.features.shape) == [31, 64]
     assert back.instruction == "turn right now" and back.notice == "stop sign ahead"
     assert back.timeout_s == pytest.approx(0.25)
+    assert not back.has_target_point
+    tp = codec.decode(codec.encode(make_request(np.zeros((31, 64), np.float32), "turn left now",
+                                                target_point=[12.5, -3.0])), REQUEST_TYPE)
+    assert tp.has_target_point and (tp.target_point.x, tp.target_point.y) == (12.5, -3.0)
+
+
+def test_service_passes_each_vehicles_target_point_to_the_model(model: ADLLM, bus: ZmqBus) -> None:
+    addr = free_tcp_address()
+    f = np.random.default_rng(3).standard_normal((31, 64)).astype(np.float32)
+    with WaypointService.for_model(model, ServiceConfig(address=addr, max_wait_ms=1.0)) as svc:
+        assert svc.navigation
+        client = WaypointClient(bus, addr, timeout_s=5.0)
+        got_left = client.waypoints(f, "turn left now", target_point=(14.0, 9.0))
+        got_none = client.waypoints(f, "turn left now")
+    with torch.no_grad():
+        want_left = model.predict(torch.from_numpy(f[None]), ["turn left now"], [""], torch.tensor([[14.0, 9.0]]))
+        want_none = model.predict(torch.from_numpy(f[None]), ["turn left now"], [""])
+    np.testing.assert_allclose(got_left, want_left[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(got_none, want_none[0].numpy(), atol=1e-4)
+    assert not np.allclose(got_left, got_none, atol=1e-3)
 
 
 def test_window_closes_once_every_active_vehicle_is_queued(model: ADLLM, bus: ZmqBus) -> None:

@@ -22,8 +22,9 @@ from flad_edge.celladapt.stream import WaypointNodeConfig, WaypointStream
 from flad_sim import bridge as B
 
 
-def _nav(t: float, instruction: str, notice: str = "") -> object:
-    labels = {"target_point": [10.0, 0.0], "command": 0, "instruction": instruction, "notice": notice, "route_s": 0.0}
+def _nav(t: float, instruction: str, notice: str = "", target_point: tuple[float, float] = (10.0, 0.0)) -> object:
+    labels = {"target_point": list(target_point), "command": 0, "instruction": instruction, "notice": notice,
+              "route_s": 0.0}
     return B.navigation_msg(labels, t, "hero", 100.0)
 
 
@@ -47,7 +48,8 @@ def test_features_to_waypoints_for_several_vehicles(port_base: int) -> None:
         car_bus.subscribe(f"/flad/{vid}/waypoints", "nav_msgs/msg/Path", lambda m, v=vid: on(v, m))
     rng = np.random.default_rng(0)
     feats = {v: rng.standard_normal((31, 64)).astype(np.float32) for v in got}
-    texts = {"v0": ("turn left at the next intersection", ""), "v1": ("follow the lane", "red light ahead")}
+    texts = {"v0": ("turn left at the next intersection", "", (12.0, 6.0)),
+             "v1": ("follow the lane", "red light ahead", (10.0, 0.0))}
     try:
         deadline = time.monotonic() + 30
         t = 1.0
@@ -67,7 +69,8 @@ def test_features_to_waypoints_for_several_vehicles(port_base: int) -> None:
                 cond.wait(1.0)
         with torch.no_grad():
             want = model.predict(torch.from_numpy(np.stack([feats["v0"], feats["v1"]])),
-                                 [texts["v0"][0], texts["v1"][0]], [texts["v0"][1], texts["v1"][1]]).numpy()
+                                 [texts["v0"][0], texts["v1"][0]], [texts["v0"][1], texts["v1"][1]],
+                                 torch.tensor([texts["v0"][2], texts["v1"][2]])).numpy()
         for i, vid in enumerate(("v0", "v1")):
             path = got[vid][0]
             assert len(path.poses) == 5 and path.header.frame_id == f"{vid}/base_link"

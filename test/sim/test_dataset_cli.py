@@ -47,3 +47,24 @@ def test_bench_sim_prints_one_json_object():
     out = json.loads(r.stdout)
     assert out["sensors"]["frames_per_s"] > 0 and out["sensors"]["config"]["lidar"]["rays"] == 16384
     assert out["train_samples_per_s"] == 10 and "pinned_cpu" in out["conditions"]
+
+
+def test_collect_on_policy_from_the_command_line(tmp_path):
+    small = ["--vehicles", "1", "--frames-per-vehicle", "6", "--towns", "Town02", "--workers", "1", "--record-every",
+             "10", "--front-size", "16", "--side-size", "8", "--lidar-channels", "4", "--lidar-azimuth-steps", "16",
+             "--runs-dir", str(tmp_path / "runs"), "--no-progress"]
+    r = run("sim", "collect", "--noise", "--noise-steer", "0.5", "--out", str(tmp_path / "noise"), *small)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["samples"] == 6 and summary["source"] == "noise" and summary["onpolicy"]["noise_steer"] == 0.5
+    r = run("sim", "collect", "--dagger-learner", "flad_sim.agent:RouteFollowerAgent", "--dagger-kwargs",
+            '{"speed": 5.0}', "--beta", "0.5", "--out", str(tmp_path / "dagger"), *small)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["onpolicy"] == {
+        "mode": "dagger", "labels": "expert plan from the visited state", "beta": 0.5, "segment_s": 2.0,
+        "learner": "flad_sim.agent:RouteFollowerAgent", "learner_kwargs": {"speed": 5.0}}
+    for bad, why in ((["--noise", "--dagger-learner", "a:b"], "exclude"), (["--dagger-learner", "nocolon"], "learner"),
+                     (["--dagger-learner", "a:b", "--dagger-kwargs", "{oops"], "JSON"),
+                     (["--dagger-learner", "a:b", "--beta", "2"], "beta")):
+        r = run("sim", "collect", *bad, "--out", str(tmp_path / "bad"), *small)
+        assert r.returncode == 2 and why in r.stderr, (bad, r.stderr)

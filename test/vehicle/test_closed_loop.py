@@ -62,9 +62,11 @@ def test_encoder_service_pid_loop_over_sockets(route) -> None:
         with WaypointService.for_model(adm, ServiceConfig(address=addr, max_wait_ms=1.0)) as svc:
             client = WaypointClient(bus, addr, timeout_s=5.0)
 
-            def source(features: torch.Tensor, instruction: str, notice: str) -> np.ndarray:
+            def source(features: torch.Tensor, instruction: str, notice: str, target_point: np.ndarray
+                       ) -> np.ndarray:
                 seen.append((instruction, notice))
-                return client.waypoints(features, instruction, notice, vehicle_id="v000")
+                assert target_point.shape == (2,) and np.isfinite(target_point).all()
+                return client.waypoints(features, instruction, notice, vehicle_id="v000", target_point=target_point)
 
             agent = WaypointAgent(encoder, source, plan_every=5)
             w = World("Town05", seed=11)

@@ -2,7 +2,9 @@
 
 The expected controls are computed by hand from LMDrive's PID (docs/architecture.md, "Evaluation definitions")
 for a fresh controller, so a change in frames, signs or the carry-forward shows up as a wrong number, not just a
-different one.
+different one. These rigs turn LMDrive's 20-tick start-up brake off (`pid.startup_brake_ticks=0`) so that the
+first ticks reach the PID; its steer × 0.8 and every-other-tick hold stay on (test_lmdrive_control.py checks the
+loop against LMDrive tick by tick with every default).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from flad_core.bus import BusConfig, BusHub, ZmqBus
 from flad_core.config import ConfigError, from_dict
 from flad_sim import bridge as B
 from flad_vehicle.control.loop import ControllerConfig, ControllerLoop, waypoint_topic
-from flad_vehicle.control.pid import WaypointPID
+from flad_vehicle.control.pid import LMDriveController, PIDConfig, WaypointPID
 
 WP = np.array([[2.0, 1.0], [4.0, 2.0], [6.0, 3.0], [8.0, 4.0], [10.0, 5.0]])
 
@@ -105,30 +107,33 @@ def _hand_pid(wp: np.ndarray, speed: float) -> tuple[float, float, float]:
 
 
 def test_path_and_odometry_give_the_pids_control(rig) -> None:
-    r = rig(waypoint_source="edge")
+    r = rig(waypoint_source="edge", pid={"startup_brake_ticks": 0})
     r.world.publish("/flad/v0/waypoints", B.path_msg(WP, 3.0, "v0/base_link"))
     time.sleep(0.2)
     r.world.publish("/carla/hero/odometry", _odometry(3.0, x=5.0, y=-2.0, yaw=0.3, speed=2.0))
     (c,) = r.wait(1)
     throttle, steer, brake = _hand_pid(WP, 2.0)
     assert steer == pytest.approx(-0.46305, abs=1e-4)            # waypoints to the left: steer left (CARLA: -)
-    assert (c.throttle, c.steer, c.brake) == pytest.approx((throttle, steer, brake), abs=1e-6)
+    # the second tick (after the discovery frame): LMDrive computes it (`step % 2 != 0 and step > 4` holds only
+    # from tick 5 on) and scales the steer by 0.8
+    assert (c.throttle, c.steer, c.brake) == pytest.approx((throttle, 0.8 * steer, brake), abs=1e-6)
     e = WaypointPID().step(WP, 2.0)
-    assert (c.throttle, c.steer, c.brake) == pytest.approx((e.throttle, e.steer, e.brake), abs=1e-6)
+    assert (c.throttle, c.steer, c.brake) == pytest.approx((e.throttle, 0.8 * e.steer, e.brake), abs=1e-6)
     assert B.stamp_key(c.header) == B.time_key(3.0)             # stamped with the odometry's stamp exactly
 
 
 def test_plan_is_carried_forward_into_the_current_ego_frame(rig) -> None:
     """0.5 s after planning, 1 m further along x and 0.5 m left of the plan: the plan re-sampled 0.5 s later and
     seen from the new pose is what steers (right, back onto the planned line)."""
-    r = rig()
+    r = rig(pid={"startup_brake_ticks": 0})
     straight = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [5.0, 0.0]])
     r.world.publish("/carla/hero/odometry", _odometry(0.0, speed=2.0))
     r.world.publish("/flad/v0/waypoints", B.path_msg(straight, 0.0, "v0/base_link"))
     r.wait(1)
     r.world.publish("/carla/hero/odometry", _odometry(0.5, x=1.0, y=0.5, speed=2.0))
     c = r.wait(2)[-1]
-    ref = WaypointPID()
+    ref = LMDriveController(PIDConfig(startup_brake_ticks=0))
+    ref.step(None, 0.0)                           # the discovery frame (no plan: brake)
     ref.step(straight, 2.0)                       # the first tick (already published)
     want = ref.step(np.array([[1.0, -0.5], [2.0, -0.5], [3.0, -0.5], [4.0, -0.5], [5.0, -0.5]]), 2.0)
     assert want.steer > 0.1
@@ -136,7 +141,7 @@ def test_plan_is_carried_forward_into_the_current_ego_frame(rig) -> None:
 
 
 def test_stale_or_missing_waypoints_brake(rig) -> None:
-    r = rig(max_waypoint_age_s=0.5)
+    r = rig(max_waypoint_age_s=0.5, pid={"startup_brake_ticks": 0})
     r.world.publish("/carla/hero/odometry", _odometry(0.0, speed=3.0))     # no plan yet
     r.world.publish("/flad/v0/waypoints", B.path_msg(WP, 1.0, "v0/base_link"))
     time.sleep(0.2)
@@ -174,7 +179,7 @@ def test_config_is_validated() -> None:
 def test_creep_rule_restarts_a_car_stuck_on_a_stop_plan_and_respects_the_lidar(rig) -> None:
     """The node applies WaypointAgent's creep rule: standstill for stuck_after_s with a clear box ahead ->
     follow the navigation target point at creep_speed; an obstacle in the box ends the creep."""
-    r = rig(waypoint_source="edge", stuck_after_s=1.0, creep_s=2.0, creep_speed=2.0)
+    r = rig(waypoint_source="edge", stuck_after_s=1.0, creep_s=2.0, creep_speed=2.0, pid={"startup_brake_ticks": 0})
     stop = np.zeros((5, 2))                          # a planner that wants to stand still (e.g. a stale "stop")
     clear = np.array([[30.0, 0.0, 1.0, 0.5], [-5.0, 0.0, 1.0, 0.5]], np.float32)   # nothing in the box ahead
     blocked = np.array([[4.0, 0.2, 1.0, 0.5]], np.float32)                           # something 4 m ahead

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from flad_bench.driving import AGENTS
+
 log = logging.getLogger(__name__)
 
-AGENTS = ("expert", "encoder_head", "ad_llm", "adm_via_service", "constant")
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -196,9 +197,9 @@ def _worker_init(encoder_ckpt: str, model_dir: str, constant_wp: list) -> None:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     from flad_edge.celladapt.model import ADLLM
-    from flad_vehicle.encoder.checkpoint import load_checkpoint
+    from flad_vehicle.control.learners import shared_encoder
 
-    _W["encoder"] = load_checkpoint(encoder_ckpt)[0].eval()
+    _W["encoder"] = shared_encoder(encoder_ckpt)
     _W["ad_llm"] = ADLLM.from_pretrained(Path(model_dir) / "ad_llm")
     _W["adm"] = ADLLM.from_pretrained(Path(model_dir) / "adm")
     _W["constant"] = np.asarray(constant_wp, np.float64)
@@ -215,73 +216,52 @@ def _adm_service_source() -> Any:
         _W["bus"] = ZmqBus(f"bench-{os.getpid()}", BusConfig())
         _W["adm_client"] = WaypointClient(_W["bus"], addr, timeout_s=5.0)
     client = _W["adm_client"]
-    return lambda f, ins, notice: client.waypoints(f, ins, notice, vehicle_id=f"ego{os.getpid()}")
+    return lambda f, ins, notice, tp: client.waypoints(f, ins, notice, vehicle_id=f"ego{os.getpid()}",
+                                                       target_point=tp)
 
 
-def _run_job(job: tuple) -> dict[str, Any]:
-    agent_name, town, route_seed, idx, n, lo, hi, plan_every, init = job
+def _make_agent(name: str, world: Any, plan_every: int) -> tuple[Any, bool]:
+    """(agent, privileged) for one route."""
+    from flad_edge.celladapt.agents import model_source
+    from flad_sim.expert import ExpertAgent
+    from flad_vehicle.control.agent import ConstantWaypointAgent, WaypointAgent
+
+    if name == "expert":
+        return ExpertAgent(world), True
+    if name == "constant":
+        return ConstantWaypointAgent(_W["constant"]), False
+    if name == "encoder_head":
+        return WaypointAgent(_W["encoder"], None, plan_every=plan_every), False
+    if name == "ad_llm":
+        return WaypointAgent(_W["encoder"], model_source(_W["ad_llm"]), plan_every=plan_every), False
+    if name == "adm_via_service":
+        return WaypointAgent(_W["encoder"], _adm_service_source(), plan_every=plan_every), False
+    raise ValueError(f"unknown agent {name!r}; agents: {AGENTS}")
+
+
+def _route_worker(job: tuple, init: tuple, bag_dir: str, sensors: bool, plan_every: int, lo: float, hi: float,
+                  per_town: int) -> dict[str, Any]:
     if not _W:      # loaded here, not in a Pool initializer: a failing initializer makes Pool respawn forever
         _worker_init(*init)
-    from flad_sim.agent import RouteRunner
-    from flad_sim.expert import ExpertAgent
-    from flad_sim.world import World
-    from flad_vehicle.control.agent import ConstantWaypointAgent, WaypointAgent, lazy_sensor_observer, route_spec
+    from flad_bench.driving import run_route
 
-    route = route_spec(town, route_seed, n, lo, hi)[idx]
-    w = World(town, seed=route_seed * 1000 + idx)
-    observe, privileged = lazy_sensor_observer(), False
-    if agent_name == "expert":
-        agent: Any = ExpertAgent(w)
-        observe, privileged = None, True
-    elif agent_name == "constant":
-        agent = ConstantWaypointAgent(_W["constant"])
-    elif agent_name == "encoder_head":
-        agent = WaypointAgent(_W["encoder"], None, plan_every=plan_every)
-    elif agent_name == "ad_llm":
-        m = _W["ad_llm"]
-        agent = WaypointAgent(_W["encoder"], lambda f, i, nt: m.predict(f[None], [i], [nt])[0].numpy(),
-                              plan_every=plan_every)
-    elif agent_name == "adm_via_service":
-        agent = WaypointAgent(_W["encoder"], _adm_service_source(), plan_every=plan_every)
-    else:
-        raise ValueError(agent_name)
-    t0 = time.perf_counter()
-    rec = RouteRunner(w, route, agent, observe=observe, privileged=privileged).run()
-    d = rec.to_dict()
-    d.update({"agent": agent_name, "wall_s": round(time.perf_counter() - t0, 2),
-              "infraction_kinds": [i["kind"] for i in d.pop("infractions")]})
-    if isinstance(agent, WaypointAgent) and agent.plan_times:
-        d["plan_ms_mean"] = round(1000 * float(np.mean(agent.plan_times)), 1)
-    return d
+    return run_route(job, lambda a, w: _make_agent(a, w, plan_every), bag_dir, sensors, plan_every, lo, hi,
+                     per_town)
 
 
 def _closed_loop(encoder_ckpt: str, model_dir: Path, constant_wp: np.ndarray, towns: list[str], per_town: int,
-                 lo: float, hi: float, plan_every: int, workers: int, agents: tuple[str, ...]) -> dict[str, Any]:
+                 lo: float, hi: float, plan_every: int, workers: int, agents: tuple[str, ...], bag_dir: str,
+                 sensors: bool) -> dict[str, Any]:
+    from functools import partial
+
+    from flad_bench.driving import evaluate_agents
+
     init = (encoder_ckpt, str(model_dir), constant_wp.tolist())
-    jobs = [(a, t, 7, i, per_town, lo, hi, plan_every, init) for i in range(per_town) for t in towns for a in agents]
-    ctx = mp.get_context("spawn")
-    t0 = time.perf_counter()
-    with ctx.Pool(workers) as pool:
-        recs = list(pool.imap_unordered(_run_job, jobs, chunksize=1))
-    out: dict[str, Any] = {"routes": len(jobs) // len(agents), "towns": towns, "route_length_m": [lo, hi],
-                           "plan_hz": 20.0 / plan_every, "wall_s": round(time.perf_counter() - t0, 1), "agents": {}}
-    for a in agents:
-        rs = sorted((r for r in recs if r["agent"] == a), key=lambda r: r["route_id"])
-        kinds: dict[str, int] = {}
-        for r in rs:
-            for k in r["infraction_kinds"]:
-                kinds[k] = kinds.get(k, 0) + 1
-        out["agents"][a] = {
-            "ds": round(float(np.mean([r["ds"] for r in rs])), 2),
-            "rc": round(float(np.mean([r["rc"] for r in rs])), 2),
-            "is": round(float(np.mean([r["is"] for r in rs])), 3), "n_routes": len(rs),
-            "statuses": {s: sum(r["status"] == s for r in rs) for s in sorted({r["status"] for r in rs})},
-            "infractions": kinds,
-            "per_route": [{"route": r["route_id"], "rc": round(r["rc"], 1), "is": round(r["is"], 3),
-                           "ds": round(r["ds"], 1), "status": r["status"]} for r in rs],
-        }
-        if any("plan_ms_mean" in r for r in rs):
-            out["agents"][a]["plan_ms_mean"] = round(float(np.mean([r.get("plan_ms_mean", 0) for r in rs])), 1)
+    worker = partial(_route_worker, init=init, bag_dir=bag_dir, sensors=sensors, plan_every=plan_every, lo=lo,
+                     hi=hi, per_town=per_town)
+    out = evaluate_agents(worker, agents, towns, per_town, lo, hi, workers, progress=sys.stderr.isatty())
+    out["plan_hz"] = 20.0 / plan_every
+    out["bags"] = bag_dir
     return out
 
 
@@ -292,8 +272,10 @@ DEFAULT_DATA = "data/fleet"
 #: --quick: everything small (numbers meaningless); values left unset on the command line come from here.
 QUICK = {"encoder_minutes": 0.05, "steps_scale": 0.01, "train_batch": 8, "routes_per_town": 1, "route_min_m": 30.0,
          "route_max_m": 60.0, "load_seconds": 1.0, "service_repeats": 1, "latency_n": 20, "closed_loop_towns": 1,
+         "tl_eval_samples": 32, "ablation_steps": 2, "ablation_routes_per_town": 1, "onpolicy_frames": 8,
          "collect_vehicles": 6, "collect_frames": 12}
-FULL = {"encoder_minutes": 5.0, "steps_scale": 1.0, "routes_per_town": 5, "route_min_m": 80.0, "route_max_m": 130.0,
+FULL = {"encoder_minutes": 5.0, "steps_scale": 1.0, "routes_per_town": 15, "route_min_m": 80.0, "route_max_m": 130.0,
+        "tl_eval_samples": 1024, "ablation_steps": 1500, "ablation_routes_per_town": 8, "onpolicy_frames": 3000,
         "load_seconds": 8.0, "service_repeats": 3, "latency_n": 200, "closed_loop_towns": None, "train_batch": None}
 
 
@@ -302,14 +284,47 @@ def _encoder(args: argparse.Namespace, run_path: Path) -> tuple[Any, str, dict[s
 
     if args.encoder:
         enc, meta = load_checkpoint(args.encoder)
-        return enc.eval(), args.encoder, {"checkpoint": args.encoder, "step": meta.get("step")}
+        tcfg = (meta.get("extra") or meta).get("train") or {}
+        step = meta.get("step")
+        return enc.eval(), args.encoder, {"checkpoint": args.encoder, "steps": step,
+                                          "batch_size": tcfg.get("batch_size"), "minutes": tcfg.get("minutes"),
+                                          "data": tcfg.get("data"),
+                                          "frames_seen": step * tcfg["batch_size"] if step and tcfg.get("batch_size")
+                                          else None}
     from flad_vehicle.encoder.train import TrainConfig, train
 
     ckpt = run_path / "encoder.safetensors"
-    r = train(TrainConfig(data=args.data, holdout_towns=args.holdout_towns, steps=10**6,
-                          minutes=args.encoder_minutes, progress=False), checkpoint=ckpt)
-    return r["model"].eval(), str(ckpt), {"checkpoint": str(ckpt), "trained_here_minutes": args.encoder_minutes,
-                                          "steps": r["steps"]}
+    tc = TrainConfig(data=args.data, holdout_towns=args.holdout_towns, steps=10**6, minutes=args.encoder_minutes,
+                     progress=False)
+    r = train(tc, checkpoint=ckpt)
+    return r["model"].eval(), str(ckpt), {"checkpoint": str(ckpt), "minutes": args.encoder_minutes,
+                                          "steps": r["steps"], "batch_size": tc.batch_size, "data": args.data,
+                                          "frames_seen": r["samples"], "train_frames": r["data"].get("train_samples")}
+
+
+def _encoder_held_out(encoder: Any, root: str, towns: list[str], max_samples: int) -> dict[str, Any]:
+    """Open-loop figures of the encoder on held-out-town frames (traffic-light accuracy among them)."""
+    from flad_sim.dataset import FleetDataset, iter_batches
+    from flad_vehicle.encoder import batch_to_torch
+    from flad_vehicle.encoder.train import Metrics, needed_fields
+
+    names = tuple(needed_fields(encoder))
+    shards = FleetDataset.open(root).select(towns=towns)
+    m, n, counts = Metrics(), 0, {}
+    with torch.no_grad():
+        for b in iter_batches(shards, 32, shuffle=True, seed=0, fields=list(names)):
+            tb = batch_to_torch(b, names)
+            out = encoder.forward_train(tb)
+            m.add(out["pred.tl"].argmax(-1), out["pred.waypoints"], out["pred.bev"] > 0, tb)
+            for v in tb["tl_state"].reshape(-1).tolist():
+                counts[v] = counts.get(v, 0) + 1
+            n += len(tb["speed"])
+            if n >= max_samples:
+                break
+    r = m.result()
+    return {"towns": towns, "samples": r["samples"], "tl_accuracy": round(r["tl_accuracy"], 4),
+            "tl_majority_share": round(max(counts.values()) / max(1, n), 4) if counts else None,
+            "wp_l1": round(r["wp_l1"], 4), "bev_iou": round(r["bev_iou"], 4)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -330,6 +345,30 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--load-seconds", type=float, default=None, help=f"[{FULL['load_seconds']}]")
     ap.add_argument("--no-closed-loop", action="store_true")
+    ap.add_argument("--agents", nargs="+", default=list(AGENTS), choices=AGENTS,
+                    help="closed-loop agents (default: all; every agent drives the same routes)")
+    ap.add_argument("--no-bags", action="store_true", help="do not record a bag per closed-loop route")
+    ap.add_argument("--bag-sensors", action="store_true",
+                    help="route bags also carry cameras and LiDAR at the planning rate (~60 MB per route)")
+    ap.add_argument("--extra-data", nargs="+", default=[], metavar="DIR",
+                    help="more fleet datasets for the LLMs, e.g. DAgger / noise-injection frames "
+                         "(`flad sim collect --noise` / `--dagger-learner`); held-out towns are dropped")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also train and drive the AD-LLM variants of flad_bench.driver_ablation (target point / "
+                         "instructions / noise injection / DAgger) and print their table")
+    ap.add_argument("--ablation-steps", type=int, default=None, help="--ablation: training steps per variant [1500]")
+    ap.add_argument("--ablation-batch", type=int, default=32, help="--ablation: batch size [32]")
+    ap.add_argument("--ablation-model", choices=("student", "teacher"), default="student",
+                    help="--ablation: the architecture of the variants: the ADM's (student, ~20x cheaper to train "
+                         "on a CPU) or the AD-LLM's (teacher) [student]")
+    ap.add_argument("--ablation-routes-per-town", type=int, default=None,
+                    help="--ablation: held-out routes per town per variant [8]")
+    ap.add_argument("--onpolicy-frames", type=int, default=None,
+                    help="--ablation: noise-injection and DAgger frames collected each [3000]")
+    ap.add_argument("--ablation-data", default="",
+                    help="--ablation: reuse the noise-injection dataset under DIR/noise (default: collect one)")
+    ap.add_argument("--tl-eval-samples", type=int, default=None,
+                    help=f"held-out frames for the encoder's traffic-light accuracy [{1024}]")
     ap.add_argument("--service-only", default="", metavar="MODEL_DIR",
                     help="only the waypoint-service load test, on a saved ADM (`save_pretrained` dir)")
     ap.add_argument("--runs-dir", default=None)
@@ -362,6 +401,11 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
 
         if not is_fleet_dataset(args.data):
             return args, f"no fleet dataset at {args.data} (make one with `{collect_command(args.data)}`)"
+    from flad_sim.dataset import is_fleet_dataset
+
+    bad = [d for d in args.extra_data if not is_fleet_dataset(d)]
+    if bad:
+        return args, f"--extra-data: no fleet dataset at {', '.join(bad)}"
     if min(args.routes_per_town, args.workers, args.plan_every) < 1 or args.load_seconds <= 0:
         return args, "--routes-per-town, --workers and --plan-every must be >= 1 and --load-seconds > 0"
     return args, None
@@ -412,20 +456,78 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _fleet_manifest(root: str) -> dict[str, Any]:
+    return json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
+
+
 def _fleet_towns(root: str) -> list[str]:
-    manifest = json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
+    manifest = _fleet_manifest(root)
     return sorted(manifest.get("town_counts") or manifest.get("towns") or [])
+
+
+def _budgets(enc_info: dict[str, Any], res: dict[str, Any], pcfg: Any, data_info: dict[str, Any]
+             ) -> dict[str, Any]:
+    """What each agent was trained with: frames, steps, minutes (the LLMs also on their teachers' phases)."""
+    ph = res["phases"]
+
+    def phase(name: str) -> dict[str, Any]:
+        r = ph.get(name, {})
+        return {"steps": r.get("steps"), "minutes": round(r.get("wall_s", 0.0) / 60, 2),
+                "samples_seen": (r.get("steps") or 0) * pcfg.batch_size}
+
+    enc = {"frames_seen": enc_info.get("frames_seen"), "steps": enc_info.get("steps"),
+           "minutes": enc_info.get("minutes"), "train_frames": enc_info.get("train_frames")}
+    frames = {"cloud": data_info.get("cloud"), "edge": data_info.get("edge"),
+              "extra_on_policy": sum(e["frames"] for e in data_info.get("extra", []))}
+    cloud_phases = ("general_on_driving_data", "cloud_distill_general_to_ad_llm")
+    teacher = {p: phase(p) for p in ph if p in cloud_phases or "lora" in p}
+    return {"encoder_head": {"encoder": enc},
+            "ad_llm": {"encoder": enc, "frames": frames, "phases": teacher},
+            "adm_via_service": {"encoder": enc, "frames": frames,
+                                "phases": {**teacher, **{p: phase(p) for p in ph if p not in teacher}}}}
+
+
+def _driving_goals(cl: dict[str, Any]) -> dict[str, Any]:
+    """The closed-loop goals of the CELLAdapt issue, from the per-agent summaries (None: agent not run)."""
+    if not cl:
+        return {}
+
+    def ds(a: str) -> float | None:
+        return cl[a]["ds"] if a in cl else None
+
+    def above_constant(a: str) -> bool | None:
+        if a not in cl or "constant" not in cl:
+            return None
+        return cl[a]["ds_ci95"][0] > cl["constant"]["ds_ci95"][1]
+
+    learned = [a for a in ("encoder_head", "ad_llm", "adm_via_service") if a in cl]
+    return {
+        "routes_ge_30_per_agent": all(v["n_routes"] >= 30 for v in cl.values()),
+        "expert_ds_ge_95": None if ds("expert") is None else ds("expert") >= 95.0,
+        "encoder_head_ds_ge_80": None if ds("encoder_head") is None else ds("encoder_head") >= 80.0,
+        "ad_llm_ds_ge_70": None if ds("ad_llm") is None else ds("ad_llm") >= 70.0,
+        "adm_ds_ge_0.9x_ad_llm": (None if ds("adm_via_service") is None or ds("ad_llm") is None
+                                  else ds("adm_via_service") >= 0.9 * ds("ad_llm")),
+        "llm_agents_ci_above_constant_ci": {a: above_constant(a) for a in ("ad_llm", "adm_via_service") if a in cl},
+        "route_deviations_le_10pct": {a: cl[a]["route_deviation_share"] <= 0.10 for a in learned},
+    }
 
 
 def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -> dict[str, Any]:
     """Train (encoder, general LLM, AD-LLM, LoRA, ADM), then every figure of the JSON but wall_s and run_dir."""
-    from flad_edge.celladapt.data import cached_features
+    from flad_edge.celladapt.data import cached_features, concat_feature_sets
     from flad_edge.celladapt.pipeline import PipelineConfig, run_pipeline
     from flad_edge.celladapt.train import evaluate, waypoint_metrics
 
     load0 = os.getloadavg()
     encoder, ckpt, enc_info = _encoder(args, run.path)
     data = cached_features(encoder, args.data, ckpt, args.cache_dir)
+    expert_data = data                    # the ablation trains on expert frames only, whatever --extra-data adds
+    extra_info = []
+    for root in args.extra_data:          # on-policy frames (DAgger / noise injection): training towns only
+        extra = cached_features(encoder, root, ckpt, args.cache_dir).select(exclude_towns=args.holdout_towns)
+        extra_info.append({"root": root, "frames": len(extra), "source": _fleet_manifest(root).get("onpolicy")})
+        data = concat_feature_sets([data, extra])
     s = args.steps_scale
     pcfg = PipelineConfig(holdout_towns=args.holdout_towns, general=args.general,
                           general_steps=max(1, int(300 * s)), distill_steps=max(1, int(300 * s)),
@@ -458,6 +560,9 @@ def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -
                                  "cloud_towns": pcfg.cloud_towns, "edge_towns": pcfg.edge_towns, **res["samples"]}
     if collected:
         data_info["collected"] = collected
+    if extra_info:
+        data_info["extra"] = extra_info
+    enc_info["held_out"] = _encoder_held_out(encoder, args.data, pcfg.holdout_towns, args.tl_eval_samples)
     result: dict[str, Any] = {
         "bench": "llm",
         "conditions": {
@@ -481,22 +586,33 @@ def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -
         "latency_batch1_inprocess": lat,
         "service": service,
         "phases": res["phases"],
+        "training_budget": _budgets(enc_info, res, pcfg, data_info),
     }
     if args.quick:
         result["quick"] = "smoke run: numbers are not meaningful"
     if not args.no_closed_loop:
         cl_towns = pcfg.holdout_towns[:args.closed_loop_towns] if args.closed_loop_towns else pcfg.holdout_towns
+        bags = "" if args.no_bags else str(run.path / "routes")
         result["closed_loop"] = _closed_loop(ckpt, run.path / "models", const_wp.numpy(), cl_towns,
                                              args.routes_per_town, args.route_min_m, args.route_max_m,
-                                             args.plan_every, args.workers, AGENTS)
-    cl = result.get("closed_loop", {}).get("agents", {})
+                                             args.plan_every, args.workers, tuple(args.agents), bags,
+                                             args.bag_sensors)
+        for a in result["closed_loop"]["agents"]:     # the encoder whose features/head each agent drives with
+            if a not in ("expert", "constant"):
+                result["closed_loop"]["agents"][a]["encoder_tl_accuracy_held_out"] = enc_info["held_out"][
+                    "tl_accuracy"]
+    if args.ablation:
+        from flad_bench.driver_ablation import run_ablation
+
+        cl_towns = pcfg.holdout_towns[:args.closed_loop_towns] if args.closed_loop_towns else pcfg.holdout_towns
+        result["ablation"] = run_ablation(args, run.path, ckpt, expert_data, train_towns, pcfg.holdout_towns,
+                                          cl_towns, args.cache_dir)
     result["goals"] = {
         "student_l1_le_1.15x_teacher": sl <= 1.15 * tl,
         "student_3x_lower_latency": result["teacher_vs_student"]["latency_ratio_teacher_over_student_p50"] >= 3.0,
         "service_p50_le_30ms_batch1": one["p50_ms"] <= 30.0,
         "batching_ge_3x_throughput_8_clients": result["service"]["batching_speedup"] >= 3.0,
-        "learned_agents_beat_constant_ds": {a: cl[a]["ds"] > cl["constant"]["ds"]
-                                            for a in ("encoder_head", "ad_llm", "adm_via_service")} if cl else None,
+        **_driving_goals(result.get("closed_loop", {}).get("agents", {})),
     }
     result["conditions"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return result

@@ -522,12 +522,13 @@ class RunTap:
     """
 
     def __init__(self, recorder: BagRecorder, cfg: RecordConfig, dt: float, cameras: list[str],
-                 extras: FrameExtras | None = None, progress: Any = None) -> None:
+                 extras: FrameExtras | None = None, progress: Any = None, lidar: bool = True) -> None:
         from flad_sim.labels import WaypointLabeler
 
         self.rec = recorder
         self.cfg = cfg
         self.cameras = cameras
+        self.lidar = lidar                 # cameras=[] and lidar=False: a light bag (no sensor data)
         self.extras = extras
         self.progress = progress
         self.labeler = WaypointLabeler(dt=dt)
@@ -556,10 +557,12 @@ class RunTap:
                  (self.t_speed, codec.new("std_msgs/msg/Float32", data=float(st.speed)))]
         frame = self.tick % self.cfg.sensor_every == 0
         if frame:
-            sensors = obs["sensors"]()
-            for c in self.cameras:
-                msgs.append((bridge.topic(role, c), bridge.image_msg(sensors[c], t, f"{role}/{c}")))
-            msgs.append((self.t_lidar, bridge.pointcloud_msg(sensors["lidar"], t, f"{role}/lidar")))
+            if self.cameras or self.lidar:
+                sensors = obs["sensors"]()
+                for c in self.cameras:
+                    msgs.append((bridge.topic(role, c), bridge.image_msg(sensors[c], t, f"{role}/{c}")))
+                if self.lidar:
+                    msgs.append((self.t_lidar, bridge.pointcloud_msg(sensors["lidar"], t, f"{role}/lidar")))
             labels = obs.get("labels", {})
             msgs.append((self.t_nav, bridge.navigation_msg(labels, t, role, self.runner.route.length)))
             msgs.append((self.t_tl, traffic_light_msg(int(labels.get("tl_state", 0)), t)))

@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,13 @@ Output: OUT/manifest.json (fleet) and OUT/vehicles/<id>/ (one .npy per field, me
 manifest of shapes, dtypes and sha256 checksums). The whole dataset is written to a temporary folder and
 renamed into place, so an interrupted run never leaves a half-written dataset. Read it with
 flad_sim.dataset.FleetDataset.open(OUT) and iter_batches(...).
+
+On-policy data (flad_sim.onpolicy), labelled with the expert's plan from the state the ego is in:
+  --noise                         the expert drives with seeded steering / throttle / brake perturbations
+  --dagger-learner MOD:FUNC       a learner drives (DAgger), e.g.
+                                  flad_vehicle.control.learners:encoder_head_agent with
+                                  --dagger-kwargs '{"checkpoint": "runs/<id>/encoder.safetensors"}', or
+                                  flad_edge.celladapt.agents:adllm_agent (checkpoint + model_dir)
 """
 
 
@@ -50,19 +58,48 @@ def _collect(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"flad sim collect: {exc}", file=sys.stderr)
         return 2
+    try:
+        source = _source(args)
+    except ValueError as exc:
+        print(f"flad sim collect: {exc}", file=sys.stderr)
+        return 2
     seed_everything(cfg.seed)
     run = RunDir.create("sim-collect", cfg, root=Path(args.runs_dir) if args.runs_dir else None)
     t0 = time.perf_counter()
-    manifest = collect(cfg, source=args.source, progress=not args.no_progress)
+    manifest = collect(cfg, source=source, progress=not args.no_progress)
     secs = time.perf_counter() - t0
     summary = {"out": cfg.out, "vehicles": len(manifest["vehicles"]), "samples": manifest["total"],
                "town_counts": manifest["town_counts"], "seconds": round(secs, 2),
                "samples_per_s": round(manifest["total"] / max(secs, 1e-9), 2), "workers": cfg.workers,
-               "source": args.source, "run": str(run.path)}
+               "source": manifest["source"], "run": str(run.path)}
+    if "onpolicy" in manifest:
+        summary["onpolicy"] = manifest["onpolicy"]
     run.log_metrics(summary)
     run.write_json("summary.json", summary)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _source(args: argparse.Namespace) -> Any:
+    """The sample source the flags ask for: a name, or an on-policy source (ValueError names a bad flag)."""
+    if not (args.noise or args.dagger_learner):
+        return args.source
+    if args.noise and args.dagger_learner:
+        raise ValueError("--noise and --dagger-learner exclude each other")
+    from flad_sim.onpolicy import OnPolicyConfig, OnPolicySource
+
+    if args.noise:
+        op = OnPolicyConfig(mode="noise", noise_steer=args.noise_steer)
+    else:
+        try:
+            kwargs = json.loads(args.dagger_kwargs)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--dagger-kwargs is not JSON: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise ValueError("--dagger-kwargs must be a JSON object")
+        op = OnPolicyConfig(mode="dagger", learner=args.dagger_learner, learner_kwargs=kwargs, beta=args.beta)
+    op.validate()
+    return OnPolicySource(op)
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -167,6 +204,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--lidar-azimuth-steps", type=int, default=512, help="default: %(default)s")
     c.add_argument("--source", choices=("world", "synthetic"), default="world",
                    help="'world' drives the embedded world; 'synthetic' renders a fixed crossroads (tests)")
+    c.add_argument("--noise", action="store_true",
+                   help="noise injection: the expert drives with perturbed controls, labels are its plan")
+    c.add_argument("--noise-steer", type=float, default=0.3, help="--noise: peak steering perturbation [0.3]")
+    c.add_argument("--dagger-learner", default="", metavar="MODULE:FUNCTION",
+                   help="DAgger: this learner drives (an Agent factory), the expert labels what it visits")
+    c.add_argument("--dagger-kwargs", default="{}", metavar="JSON", help="keyword arguments of the learner")
+    c.add_argument("--beta", type=float, default=0.0,
+                   help="DAgger: probability that the expert drives a 2 s segment instead [0]")
     c.add_argument("--runs-dir", default=None, help="where the run record goes (default: runs/ or $FLAD_RUNS_DIR)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_collect)

@@ -119,7 +119,8 @@ class WorldBridgeConfig:
 class ExpertPlanner(ExpertAgent):
     """The privileged expert as a waypoint source: where it would be in 0.5 .. 2.5 s (see the module docstring).
 
-    Call `waypoints()` once per tick (it advances the expert's state: route progress, stop signs served).
+    Call `waypoints()` once per tick (it advances the expert's state: route progress, stop signs served);
+    the control the expert would apply this tick is then `last_control`.
     """
 
     def _idm(self, v: float, v0: float, gaps: list[tuple[float, float, float]]) -> float:
@@ -129,7 +130,7 @@ class ExpertPlanner(ExpertAgent):
 
     def waypoints(self, n: int = N_WAYPOINTS, dt: float = WAYPOINT_DT_S) -> np.ndarray:
         """[n, 2] waypoints in the ego's (rear-axle) frame, `dt` apart, on the route centre line."""
-        self.run_step()
+        self.last_control = self.run_step()
         ego = self.world.egos[self.ego_id]
         v, a, v_max = max(float(ego.v), 0.0), self.last_acc, max(self.last_v0, float(ego.v))
         step, d, out = 0.05, 0.0, []

@@ -513,10 +513,12 @@ def _collect_vehicle(args: tuple) -> tuple[str, dict[str, Any], float]:
     t0 = time.perf_counter()
     rig_cfg = cfg.rig_config()
     specs = sample_fields(rig_cfg.camera_sizes, rig_cfg.lidar.rays)
-    source = _sources()[source_name]
+    source = _sources()[source_name] if isinstance(source_name, str) else source_name
     total = sum(plan.values())
-    with ShardWriter(Path(tmp_root) / "vehicles" / vid, vid, total, specs, towns=list(plan),
-                     meta={"seed": cfg.seed, "record_every": cfg.record_every}) as w:
+    meta = {"seed": cfg.seed, "record_every": cfg.record_every, "source": _source_name(source_name)}
+    if hasattr(source, "cfg") and hasattr(source.cfg, "describe"):
+        meta["onpolicy"] = source.cfg.describe()
+    with ShardWriter(Path(tmp_root) / "vehicles" / vid, vid, total, specs, towns=list(plan), meta=meta) as w:
         for town, n in plan.items():
             for s in source(town, n, _vehicle_seed(cfg.seed, vid, town), cfg):
                 w.append(s, town)
@@ -527,8 +529,15 @@ def _sources() -> dict[str, Callable[..., Iterator[dict[str, Any]]]]:
     return {"world": world_samples, "synthetic": synthetic_samples}
 
 
-def collect(cfg: CollectConfig, source: str = "world", progress: bool = True) -> dict[str, Any]:
-    """Collect a fleet dataset into `cfg.out` (atomically); returns the fleet manifest."""
+def _source_name(source: str | SampleSource) -> str:
+    return source if isinstance(source, str) else str(getattr(source, "name", type(source).__name__))
+
+
+def collect(cfg: CollectConfig, source: str | SampleSource = "world", progress: bool = True) -> dict[str, Any]:
+    """Collect a fleet dataset into `cfg.out` (atomically); returns the fleet manifest.
+
+    `source`: "world" (the expert's drives), "synthetic", or a picklable sample source such as
+    `flad_sim.onpolicy.OnPolicySource` (DAgger / noise-injection frames)."""
     cfg.validate()
     towns = list(cfg.towns) or available_towns()
     plan = assign_towns(cfg.vehicles, towns, cfg.frames_per_vehicle, cfg.seed, cfg.dirichlet_alpha)
@@ -570,7 +579,7 @@ def collect(cfg: CollectConfig, source: str = "world", progress: bool = True) ->
             for t, c in info["town_counts"].items():
                 town_counts[t] = town_counts.get(t, 0) + c
         manifest = {
-            "format": FLEET_FORMAT, "source": source, "config": cfg_dict, "towns": towns,
+            "format": FLEET_FORMAT, "source": _source_name(source), "config": cfg_dict, "towns": towns,
             "camera_sizes": {k: list(v) for k, v in rig.camera_sizes.items()}, "lidar_rays": rig.lidar.rays,
             "vehicles": {vid: {"path": f"vehicles/{vid}", "towns": results[vid]["towns"],
                                "count": results[vid]["count"], "town_counts": results[vid]["town_counts"]}
@@ -578,6 +587,8 @@ def collect(cfg: CollectConfig, source: str = "world", progress: bool = True) ->
             "town_counts": town_counts, "total": sum(r["count"] for r in results.values()),
             "collect_seconds": round(elapsed, 2),
         }
+        if hasattr(source, "cfg") and hasattr(source.cfg, "describe"):
+            manifest["onpolicy"] = source.cfg.describe()
         atomic_write_json(tmp / MANIFEST, manifest)
         replace_dir(tmp, root)
     except BaseException:
@@ -676,13 +687,19 @@ def world_samples(town: str, n: int, seed: int, cfg: CollectConfig) -> Iterator[
 def _frame(drive: ExpertDrive, rig: Any, specs: dict[str, FieldSpec]) -> dict[str, Any]:
     """One sample (all but waypoints) of the drive's current state."""
     obs = rig.observe(drive.scene_view())
-    labels = drive.labels()
+    return sample_from(obs, drive.labels(), specs)
+
+
+def sample_from(obs: dict[str, Any], labels: dict[str, Any], specs: dict[str, FieldSpec],
+                waypoints: np.ndarray | None = None) -> dict[str, Any]:
+    """One sample of `specs` from a rendered frame (`obs`) and the world's labels; `waypoints` when known
+    (else the sample has none yet: recorded trajectories fill them 2.5 s later)."""
     s: dict[str, Any] = {}
     for k, spec in specs.items():
-        if k == "waypoints":
-            continue
-        v = obs[k] if k in obs else labels.get(k)
+        v = (waypoints if k == "waypoints" else obs[k] if k in obs else labels.get(k))
         if v is None:
+            if k == "waypoints":
+                continue
             raise KeyError(f"world labels are missing field {k!r}")
         s[k] = np.asarray(v, dtype=spec.dtype).reshape(spec.shape)
     for k in TEXT_FIELDS:

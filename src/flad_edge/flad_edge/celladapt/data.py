@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 #: this many frames (~1 s at the default 4 recorded frames per second): the instruction is being completed
 EOI_HORIZON_FRAMES = 4
 #: bump when the cached feature format changes, so stale caches are rebuilt rather than misread
-CACHE_FORMAT = b"features-v2-eoi"
+CACHE_FORMAT = b"features-v3-target-point"
 
 
 def end_of_instruction_labels(commands: Sequence[int] | np.ndarray, horizon: int = EOI_HORIZON_FRAMES
@@ -42,8 +42,9 @@ def end_of_instruction_labels(commands: Sequence[int] | np.ndarray, horizon: int
 
 @dataclass
 class FeatureSet:
-    """N samples: features [N,T,D] float32, waypoints [N,5,2] metres (ego frame), texts, town, vehicle, and
-    (where the data has navigation commands) the end-of-instruction labels [N] (0/1 float)."""
+    """N samples: features [N,T,D] float32, waypoints [N,5,2] metres (ego frame), texts, town, vehicle,
+    (where the data has navigation commands) the end-of-instruction labels [N] (0/1 float), and the route's
+    target points [N,2] (ego frame, metres) that a navigation model reads."""
 
     features: Tensor
     waypoints: Tensor
@@ -53,6 +54,14 @@ class FeatureSet:
     vehicles: list[str]
     encoder_waypoints: Tensor | None = None   # the encoder's own head on the same frames (a baseline)
     eoi: Tensor | None = None                 # end-of-instruction labels (`end_of_instruction_labels`)
+    target_points: Tensor | None = None       # the route's next target point [N, 2]
+
+    def __post_init__(self) -> None:
+        n = len(self)
+        for name in ("waypoints", "encoder_waypoints", "eoi", "target_points"):
+            t = getattr(self, name)
+            if t is not None and int(t.shape[0]) != n:
+                raise ValueError(f"FeatureSet: {name} has {int(t.shape[0])} rows, features {n}")
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -64,7 +73,8 @@ class FeatureSet:
                           [self.notices[i] for i in idx], [self.towns[i] for i in idx],
                           [self.vehicles[i] for i in idx],
                           self.encoder_waypoints[t] if self.encoder_waypoints is not None else None,
-                          self.eoi[t] if self.eoi is not None else None)
+                          self.eoi[t] if self.eoi is not None else None,
+                          self.target_points[t] if self.target_points is not None else None)
 
     def select(self, towns: Sequence[str] | None = None, vehicles: Sequence[str] | None = None,
                exclude_towns: Sequence[str] = ()) -> FeatureSet:
@@ -87,6 +97,8 @@ class FeatureSet:
                      "instruction": [self.instructions[i] for i in idx], "notice": [self.notices[i] for i in idx]}
             if self.eoi is not None:
                 batch["eoi"] = self.eoi[t]
+            if self.target_points is not None:
+                batch["target_point"] = self.target_points[t]
             yield batch
 
     def endless(self, batch_size: int, seed: int = 0) -> Iterator[dict]:
@@ -101,6 +113,8 @@ class FeatureSet:
             extra = {} if self.encoder_waypoints is None else {"encoder_waypoints": self.encoder_waypoints.numpy()}
             if self.eoi is not None:
                 extra["eoi"] = self.eoi.numpy()
+            if self.target_points is not None:
+                extra["target_points"] = self.target_points.numpy()
             np.savez(fh, features=self.features.numpy(), waypoints=self.waypoints.numpy(), **extra)
         atomic_write_text(path.with_suffix(".json"), json.dumps(
             {"instructions": self.instructions, "notices": self.notices, "towns": self.towns,
@@ -114,10 +128,26 @@ class FeatureSet:
         fs = cls(torch.from_numpy(arr["features"]), torch.from_numpy(arr["waypoints"]), meta["instructions"],
                  meta["notices"], meta["towns"], meta["vehicles"],
                  torch.from_numpy(arr["encoder_waypoints"]) if "encoder_waypoints" in arr else None,
-                 torch.from_numpy(arr["eoi"]) if "eoi" in arr else None)
+                 torch.from_numpy(arr["eoi"]) if "eoi" in arr else None,
+                 torch.from_numpy(arr["target_points"]) if "target_points" in arr else None)
         if not (len(fs.instructions) == len(fs.notices) == len(fs.towns) == len(fs) == len(fs.waypoints)):
             raise ValueError(f"{path}: inconsistent feature cache")
         return fs
+
+
+def concat_feature_sets(sets: Sequence[FeatureSet]) -> FeatureSet:
+    """One FeatureSet of all samples of `sets`, in order; an optional field is kept only where every set has it."""
+    if not sets:
+        raise ValueError("concat_feature_sets: no feature sets")
+
+    def cat(name: str) -> Tensor | None:
+        parts = [getattr(f, name) for f in sets]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+
+    return FeatureSet(torch.cat([f.features for f in sets]), torch.cat([f.waypoints for f in sets]),
+                      [x for f in sets for x in f.instructions], [x for f in sets for x in f.notices],
+                      [x for f in sets for x in f.towns], [x for f in sets for x in f.vehicles],
+                      cat("encoder_waypoints"), cat("eoi"), cat("target_points"))
 
 
 @torch.no_grad()
@@ -129,24 +159,26 @@ def extract_features(encoder, root: str | Path, batch_size: int = 32) -> Feature
     encoder.eval()
     ds = FleetDataset.open(root)
     names = list(encoder.input_names)
-    feats, wps, ewps, ins, nots, towns, vehs, eois = [], [], [], [], [], [], [], []
+    feats, wps, ewps, ins, nots, towns, vehs, eois, tps = [], [], [], [], [], [], [], [], []
     for shard in ds.select():
         town = shard.towns[0] if len(shard.towns) == 1 else "mixed"
         commands: list[np.ndarray] = []
         for b in iter_batches(shard, batch_size, shuffle=False,
-                              fields=[*names, "waypoints", "instruction", "notice", "command"]):
+                              fields=[*names, "waypoints", "instruction", "notice", "command", "target_point"]):
             commands.append(np.asarray(b["command"]).reshape(-1))
             out = encoder(batch_to_torch(b, tuple(names)))
             f = out["features"]
             feats.append(f.float())
             ewps.append(out["pred.waypoints"].float())
             wps.append(torch.from_numpy(np.asarray(b["waypoints"], np.float32)))
+            tps.append(torch.from_numpy(np.asarray(b["target_point"], np.float32).reshape(-1, 2)))
             ins += list(b["instruction"])
             nots += list(b["notice"])
             towns += [town] * len(f)
             vehs += [shard.vehicle_id] * len(f)
         eois.append(torch.from_numpy(end_of_instruction_labels(np.concatenate(commands))))
-    return FeatureSet(torch.cat(feats), torch.cat(wps), ins, nots, towns, vehs, torch.cat(ewps), torch.cat(eois))
+    return FeatureSet(torch.cat(feats), torch.cat(wps), ins, nots, towns, vehs, torch.cat(ewps), torch.cat(eois),
+                      torch.cat(tps))
 
 
 def cached_features(encoder, root: str | Path, checkpoint: str | Path, cache_dir: str | Path) -> FeatureSet:
@@ -177,5 +209,6 @@ def synthetic_feature_set(n: int = 256, n_tokens: int = 31, d: int = 64, seed: i
     wp = torch.stack([speed[:, None] * t, lat[:, None] * t ** 2], dim=-1)
     ins = [instruction_text(int(c), None, i) for i, c in enumerate(cmd)]
     eoi = (f[:, 0, 1] > 1.0).float()        # "completed" is visible in the features (~16 % positives)
+    tp = torch.stack([torch.full((n,), 15.0), lat * 10.0], dim=1)     # the turn also shows in the target point
     return FeatureSet(f, wp.float(), ins, [""] * n, ["Town01" if i % 2 else "Town02" for i in range(n)],
-                      [f"v{i % 4:03d}" for i in range(n)], eoi=eoi)
+                      [f"v{i % 4:03d}" for i in range(n)], eoi=eoi, target_points=tp)

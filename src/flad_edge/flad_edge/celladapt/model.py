@@ -4,6 +4,7 @@ Input sequence (fixed length, so batched and single inference give the same posi
 
     [BOS] instruction [SEP] notice [PAD]...   ← `max_text_tokens` text slots (pads masked out)
     v_1 ... v_Q                               ← visual tokens: the adapter's queries over encoder features
+    n                                         ← navigation token: the route's target point (`navigation`)
     w_1 ... w_5                               ← learned waypoint queries; the head reads their hidden states
 
 The adapter (after LMDrive's Q-Former) lets Q learned queries self-attend together with the instruction
@@ -11,6 +12,11 @@ embeddings (so what it extracts depends on the instruction) and cross-attend to 
 tokens. The waypoint head maps each w_i's hidden state to (x, y) metres in the ego frame; the end flag
 (LMDrive's "instruction completed") is a logit on the last hidden state. The LLM is any local
 `from_pretrained` checkpoint; tiny configs are built randomly initialised for tests and CPU runs.
+
+The navigation token is what a driver needs besides the instruction text: the next route target point
+(ego frame, the same one the vision encoder's waypoint head gets). LMDrive gives its LLM only the
+instruction sequence; with `navigation=False` this model does the same. A request without a target point
+gets the token of "no target point" (a flag input set to 0), so such a model still answers.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class ADLLMConfig:
     n_waypoints: int = 5
     max_text_tokens: int = 24
     wp_scale: float = 5.0        # head outputs are multiplied by this (metres): keeps the init small
+    navigation: bool = True      # a navigation token from the route's target point (module docstring)
     seed: int = 0
 
 
@@ -166,6 +173,7 @@ class ADLLM(nn.Module):
         self.wp_queries = nn.Parameter(torch.randn(cfg.n_waypoints, H) * 0.02)
         self.wp_head = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, 2))
         self.end_head = nn.Linear(H, 1)
+        self.nav_embed = (nn.Sequential(nn.Linear(3, H), nn.GELU(), nn.Linear(H, H)) if cfg.navigation else None)
 
     # ---------------------------------------------------------------------------------------- building
 
@@ -238,28 +246,46 @@ class ADLLM(nn.Module):
         mask[:, 0] = 1
         return ids, mask
 
-    def forward(self, features: Tensor, input_ids: Tensor, text_mask: Tensor) -> dict[str, Tensor]:
-        """features [B,N,d_feature], input_ids/text_mask [B,T] → waypoints [B,5,2] m, end_logit [B]."""
+    def navigation_token(self, target_points: Tensor | None, batch: int, like: Tensor) -> Tensor | None:
+        """[B, 1, H] from target points [B, 2] (metres, ego frame); None (or NaN rows): the 'no target' token."""
+        if self.nav_embed is None:
+            return None
+        if target_points is None:
+            nav = torch.zeros(batch, 3, dtype=like.dtype, device=like.device)
+        else:
+            tp = torch.as_tensor(target_points, dtype=like.dtype, device=like.device).reshape(batch, 2)
+            have = torch.isfinite(tp).all(dim=1, keepdim=True)
+            nav = torch.cat([torch.where(have, tp, torch.zeros_like(tp)) / 20.0, have.to(like.dtype)], dim=1)
+        return self.nav_embed(nav).unsqueeze(1)
+
+    def forward(self, features: Tensor, input_ids: Tensor, text_mask: Tensor, target_points: Tensor | None = None
+                ) -> dict[str, Tensor]:
+        """features [B,N,d_feature], input_ids/text_mask [B,T], target_points [B,2] (optional) → waypoints
+        [B,5,2] m, end_logit [B]."""
         base = self._base()
         emb_layer = base.get_input_embeddings()
         text_emb = emb_layer(input_ids)
         vis = self.adapter(features.to(text_emb.dtype), text_emb, text_mask)
         B = features.shape[0]
         wq = self.wp_queries.unsqueeze(0).expand(B, -1, -1).to(text_emb.dtype)
-        seq = torch.cat([text_emb, vis, wq], dim=1)
+        nav = self.navigation_token(target_points, B, text_emb)
+        tokens = [vis] if nav is None else [vis, nav]
+        seq = torch.cat([text_emb, *tokens, wq], dim=1)
+        extra = sum(t.shape[1] for t in tokens) + wq.shape[1]
         mask = torch.cat([text_mask.to(torch.long),
-                          torch.ones(B, vis.shape[1] + wq.shape[1], dtype=torch.long, device=seq.device)], dim=1)
+                          torch.ones(B, extra, dtype=torch.long, device=seq.device)], dim=1)
         h = base.get_decoder()(inputs_embeds=seq, attention_mask=mask, use_cache=False).last_hidden_state
         hw = h[:, -self.cfg.n_waypoints:]
         wp = self.wp_head(hw) * self.cfg.wp_scale
         return {"waypoints": wp, "end_logit": self.end_head(h[:, -1]).squeeze(-1), "hidden": h}
 
     @torch.no_grad()
-    def predict(self, features: Tensor, instructions: Sequence[str], notices: Sequence[str] | None = None
-                ) -> Tensor:
-        """Waypoints [B,5,2] for features [B,N,d] and one instruction (and notice) per sample."""
+    def predict(self, features: Tensor, instructions: Sequence[str], notices: Sequence[str] | None = None,
+                target_points: Tensor | None = None) -> Tensor:
+        """Waypoints [B,5,2] for features [B,N,d], one instruction (and notice) per sample and, for a
+        navigation model, the route's target points [B,2] (None: none known)."""
         ids, mask = self.encode_text(instructions, notices)
-        return self.forward(features, ids, mask)["waypoints"]
+        return self.forward(features, ids, mask, target_points)["waypoints"]
 
     # ---------------------------------------------------------------------------------------- parameters
 
@@ -305,6 +331,7 @@ class ADLLM(nn.Module):
 
         d = Path(directory)
         meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+        meta["config"].setdefault("navigation", False)     # saved before the navigation token existed
         cfg = from_dict(ADLLMConfig, meta["config"], "celladapt")
         tokenizer = AutoTokenizer.from_pretrained(d / TOKENIZER_DIR, local_files_only=True)
         llm = AutoModelForCausalLM.from_pretrained(d / LLM_DIR, dtype=torch.float32, local_files_only=True)

@@ -40,7 +40,9 @@ RESPONSE_TYPE = "nav_msgs/msg/Path"
 FEATURE_DTYPES = ("float32", "float16")
 MAX_TEXT_CHARS = 512
 
-Predictor = Callable[[torch.Tensor, list[str], list[str]], torch.Tensor]
+#: (features [B,T,D], instructions, notices) → waypoints [B,5,2]; a navigation predictor (`navigation=True`)
+#: also takes the target points [B,2] (NaN rows: none known)
+Predictor = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -90,9 +92,15 @@ def features_to_msg(features: np.ndarray | torch.Tensor, vehicle_id: str = "", f
 
 
 def make_request(features: np.ndarray | torch.Tensor, instruction: str, notice: str = "", vehicle_id: str = "",
-                 frame: int = 0, timeout_s: float = 0.0) -> Any:
-    return codec.new(REQUEST_TYPE, header=codec.header(), features=features_to_msg(features, vehicle_id, frame),
-                     instruction=instruction, notice=notice, timeout_s=float(timeout_s))
+                 frame: int = 0, timeout_s: float = 0.0, target_point: Any = None) -> Any:
+    """A WaypointRequest; `target_point` (x, y) in the ego frame, or None when the vehicle has none."""
+    msg = codec.new(REQUEST_TYPE, header=codec.header(), features=features_to_msg(features, vehicle_id, frame),
+                    instruction=instruction, notice=notice, timeout_s=float(timeout_s))
+    if target_point is not None:
+        x, y = (float(v) for v in np.asarray(target_point, np.float64).reshape(2))
+        msg.target_point.x, msg.target_point.y = x, y
+        msg.has_target_point = True
+    return msg
 
 
 def msg_to_features(msg: Any, shape: tuple[int, int]) -> np.ndarray:
@@ -143,14 +151,16 @@ class _Pending:
     vehicle_id: str
     arrived: float
     deadline: float
+    target_point: tuple[float, float] = (math.nan, math.nan)
 
 
 class WaypointService:
     """Dynamic-batching waypoint server on a ROUTER socket; `start()` runs it on a daemon thread."""
 
     def __init__(self, predict: Predictor, feature_shape: tuple[int, int], cfg: ServiceConfig | None = None,
-                 context: zmq.Context | None = None, security: Any = None) -> None:
+                 context: zmq.Context | None = None, security: Any = None, navigation: bool = False) -> None:
         self.predict = predict
+        self.navigation = navigation
         self.feature_shape = tuple(feature_shape)
         self.cfg = cfg or ServiceConfig()
         self.ctx = context or zmq.Context.instance()
@@ -166,11 +176,8 @@ class WaypointService:
     def for_model(cls, model: Any, cfg: ServiceConfig | None = None, **kw: Any) -> WaypointService:
         """Serves an `ADLLM` (AD-LLM or ADM)."""
         a = model.cfg.adapter
-
-        def predict(f: torch.Tensor, ins: list[str], nots: list[str]) -> torch.Tensor:
-            return model.predict(f, ins, nots)
-
-        return cls(predict, (a.n_feature_tokens, a.d_feature), cfg, **kw)
+        kw.setdefault("navigation", bool(getattr(model.cfg, "navigation", False)))
+        return cls(predictor_fn(model), (a.n_feature_tokens, a.d_feature), cfg, **kw)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -304,7 +311,9 @@ class WaypointService:
             return None
         timeout = timeout or self.cfg.default_timeout_s
         self._peers[(peer, msg.features.vehicle_id)] = now
-        return _Pending(peer, req_id, feats, msg.instruction, msg.notice, msg.features.vehicle_id, now, now + timeout)
+        tp = (msg.target_point.x, msg.target_point.y) if msg.has_target_point else (math.nan, math.nan)
+        return _Pending(peer, req_id, feats, msg.instruction, msg.notice, msg.features.vehicle_id, now, now + timeout,
+                        tp)
 
     def _run_batch(self, sock: zmq.Socket, batch: list[_Pending]) -> None:
         now = time.monotonic()
@@ -320,8 +329,13 @@ class WaypointService:
             return
         feats = torch.from_numpy(np.stack([p.features for p in live]))
         try:
+            texts = ([p.instruction for p in live], [p.notice for p in live])
             with torch.no_grad():
-                wp = self.predict(feats, [p.instruction for p in live], [p.notice for p in live]).float().numpy()
+                if self.navigation:
+                    tps = torch.tensor([p.target_point for p in live], dtype=torch.float32)
+                    wp = self.predict(feats, *texts, tps).float().numpy()
+                else:
+                    wp = self.predict(feats, *texts).float().numpy()
         except Exception as exc:     # a model failure answers the batch with errors; the service stays up
             log.exception("waypoint service: prediction failed")
             for p in live:
@@ -351,9 +365,10 @@ class WaypointClient:
         self.timeout_s = timeout_s
 
     def waypoints(self, features: np.ndarray | torch.Tensor, instruction: str, notice: str = "",
-                  vehicle_id: str = "", frame: int = 0, timeout_s: float | None = None) -> np.ndarray:
+                  vehicle_id: str = "", frame: int = 0, timeout_s: float | None = None, target_point: Any = None
+                  ) -> np.ndarray:
         t = self.timeout_s if timeout_s is None else timeout_s
-        req = make_request(features, instruction, notice, vehicle_id, frame, t)
+        req = make_request(features, instruction, notice, vehicle_id, frame, t, target_point)
         path = self.bus.request(self.service, req, RESPONSE_TYPE, timeout_s=t + 0.5, address=self.address)
         return path_to_waypoints(path)
 
@@ -368,7 +383,9 @@ def free_tcp_address(host: str = "127.0.0.1") -> str:
 
 
 def predictor_fn(model: Any) -> Predictor:
-    def predict(f: torch.Tensor, ins: Sequence[str], nots: Sequence[str]) -> torch.Tensor:
-        return model.predict(f, list(ins), list(nots))
+    """A `Predictor` for an ADLLM (it takes the target points when the model has a navigation token)."""
+    def predict(f: torch.Tensor, ins: Sequence[str], nots: Sequence[str], tps: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return model.predict(f, list(ins), list(nots), tps)
 
     return predict

@@ -128,15 +128,19 @@ class WaypointStream:
             self._queue.append(_Item(vid, msg, time.monotonic()))
             self._cond.notify_all()
 
-    def _text(self, vid: str, key: int) -> tuple[str, str]:
-        """Instruction and notice of the frame (its own navigation if it came, else the newest one)."""
+    def _text(self, vid: str, key: int) -> tuple[str, str, tuple[float, float]]:
+        """Instruction, notice and target point of the frame (its own navigation if it came, else the newest
+        one; NaN target point when none came)."""
         nav = self._nav[vid]
         msg = nav.get(key)
         if msg is None and nav:
             msg = next(reversed(nav.values()))
-        if msg is None or not msg.instruction.strip():
-            return DEFAULT_INSTRUCTION, ""
-        return msg.instruction, msg.notice
+        if msg is None:
+            return DEFAULT_INSTRUCTION, "", (float("nan"), float("nan"))
+        tp = (float(msg.target_point.x), float(msg.target_point.y))
+        if not msg.instruction.strip():
+            return DEFAULT_INSTRUCTION, "", tp
+        return msg.instruction, msg.notice, tp
 
     def _take_batch(self) -> list[_Item]:
         with self._cond:
@@ -151,7 +155,7 @@ class WaypointStream:
             texts = [self._text(i.vehicle_id, B.stamp_key(i.msg.header)) for i in batch]
         return [(i, t) for i, t in zip(batch, texts, strict=True)]
 
-    def run_batch(self, batch: list[tuple[_Item, tuple[str, str]]]) -> None:
+    def run_batch(self, batch: list[tuple[_Item, tuple[str, str, tuple[float, float]]]]) -> None:
         """Validate, predict in one pass, publish one Path per frame."""
         good, feats = [], []
         for item, text in batch:
@@ -165,7 +169,8 @@ class WaypointStream:
             return
         with torch.no_grad():
             wp = self.model.predict(torch.from_numpy(np.stack(feats)), [t[0] for _, t in good],
-                                    [t[1] for _, t in good]).float().numpy()
+                                    [t[1] for _, t in good],
+                                    torch.tensor([t[2] for _, t in good], dtype=torch.float32)).float().numpy()
         self.batch_sizes[len(good)] = self.batch_sizes.get(len(good), 0) + 1
         for (item, _), w in zip(good, wp, strict=True):
             path = B.path_msg(w, 0.0, f"{item.vehicle_id}/base_link")

@@ -67,7 +67,7 @@ def distill_loss(student_wp: Tensor, teacher_wp: Tensor, gt_wp: Tensor | None = 
 
 def _forward(model: ADLLM, batch: dict) -> dict[str, Tensor]:
     ids, mask = model.encode_text(batch["instruction"], batch.get("notice"))
-    return model(batch["features"], ids, mask)
+    return model(batch["features"], ids, mask, batch.get("target_point"))
 
 
 def eoi_loss(end_logit: Tensor, eoi: Tensor, pos_weight: float = 1.0) -> Tensor:

@@ -343,7 +343,8 @@ def evaluate(cfg: ReplayConfig, run_path: Path | None = None) -> dict[str, Any]:
             a_wp = None
             if adm is not None:
                 t0 = time.perf_counter()
-                a_wp = adm.predict(out["features"], [fr.instruction or "follow the lane"], [fr.notice])[0].numpy()
+                a_wp = adm.predict(out["features"], [fr.instruction or "follow the lane"], [fr.notice],
+                                   batch["target_point"])[0].numpy()
                 lat["adm"].append(time.perf_counter() - t0)
             if fr.tl_state is not None:
                 tl_true.append(fr.tl_state)

@@ -517,8 +517,10 @@ def _drivers(trained: Mapping[str, Any], cfg: DriverConfig, encoder: Any) -> lis
         if cfg.closed_loop == "inprocess":
             adm = ADLLM.from_pretrained(path)
 
-            def source(f: torch.Tensor, instruction: str, notice: str, m: Any = adm) -> np.ndarray:
-                return m.predict(f[None], [instruction], [notice])[0].numpy()
+            def source(f: torch.Tensor, instruction: str, notice: str, target_point: Any = None, m: Any = adm
+                       ) -> np.ndarray:
+                tp = None if target_point is None else torch.as_tensor(target_point, dtype=torch.float32)[None]
+                return m.predict(f[None], [instruction], [notice], tp)[0].numpy()
 
             def make(w: Any, s: Any = source) -> Any:
                 return WaypointAgent(encoder, s, plan_every=cfg.plan_every)

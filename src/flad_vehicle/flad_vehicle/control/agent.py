@@ -3,7 +3,9 @@
 `WaypointAgent` renders the sensor rig, runs the vision encoder and asks a waypoint source (the edge's
 waypoint service, a local AD-LLM/ADM, or the encoder's own waypoint head) for 5 waypoints every
 `plan_every` ticks; between plans the last trajectory is carried forward by odometry (re-sampled at the
-elapsed time and moved into the current ego frame), and the PID runs every tick. Non-privileged: it uses
+elapsed time and moved into the current ego frame), and `LMDriveController` gets them every tick (LMDrive's
+run_step: full brake for the first 20 ticks, the PID on every other tick with the last command repeated in
+between, steer × 0.8; `PIDConfig` switches each off). Non-privileged: it uses
 the sensors, the ego's odometry/speed and the route's navigation labels (target point, instruction,
 notice), never the world. `ConstantWaypointAgent` is the blind baseline (one fixed trajectory).
 
@@ -27,12 +29,12 @@ import numpy as np
 import torch
 
 from flad_sim.physics import Control
-from flad_vehicle.control.pid import PIDConfig, WaypointPID
+from flad_vehicle.control.pid import LMDriveController, PIDConfig
 
 log = logging.getLogger(__name__)
 
-#: (features [T, D], instruction, notice) → waypoints [5, 2] in the ego frame
-WaypointSource = Callable[[torch.Tensor, str, str], np.ndarray]
+#: (features [T, D], instruction, notice, target point [2] in the ego frame) → waypoints [5, 2] in the ego frame
+WaypointSource = Callable[[torch.Tensor, str, str, np.ndarray], np.ndarray]
 
 WAYPOINT_DT_S = 0.5
 
@@ -87,7 +89,7 @@ class WaypointAgent:
         self.encoder = encoder.eval()
         self.creep = CreepRule(stuck_after_s, creep_s, creep_speed, rearm_s)
         self.source = source
-        self.pid = WaypointPID(pid)
+        self.pid = LMDriveController(pid)
         self.plan_every = max(1, plan_every)
         self.name = name
         self.plan_times: list[float] = []
@@ -119,7 +121,8 @@ class WaypointAgent:
             wp = out["pred.waypoints"][0].numpy()
         else:
             wp = np.asarray(self.source(out["features"][0], str(labels.get("instruction", "follow the lane")),
-                                        str(labels.get("notice", ""))), np.float64).reshape(-1, 2)
+                                        str(labels.get("notice", "")), np.asarray(tp, np.float32).reshape(2)),
+                            np.float64).reshape(-1, 2)
         self.plan = wp
         self.plan_pose = (float(ego.x), float(ego.y), float(ego.yaw))
         self.plan_t = float(obs["time_s"])
@@ -203,11 +206,11 @@ def creep_waypoints(target_point: Any, speed: float) -> np.ndarray:
 
 
 class ConstantWaypointAgent:
-    """Blind baseline: the same waypoints (e.g. the training-set mean) every tick, through the same PID."""
+    """Blind baseline: the same waypoints (e.g. the training-set mean) every tick, through the same controller."""
 
     def __init__(self, waypoints: np.ndarray, pid: PIDConfig | None = None) -> None:
         self.waypoints = np.asarray(waypoints, np.float64).reshape(-1, 2)
-        self.pid = WaypointPID(pid)
+        self.pid = LMDriveController(pid)
 
     def reset(self, route_info: Any) -> None:
         self.pid.reset()

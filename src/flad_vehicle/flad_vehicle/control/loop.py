@@ -1,4 +1,4 @@
-"""The vehicle's control loop on the bus: waypoints (nav_msgs/Path) + odometry -> LMDrive PID -> control.
+"""The vehicle's control loop on the bus: waypoints (nav_msgs/Path) + odometry -> LMDrive's control -> control.
 
 `ControllerLoop` is the logic of the `controller_node` (flad_vehicle/nodes/controller_node.py) and runs on any
 `flad_core.bus.Bus`. Per odometry message (each world tick) it publishes one carla_msgs/CarlaEgoVehicleControl
@@ -8,8 +8,13 @@ control is for its current tick):
 - the newest plan (waypoints stamped t_p, in the ego frame at t_p) is carried forward to the odometry time t
   as `WaypointAgent` does (re-sampled at t - t_p along the trajectory, moved into the current ego frame), so
   a plan made at 2 Hz steers a 20 Hz loop;
+- control: `LMDriveController`, as `WaypointAgent` (LMDrive's run_step, one step per odometry frame: full brake
+  for the first `pid.startup_brake_ticks` frames, the PID every `pid.control_every`-th frame with the last
+  command repeated in between, steer × `pid.steer_scale`); a frame re-published with the same stamp gets the
+  same command without a step;
 - safety: no plan yet, or a plan older than `max_waypoint_age_s` (measured between message stamps, i.e.
-  simulated time in the embedded world), gives full brake and zero throttle, with a warning;
+  simulated time in the embedded world), gives full brake and zero throttle at once, with a warning (the frame
+  still counts as a tick);
 - synchronous planning (`sync_plan_period_s` > 0): when the newest plan is a whole planning period old, the
   odometry is held until the plan for it arrives (or `sync_wait_s` of wall time passed), so the controller
   acts on the frame's own waypoints, not the previous ones; 0 disables holding (CARLA asynchronous mode).
@@ -40,7 +45,7 @@ from flad_core.config import ConfigError
 from flad_sim import bridge as B
 from flad_sim.physics import Control
 from flad_vehicle.control.agent import CreepRule, front_box_clear, resample, to_frame
-from flad_vehicle.control.pid import PIDConfig, WaypointPID, to_ros_control
+from flad_vehicle.control.pid import LMDriveController, PIDConfig, to_ros_control
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +104,12 @@ class _Plan:
 
 
 class ControllerLoop:
-    """PID controller on the bus (module docstring)."""
+    """LMDrive's controller on the bus (module docstring)."""
 
     def __init__(self, bus: Any, cfg: ControllerConfig) -> None:
         self.bus = bus
         self.cfg = cfg
-        self.pid = WaypointPID(cfg.pid)
+        self.pid = LMDriveController(cfg.pid)
         self.control_topic = B.topic(cfg.role_name, "vehicle_control_cmd")
         self.waypoint_topic = waypoint_topic(cfg.waypoint_source, cfg.vehicle_id, cfg.role_name)
         self._lock = threading.RLock()
@@ -194,8 +199,7 @@ class ControllerLoop:
             if plan is not None and self.safety_brakes % 20 == 1:
                 log.warning("waypoints on %s are %.2f s old (max %.2f s): braking", self.waypoint_topic, t - plan.t,
                             self.cfg.max_waypoint_age_s)
-            self.pid.last = None
-            return Control(throttle=0.0, steer=0.0, brake=1.0)
+            return self.pid.step(None, speed)
         wp = plan.waypoints
         if self.cfg.carry_forward:
             plan_pose = self._poses.get(plan.key)
