@@ -45,7 +45,7 @@ def test_summary_counts_infractions_deviations_and_rates_by_the_leaderboard() ->
 
 
 def test_every_agent_drives_the_same_routes() -> None:
-    jobs = route_jobs(("expert", "constant"), ["Town05", "Town06"], 3, 80.0, 130.0)
+    jobs = route_jobs(("expert", "constant"), ["Town05", "Town06"], 3)
     assert len(jobs) == 12
     by_agent = {a: sorted((t, i) for b, t, i in jobs if b == a) for a in ("expert", "constant")}
     assert by_agent["expert"] == by_agent["constant"]

@@ -74,19 +74,17 @@ def _collect(out: Path, op: Any, towns: list[str], frames: int, workers: int) ->
 
 
 def _make_variant_agent(name: str, world: Any, plan_every: int, encoder_ckpt: str, dirs: dict[str, str]) -> Any:
-    from flad_edge.celladapt.agents import load_shared, model_source
-    from flad_vehicle.control.agent import WaypointAgent
-    from flad_vehicle.control.learners import shared_encoder
+    from flad_edge.celladapt.agents import adllm_agent
 
-    torch.set_num_threads(1)
-    source = model_source(load_shared(dirs[name]))
-    if name == "target_point_no_text":
-        inner = source
+    agent = adllm_agent(encoder_ckpt, dirs[name], plan_every)
+    if name == "target_point_no_text":       # trained without the text: driven without it
+        inner = agent.source
 
         def source(f: torch.Tensor, instruction: str, notice: str, tp: np.ndarray) -> np.ndarray:
             return inner(f, FIXED_TEXT, "", tp)
 
-    return WaypointAgent(shared_encoder(encoder_ckpt), source, plan_every=plan_every), False
+        agent.source = source
+    return agent, False
 
 
 def _worker(job: tuple, encoder_ckpt: str, dirs: dict[str, str], plan_every: int, lo: float, hi: float,

@@ -46,8 +46,7 @@ def bootstrap_ci(values: list[float] | np.ndarray, confidence: float = 0.95, see
     return (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
-def route_jobs(agents: tuple[str, ...], towns: list[str], per_town: int, lo: float, hi: float
-               ) -> list[tuple[str, str, int]]:
+def route_jobs(agents: tuple[str, ...], towns: list[str], per_town: int) -> list[tuple[str, str, int]]:
     """(agent, town, route index) for every agent on the same routes."""
     return [(a, t, i) for i in range(per_town) for t in towns for a in agents]
 
@@ -151,7 +150,7 @@ def evaluate_agents(worker: Callable[[tuple], dict[str, Any]], agents: tuple[str
     """Runs `worker(job)` for every (agent, town, route) job on a spawn pool; summaries per agent."""
     from tqdm import tqdm
 
-    jobs = route_jobs(agents, towns, per_town, lo, hi)
+    jobs = route_jobs(agents, towns, per_town)
     t0 = time.perf_counter()
     recs: list[dict[str, Any]] = []
     ctx = mp.get_context("spawn")

@@ -130,21 +130,6 @@ class OnPolicySource:
         return onpolicy_samples(town, n, seed, collect_cfg, self.cfg)
 
 
-class _Frame:
-    """The sensors of the current tick, rendered at most once (learner and recorder share them)."""
-
-    def __init__(self, rig: Any, world: Any, ego: int) -> None:
-        self.rig, self.world, self.ego = rig, world, ego
-        self.tick = -1
-        self.obs: dict[str, Any] | None = None
-
-    def get(self, tick: int) -> dict[str, Any]:
-        if self.obs is None or tick != self.tick:
-            self.obs = self.rig.observe(self.world.scene_view(self.ego), self.world.ego_state(self.ego))
-            self.tick = tick
-        return self.obs
-
-
 def onpolicy_samples(town: str, n: int, seed: int, collect_cfg: Any, cfg: OnPolicyConfig
                      ) -> Iterator[dict[str, Any]]:
     """`n` on-policy samples in `town` (module docstring): seeded routes, a fresh World per route."""
@@ -174,6 +159,7 @@ def _drive_route(world: Any, route: Any, rig: Any, specs: dict[str, Any], cfg: O
                  learner: Any, rng: np.random.Generator, budget: int) -> Iterator[dict[str, Any]]:
     """One route until the leaderboard scorer ends it (or `budget` frames): records every `record_every` ticks."""
     from flad_sim.agent import RouteInfo
+    from flad_sim.bag import cached_sensor_observer
     from flad_sim.closed_loop import ExpertPlanner
     from flad_sim.dataset import sample_from
     from flad_sim.labels import LabelMaker
@@ -186,14 +172,15 @@ def _drive_route(world: Any, route: Any, rig: Any, specs: dict[str, Any], cfg: O
         learner.reset(RouteInfo(route, world.town.name, ego, route.route_id, None))
     scorer = RouteScorer(route, world.town)
     labels = LabelMaker(world, ego, route)
-    frame = _Frame(rig, world, ego)
+    observe = cached_sensor_observer(rig)
     noise = NoiseSchedule(cfg, rng, world.time_s)
     expert_turn, next_draw, tick, made = True, -math.inf, 0, 0
     while scorer.status == STATUS_RUNNING and made < budget:
         wp = planner.waypoints()                 # advances the expert; its own control is planner.last_control
         lab = labels.current(scorer.progress)
+        sensors = observe(world, ego)["sensors"]  # rendered at most once this tick (recorder and learner)
         if tick % record_every == 0:
-            yield sample_from(frame.get(tick), lab, specs, wp)
+            yield sample_from(sensors(), lab, specs, wp)
             made += 1
         t = world.time_s
         if learner is None:
@@ -202,7 +189,7 @@ def _drive_route(world: Any, route: Any, rig: Any, specs: dict[str, Any], cfg: O
             if t >= next_draw:
                 expert_turn, next_draw = bool(rng.random() < cfg.beta), t + cfg.segment_s
             obs = {"ego": world.ego_state(ego), "time_s": t, "route": route, "route_s": scorer.progress,
-                   "labels": lab, "sensors": lambda k=tick: frame.get(k)}
+                   "labels": lab, "sensors": sensors}
             control = planner.last_control if expert_turn else learner.run_step(obs)
         world.step({ego: control})
         e = world.egos[ego]

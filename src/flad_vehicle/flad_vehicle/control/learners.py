@@ -12,17 +12,16 @@ from typing import Any
 
 import torch
 
-_MODELS: dict[tuple[str, str], Any] = {}     # one copy per process of each checkpoint, shared by its agents
+_ENCODERS: dict[str, Any] = {}     # one copy per process of each checkpoint, shared by its agents
 
 
 def shared_encoder(checkpoint: str) -> Any:
     """The encoder of `checkpoint`, loaded once per process."""
     from flad_vehicle.encoder.checkpoint import load_checkpoint
 
-    key = ("encoder", checkpoint)
-    if key not in _MODELS:
-        _MODELS[key] = load_checkpoint(checkpoint)[0].eval()
-    return _MODELS[key]
+    if checkpoint not in _ENCODERS:
+        _ENCODERS[checkpoint] = load_checkpoint(checkpoint)[0].eval()
+    return _ENCODERS[checkpoint]
 
 
 def encoder_head_agent(checkpoint: str, plan_every: int = 10) -> Any:
