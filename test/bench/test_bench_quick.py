@@ -43,6 +43,17 @@ def _check_bus(d: dict) -> None:
     assert d["tensor_frames_4MB_no_checksum"]["checksum"] is False
     assert set(d["goals"]) == {"pointcloud2_p50_le_3ms", "tensor_frames_ge_1GBps"}
     assert {"cpus", "pyzmq", "libzmq"} <= set(d["conditions"])
+    # the FHDP stage links, plaintext and CURVE: every 4 MB frame through, none refused (the driver's key is
+    # the one the peer's inbox allows), a throughput for each and their ratio
+    stage = d["stage_link_4MB_curve"]
+    assert d["conditions"]["curve"] is True
+    for mode in ("plaintext", "curve"):
+        link = stage[mode]
+        assert link["frames"] == 10 and link["frame_bytes"] == 4 * 1024 * 1024 and link["refused"] == 0, mode
+        assert _num(link["MB_per_s"]) and link["MB_per_s"] > 0 and _num(link["sender_seconds"]), mode
+    assert _num(stage["curve_over_plaintext"]) and stage["curve_over_plaintext"] > 0
+    assert stage["goal"]["measured_ratio"] == stage["curve_over_plaintext"]
+    assert isinstance(stage["goal"]["met"], bool) and stage["goal"]["target_ratio"] > 0
 
 
 def _check_sim(d: dict) -> None:

@@ -6,6 +6,9 @@ Measured on loopback with real processes and the real code paths:
   * bus throughput: one process streams messages through the hub, the other counts what it decodes.
   * tensor frames: 4 MB activations over a direct PUSH/PULL link (the pipeline path), packed with
     checksums, unpacked with validation (checksum, finiteness) on the receiver.
+  * stage links, plaintext vs CURVE: the same 4 MB activations through the FHDP stage-link classes
+    (`OutLink` -> `Inbox`: codec, frame packing, the inbox's sender check, validation, decode), once plain
+    and once CURVE-encrypted with throwaway keys; the ratio is what encryption costs a pipeline hop.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +32,8 @@ import zmq
 from flad_core import codec
 from flad_core import tensorframe as tf
 from flad_core.bus import BusConfig, BusHub, ZmqBus
+from flad_core.security import SecurityConfig, generate_keypair
+from flad_vehicle.fhdp.links import Inbox, OutLink
 
 KB = 1024
 MB = 1024 * 1024
@@ -43,6 +50,41 @@ def _messages() -> dict[str, tuple[str, object]]:
     cloud = codec.new("sensor_msgs/msg/PointCloud2", height=1, width=100_000, point_step=16, row_step=1_600_000,
                       data=np.random.default_rng(0).integers(0, 255, 1_600_000, dtype=np.uint8))
     return {"1KB_image": ("sensor_msgs/msg/Image", small), "1.6MB_pointcloud2": ("sensor_msgs/msg/PointCloud2", cloud)}
+
+
+#: key names of the stage-link measurement (throwaway keys in a temporary folder)
+DRIVER_KEY, PEER_KEY = "bench-driver", "bench-peer"
+#: the stage-link goal: CURVE keeps at least this share of the plaintext throughput
+CURVE_RATIO_GOAL = 0.5
+
+
+def _stage_port(base: int, curve: bool) -> int:
+    """The peer's stage inbox port (between the hub's ports and the frame ports)."""
+    return base + (3 if curve else 2)
+
+
+def _stage_security(keys: str | None) -> SecurityConfig | None:
+    return SecurityConfig(curve=True, keys_dir=Path(keys), allow_dir=Path(keys) / "allowed") if keys else None
+
+
+def _stage_receive(ctx: zmq.Context, ctrl: zmq.Socket, cmd: dict) -> None:
+    """Peer side of one stage-link run: bind an inbox, take `count` timed frames, answer with the timing."""
+    inbox = Inbox(ctx, f"tcp://127.0.0.1:{cmd['port']}", security=_stage_security(cmd["keys"]), identity=PEER_KEY)
+    try:
+        inbox.allow([DRIVER_KEY])
+        ctrl.send_json({})
+        inbox.get(tf.KIND_ACTIVATION, 0, 0, timeout_s=60.0)      # time from the first frame's arrival
+        t0 = time.perf_counter()
+        nbytes = 0
+        for step in range(1, cmd["count"] + 1):
+            _, tensors = inbox.get(tf.KIND_ACTIVATION, step, 0, timeout_s=60.0)
+            nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        dt = time.perf_counter() - t0
+        refused = sum(inbox.refused_peers.values())
+    finally:
+        inbox.close()
+    ctrl.recv_json()
+    ctrl.send_json({"seconds": dt, "frames": cmd["count"], "bytes": nbytes, "refused": refused})
 
 
 # -- the peer process -------------------------------------------------------------------------------
@@ -83,6 +125,8 @@ def _peer(base: int, frame_port: int) -> int:
             dt = time.perf_counter() - t0
             ctrl.recv_json()
             ctrl.send_json({"seconds": dt, "frames": n, "bytes": nbytes})
+        elif cmd["op"] == "stage":
+            _stage_receive(ctx, ctrl, cmd)
         elif cmd["op"] == "quit":
             ctrl.send_json({})
             break
@@ -155,6 +199,43 @@ def _frames(ctrl: zmq.Socket, frame_port: int, count: int, checksum: bool) -> di
             "GB_per_s": round(result["bytes"] / result["seconds"] / 1e9, 3), "sender_seconds": round(sender_s, 3)}
 
 
+def _stage_link(ctrl: zmq.Socket, base: int, count: int, keys: Path | None) -> dict:
+    """Stream `count` 4 MB activations through an OutLink to the peer's Inbox (CURVE when `keys` is given)."""
+    port = _stage_port(base, keys is not None)
+    ctrl.send_json({"op": "stage", "port": port, "count": count, "keys": str(keys) if keys else None})
+    ctrl.recv_json()
+    security = _stage_security(str(keys)) if keys else None
+    link = OutLink(zmq.Context.instance(), PEER_KEY, f"tcp://127.0.0.1:{port}", 0, hwm=8, security=security,
+                   identity=DRIVER_KEY)
+    act = torch.randn(MB)  # 4 MB of float32
+    t0 = time.perf_counter()
+    try:
+        for step in range(count + 1):
+            link.send({"act": act}, kind=tf.KIND_ACTIVATION, step=step, micro_batch=0)
+        ctrl.send_json({"op": "done"})
+        result = ctrl.recv_json()
+    finally:
+        link.close()
+    return {"frame_bytes": act.numel() * 4, "frames": result["frames"], "refused": result["refused"],
+            "MB_per_s": round(result["bytes"] / result["seconds"] / MB, 1),
+            "sender_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _stage_links(ctrl: zmq.Socket, base: int, count: int) -> dict:
+    """Plaintext vs CURVE over the stage-link path, with throwaway keys for both ends."""
+    plain = _stage_link(ctrl, base, count, None)
+    with tempfile.TemporaryDirectory(prefix="flad-bench-keys-") as tmp:
+        keys = Path(tmp)
+        for name in (DRIVER_KEY, PEER_KEY):
+            generate_keypair(keys, name, allow_dir=keys / "allowed")
+        curve = _stage_link(ctrl, base, count, keys)
+    ratio = round(curve["MB_per_s"] / plain["MB_per_s"], 3) if plain["MB_per_s"] else 0.0
+    return {"plaintext": plain, "curve": curve, "curve_over_plaintext": ratio,
+            "goal": {"target_ratio": CURVE_RATIO_GOAL, "measured_ratio": ratio, "met": ratio >= CURVE_RATIO_GOAL},
+            "path": "OutLink (fp32 codec, checksummed tensorframe, PUSH) -> Inbox (PULL, sender check, "
+                    "validation, decode), tcp loopback, 2 processes"}
+
+
 def run(n: int, seconds: float, frames: int, base: int) -> dict:
     torch.set_num_threads(1)
     frame_port = base + 10
@@ -174,6 +255,7 @@ def run(n: int, seconds: float, frames: int, base: int) -> dict:
             results["throughput"][name] = _throughput(bus, ctrl, name, msg, seconds)
         results["tensor_frames_4MB"] = _frames(ctrl, frame_port, frames, checksum=True)
         results["tensor_frames_4MB_no_checksum"] = _frames(ctrl, frame_port, frames, checksum=False)
+        results["stage_link_4MB_curve"] = _stage_links(ctrl, base, frames)
         ctrl.send_json({"op": "quit"})
         ctrl.recv_json()
         peer.wait(10)
@@ -191,7 +273,9 @@ def run(n: int, seconds: float, frames: int, base: int) -> dict:
     results["conditions"] = {
         "host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version(),
-        "transport": "tcp loopback, 2 processes, through the XSUB/XPUB hub (bus) / direct PUSH-PULL (frames)",
+        "transport": "tcp loopback, 2 processes, through the XSUB/XPUB hub (bus) / direct PUSH-PULL (frames) / "
+                     "OutLink -> Inbox, plaintext and CURVE (stage links)",
+        "zmq_io_threads": zmq.Context.instance().get(zmq.IO_THREADS), "curve": zmq.has("curve"),
         "torch_threads": 1, "load_note": "shared 2-core host; other work may inflate tails",
     }
     return results

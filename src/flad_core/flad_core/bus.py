@@ -27,12 +27,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+import zmq.utils.monitor
 
 from flad_core import codec
 from flad_core.config import ConfigError
-from flad_core.security import CurveAuthority, SecurityConfig, SecurityError, make_client, make_server
+from flad_core.security import (
+    CurveAuthority,
+    SecurityConfig,
+    SecurityError,
+    make_client,
+    make_server,
+    require_allow_list,
+)
 
 log = logging.getLogger(__name__)
+
+#: handshake outcomes a CURVE requester watches for: its key refused (AUTH), or no handshake at all (a server
+#: with another key pair drops the connection, NO_DETAIL; a plaintext one fails the protocol)
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
 
 Callback = Callable[[Any], None]
 Handler = Callable[[Any], Any]
@@ -133,8 +146,8 @@ class BusHub:
         self.cfg = cfg
         self.ctx = context or zmq.Context.instance()
         security = security or SecurityConfig()
-        self._auth = (CurveAuthority.for_context(self.ctx, security.allow_dir)
-                      if security.curve and security.allow_dir else None)
+        self._auth = (CurveAuthority.for_context(self.ctx, require_allow_list(security, "bus hub"))
+                      if security.curve else None)
         self._xsub = self.ctx.socket(zmq.XSUB)
         self._xpub = self.ctx.socket(zmq.XPUB)
         for sock in (self._xsub, self._xpub):
@@ -201,10 +214,12 @@ class ZmqBus(Bus):
         self._thread.start()
 
     # -- sockets ----------------------------------------------------------------------------------
-    def _client(self, sock: zmq.Socket) -> zmq.Socket:
+    def _client(self, sock: zmq.Socket, address: str = "") -> zmq.Socket:
+        """Limits, and with CURVE this process's key pair and the public key of the server at `address`
+        (`security.server_keys`; the hub and unlisted addresses: `security.server`)."""
         _apply_limits(sock, self.cfg)
         if self.security.curve:
-            make_client(sock, self.security, self.identity)
+            make_client(sock, self.security, self.identity, self.security.server_key(address))
         return sock
 
     def _wake(self) -> None:
@@ -222,7 +237,7 @@ class ZmqBus(Bus):
             raise BusError("bus is closed")
         with self._lock:
             if self._pub is None:
-                self._pub = self._client(self.ctx.socket(zmq.PUB))
+                self._pub = self._client(self.ctx.socket(zmq.PUB), self.cfg.hub_pub)
                 self._pub.connect(self.cfg.hub_pub)
             self._pub.send_multipart([topic.encode(), typename.encode(), payload],
                                      copy=memoryview(payload).nbytes < 65536)
@@ -271,11 +286,14 @@ class ZmqBus(Bus):
         deadline_ms = int(timeout_s * 1000)
         while True:
             if not sock.poll(deadline_ms):
-                refused = self._auth_refused(monitor)
+                failed = self._handshake_failures(monitor)
                 self._drop_dealer(address)
-                if refused:
-                    raise SecurityError(f"{service} at {address} refused our CURVE key ({self.identity})")
-                raise RequestTimeoutError(f"no reply from {service} at {address} within {timeout_s:.1f} s")
+                if zmq.EVENT_HANDSHAKE_FAILED_AUTH in failed:
+                    raise SecurityError(f"{service} at {address} refused our CURVE key "
+                                        f"{self.security.identity or self.identity!r} (is its public key in the "
+                                        "server's allow-list?)")
+                raise RequestTimeoutError(f"no reply from {service} at {address} within {timeout_s:.1f} s"
+                                          + (self._curve_hint(address) if failed else ""))
             frames = sock.recv_multipart()
             if len(frames) != 5 or frames[1] != req_id:
                 continue  # a late reply to an earlier, timed-out request
@@ -291,8 +309,8 @@ class ZmqBus(Bus):
         if cache is None:
             cache = self._local.dealers = {}
         if address not in cache:
-            sock = self._client(self.ctx.socket(zmq.DEALER))
-            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.security.curve else None
+            sock = self._client(self.ctx.socket(zmq.DEALER), address)
+            monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES) if self.security.curve else None
             sock.connect(address)
             cache[address] = (sock, monitor)
         return cache[address]
@@ -304,15 +322,19 @@ class ZmqBus(Bus):
             monitor.close(0)
         sock.close(0)
 
+    def _curve_hint(self, address: str) -> str:
+        """Why a CURVE handshake that the server did not refuse by key still failed: the server at `address`
+        holds another key pair than the one we expect there, or runs without CURVE."""
+        return (f"; the CURVE handshake failed: we expect server key {self.security.server_key(address)!r} there "
+                "(security.server_keys, else security.server), the server has another key pair or no CURVE")
+
     @staticmethod
-    def _auth_refused(monitor: zmq.Socket | None) -> bool:
-        if monitor is None:
-            return False
-        refused = False
-        while monitor.poll(0):
-            monitor.recv_multipart()
-            refused = True
-        return refused
+    def _handshake_failures(monitor: zmq.Socket | None) -> set[int]:
+        """The handshake-failure events the dealer's monitor saw (none without CURVE)."""
+        events: set[int] = set()
+        while monitor is not None and monitor.poll(0):
+            events.add(zmq.utils.monitor.recv_monitor_message(monitor)["event"])
+        return events
 
     # -- receive loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -339,15 +361,23 @@ class ZmqBus(Bus):
                         frames = self._sub.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._dispatch(frames)
+                    try:
+                        self._dispatch(frames)
+                    except Exception:  # a receive-path bug drops this message, never the receive thread
+                        self.dropped += 1
+                        log.exception("%s: dispatching a message failed; dropped", self.identity)
             for router in self._routers.values():
                 if router in ready:
-                    self._answer(router, router.recv_multipart())
+                    try:
+                        self._answer(router, router.recv_multipart())
+                    except Exception:  # likewise: the other services on this thread keep answering
+                        self.dropped += 1
+                        log.exception("%s: answering a request failed; dropped", self.identity)
 
     def _setup(self, kind: str, arg: str, poller: zmq.Poller) -> None:
         if kind == "sub":
             if self._sub is None:
-                self._sub = self._client(self.ctx.socket(zmq.SUB))
+                self._sub = self._client(self.ctx.socket(zmq.SUB), self.cfg.hub_sub)
                 self._sub.connect(self.cfg.hub_sub)
                 poller.register(self._sub, zmq.POLLIN)
             self._sub.setsockopt(zmq.SUBSCRIBE, arg.encode())
@@ -356,11 +386,13 @@ class ZmqBus(Bus):
             poller.register(self._routers[arg], zmq.POLLIN)
 
     def _bind_router(self, address: str) -> zmq.Socket:
+        curve = self.security.curve
+        allow = require_allow_list(self.security, f"{self.identity} serving on {address}") if curve else None
         sock = self.ctx.socket(zmq.ROUTER)
         _apply_limits(sock, self.cfg)
-        if self.security.curve:
-            if self._auth is None and self.security.allow_dir:
-                self._auth = CurveAuthority.for_context(self.ctx, self.security.allow_dir)
+        if allow is not None:
+            if self._auth is None:
+                self._auth = CurveAuthority.for_context(self.ctx, allow)
             make_server(sock, self.security, self.identity)
         sock.bind(bind_address(address))
         log.debug("%s serving on %s", self.identity, address)
@@ -378,7 +410,7 @@ class ZmqBus(Bus):
                 continue
             try:
                 msg = codec.decode(frames[2].buffer, want_type, finite=finite)
-            except codec.CodecError as exc:
+            except Exception as exc:  # CodecError; anything else from a decoder is rejected the same way
                 self._reject(f"{topic}: {exc}")
                 continue
             try:
@@ -398,15 +430,17 @@ class ZmqBus(Bus):
 
         entry = self._handlers.get(service)
         if entry is None:
+            self._reject(f"request for unknown service {service!r}")
             reply(b"err", "", f"unknown service {service!r}".encode())
             return
         request_type, response_type, handler = entry
         if typename != request_type:
+            self._reject(f"{service}: request of type {typename!r}, expected {request_type!r}")
             reply(b"err", "", f"{service} expects {request_type}, got {typename}".encode())
             return
         try:
             request = codec.decode(body, request_type, finite=True)
-        except codec.CodecError as exc:
+        except Exception as exc:  # CodecError; anything else from a decoder is rejected the same way
             self._reject(f"{service}: {exc}")
             reply(b"err", "", f"bad request: {exc}".encode())
             return

@@ -8,9 +8,16 @@ per-type conversion code exists. Request/reply (the control plane) stays on Zero
 QoS follows the stream: sensor topics (images, point clouds, IMU, GNSS) are best-effort with a
 shallow queue (`qos_profile_sensor_data`); everything else is reliable.
 
-Spinning: a RosBus that creates its own node spins it on a background executor; one handed an
+Spinning: a RosBus that creates its own node spins it on a background executor thread; one handed an
 existing `node` leaves spinning to that node's owner (`ros_node.run_node`), since a node can belong
 to one executor only.
+
+Shutdown (`close`): stop accepting work, stop and join the spin thread, close ZeroMQ, shut the executor
+down, destroy the node (or only this bus's endpoints on a borrowed node), and the last bus to close shuts
+down the rclpy context it initialised. A context this module initialises has no rclpy signal handlers
+(`SignalHandlerOptions.NO`): rclpy's handlers shut contexts down and trigger guard conditions from their
+own C++ thread on SIGINT/SIGTERM, racing this orderly path (a process's own handlers decide what a signal
+does; see ros_node.py).
 
 Exercised only where rclpy imports (the real-ROS test tier, test_ros/); importing this module without
 ROS raises ImportError, and `bus_factory.make_bus(transport="auto")` then falls back to ZeroMQ.
@@ -25,9 +32,10 @@ import threading
 from typing import Any
 
 import rclpy
-from rclpy.executors import SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
 
 from flad_core import codec
 from flad_core.bus import Bus, BusConfig, BusError, Callback, Handler, ZmqBus
@@ -76,7 +84,7 @@ def _acquire_context() -> bool:
         if _context_users == 0 and rclpy.ok():
             return False
         if _context_users == 0:
-            rclpy.init()
+            rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
         _context_users += 1
         return True
 
@@ -106,11 +114,28 @@ class RosBus(Bus):
         self.dropped = 0   # messages rejected by validation (counted, logged), as on ZmqBus
         self._executor: SingleThreadedExecutor | None = None
         self._spin: threading.Thread | None = None
+        self._stop_spin = threading.Event()
         if self._own_node:
             self._executor = SingleThreadedExecutor()
             self._executor.add_node(self.node)
-            self._spin = threading.Thread(target=self._executor.spin, name=f"rosbus-{identity}", daemon=True)
+            self._spin = threading.Thread(target=self._spin_loop, name=f"rosbus-{identity}", daemon=True)
             self._spin.start()
+
+    def _spin_loop(self) -> None:
+        """The executor's only spinner, until close() asks it to stop (checked at least every 0.1 s).
+
+        (Not `executor.spin()` + `executor.shutdown()` from close(): rclpy 7.1's Executor.shutdown does not wait
+        for a spin in progress and destroys the guard conditions that spin is waiting on.)
+        """
+        executor = self._executor
+        assert executor is not None
+        try:
+            while not self._stop_spin.is_set() and executor.context.ok():
+                executor.spin_once(timeout_sec=0.1)
+        except ExternalShutdownException:   # someone else shut the context down: nothing left to spin
+            pass
+        except Exception:
+            log.exception("rosbus %s: the executor failed; no more messages are delivered", self.identity)
 
     def publish(self, topic: str, msg: Any) -> None:
         """Encode `msg` once (rosbags CDR) and publish the bytes; the publisher is made on first use."""
@@ -123,7 +148,12 @@ class RosBus(Bus):
             if pub is None:
                 pub = self.node.create_publisher(ros_message_type(typename), topic, qos_for(topic, typename))
                 self._publishers[topic] = pub
-        pub.publish(payload)  # bytes: rclpy publishes a serialized message as it is
+        try:
+            pub.publish(payload)  # bytes: rclpy publishes a serialized message as it is
+        except Exception as exc:  # InvalidHandle/RCLError: close() destroyed the publisher meanwhile
+            if self._closed:
+                raise BusError("bus is closed") from exc
+            raise
 
     def subscribe(self, topic: str, typename: str, callback: Callback, *, finite: bool = False) -> None:
         """Call `callback(msg)` for every valid `typename` message on `topic`; malformed ones are counted."""
@@ -131,6 +161,8 @@ class RosBus(Bus):
         codec.message_class(typename)
 
         def on_raw(data: bytes) -> None:
+            if self._closed:    # closing: what the executor still delivers is not handed over any more
+                return
             try:
                 msg = codec.decode(data, typename, finite=finite)
             except codec.CodecError as exc:
@@ -140,6 +172,9 @@ class RosBus(Bus):
                 return
             try:
                 callback(msg)
+            except BusError:
+                if not self._closed:   # else: the callback's publish met close() running meanwhile
+                    log.exception("subscriber callback for %s raised", topic)
             except Exception:   # as on ZmqBus: one bad callback must not stop the executor's spin
                 log.exception("subscriber callback for %s raised", topic)
 
@@ -159,7 +194,12 @@ class RosBus(Bus):
         return self._zmq.request(service, msg, response_type, timeout_s, address)
 
     def close(self) -> None:
-        """Stop spinning (own node), drop publishers and subscriptions, close ZeroMQ; idempotent."""
+        """Stop spinning (own node), drop publishers and subscriptions, close ZeroMQ; idempotent.
+
+        Order: no new publish/subscribe, and subscriber callbacks are no longer called; the spin thread
+        stopped and joined; ZeroMQ closed (no service handler runs past it); the executor shut down; then the
+        node (or this bus's endpoints) destroyed; then the context, by the last bus that initialised it.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -167,16 +207,20 @@ class RosBus(Bus):
             endpoints = [*self._publishers.values(), *self._subscriptions]
             self._publishers.clear()
             self._subscriptions.clear()
-        self._zmq.close()                # no service handler runs past this point
-        if self._executor is not None:
-            self._executor.shutdown(timeout_sec=10.0)
         if self._spin is not None:
+            self._stop_spin.set()
+            self._executor.wake()        # out of its wait now rather than at the next 0.1 s timeout
             self._spin.join(timeout=10.0)
+        self._zmq.close()                # no service handler runs past this point
+        if self._spin is not None:
             if self._spin.is_alive():
-                # destroying a node (or the context) under a still-spinning executor crashes rclpy: leave both
-                # to process exit rather than take the process down
-                log.warning("rosbus %s: the executor did not stop within 10 s; its node is left alive", self.identity)
+                # a callback that does not return: destroying the node (or the context) under it would crash
+                # rclpy, so both are left to process exit -- logged, as this is a bug in that callback
+                log.error("rosbus %s: the executor thread did not stop within 10 s (a callback still runs); "
+                          "its node and context are left alive", self.identity)
                 return
+            self._executor.remove_node(self.node)
+            self._executor.shutdown()    # nothing spins it any more: safe to destroy its guard conditions
         if self._own_node:
             self.node.destroy_node()     # destroys its publishers and subscriptions too
         else:

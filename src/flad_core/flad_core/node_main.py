@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -115,12 +112,8 @@ def _run_ros(name: str, cfg_cls: type, build: Build, ros_args: list[str]) -> int
     held: dict[str, Any] = {}
 
     def make() -> Node:
-        from rclpy.signals import uninstall_signal_handlers
-
-        # rclpy's own SIGINT handler invalidates the context at once, under the component's feet (its next
-        # publish fails); without it SIGINT is a KeyboardInterrupt in run_node, which stops the component first
-        uninstall_signal_handlers()
-        signal.signal(signal.SIGINT, signal.default_int_handler)   # also when started with SIGINT ignored (`&`)
+        # run_node owns SIGINT/SIGTERM (rclpy's own handlers are not installed): either only asks it to stop,
+        # and the component is closed before the node and the context go
         node = Node(name)
         cfg = declare_config(node, cfg_cls)
         bus = RosBus(name, node=node)
@@ -128,24 +121,20 @@ def _run_ros(name: str, cfg_cls: type, build: Build, ros_args: list[str]) -> int
         comp = build(bus, cfg)
         held["comp"] = comp
         comp.start()
-
-        def watch() -> None:       # a component that finished by itself ends the node like a SIGTERM would
-            comp.done.wait()
-            if not held.get("closing"):
-                time.sleep(0.2)    # let run_node install its SIGTERM handler if it finished at once
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        threading.Thread(target=watch, name=f"{name}-watch", daemon=True).start()
         return node
 
-    def on_shutdown(_node: Node) -> None:
-        held["closing"] = True
-        if "comp" in held:
-            held["comp"].close()
-        if "bus" in held:
-            held["bus"].close()
+    def finished() -> bool:   # a component that finished by itself ends the node as a signal would
+        return "comp" in held and held["comp"].done.is_set()
 
-    rc = run_node(make, args=[name, *ros_args], on_shutdown=on_shutdown)
+    def on_shutdown(_node: Node) -> None:
+        try:
+            if "comp" in held:
+                held["comp"].close()     # stops its threads: nothing publishes past this point
+        finally:
+            if "bus" in held:
+                held["bus"].close()      # ZeroMQ, then the publishers and subscriptions it made on the node
+
+    rc = run_node(make, args=[name, *ros_args], on_shutdown=on_shutdown, done=finished)
     comp = held.get("comp")
     return rc or (comp.exit_code if comp is not None else 1)
 

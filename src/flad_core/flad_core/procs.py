@@ -3,6 +3,10 @@
 Launchers (`flad demo`, benchmarks, tests) start every role as a real OS process. Each child asks
 the kernel to SIGTERM it when its parent dies (Linux PR_SET_PDEATHSIG), and `ProcessGroup` stops
 children in order on exit, Ctrl-C included: SIGTERM, a grace period, then SIGKILL.
+
+`Supervisor` watches some of a group's children (the edge, the cloud) and starts one that crashed again,
+a bounded number of times: the roles resume from their own checkpoints, so a crash costs a restart, not
+the run.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ class ProcessGroup:
     def __init__(self, grace_s: float = 5.0) -> None:
         self.grace_s = grace_s
         self.procs: dict[str, subprocess.Popen] = {}
+        self.specs: dict[str, dict[str, Any]] = {}     # how each child was started: `restart` does it again
         self._logs: list = []
 
     def start(self, name: str, cmd: Sequence[str], log_path: Path | None = None,
@@ -57,8 +64,16 @@ class ProcessGroup:
                                 env={**os.environ, **(env or {})},
                                 preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         self.procs[name] = proc
+        self.specs[name] = {"cmd": list(cmd), "log_path": log_path, "env": env, "show_stdout": show_stdout}
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
         return proc
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start `name` again, as it was started (its old process must have exited)."""
+        old = self.procs[name]
+        if old.poll() is None:
+            raise RuntimeError(f"{name} (pid {old.pid}) is still running")
+        return self.start(name, **self.specs[name])
 
     def wait(self, name: str, timeout: float | None = None) -> int | None:
         try:
@@ -95,6 +110,70 @@ class ProcessGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def describe_exit(code: int | None) -> str:
+    """How a child ended, for a log line: 'exit code 1', 'killed by signal 9 (SIGKILL)'."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-code} ({name})"
+    return f"exit code {code}"
+
+
+@dataclass
+class Supervisor:
+    """Restarts watched children of a `ProcessGroup` that crash, at most `max_restarts` times each.
+
+    `services` never end on their own (the cloud): any exit is a crash. `jobs` end with exit 0 once their
+    work is done (the edge after its rounds): a non-zero exit or a signal is a crash, except the codes in
+    `final_codes` (2: bad arguments or config, which a restart would only repeat). Call `check()` every
+    ~0.1 s: detection takes one poll, and the restart is logged with the pid, how it ended and the count.
+    """
+
+    group: ProcessGroup
+    services: Sequence[str] = ()
+    jobs: Sequence[str] = ()
+    max_restarts: int = 3
+    final_codes: Iterable[int] = (2,)
+    restarts: dict[str, int] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)     # one per crash: what, when, restarted or not
+    ended: dict[str, int] = field(default_factory=dict)           # watched children that ended for good
+
+    def check(self) -> dict[str, int]:
+        """Restart every watched child that crashed; return {name: exit code} of those that ended for good
+        (a job that finished, or a child that crashed once more than it may be restarted), so far."""
+        for name in (*self.services, *self.jobs):
+            proc = self.group.procs.get(name)
+            code = None if proc is None or name in self.ended else proc.poll()
+            if code is None:
+                continue
+            if name in self.jobs and code == 0:
+                self.ended[name] = 0
+            elif not self._restart(name, proc.pid, code):
+                self.ended[name] = code
+        return dict(self.ended)
+
+    def _restart(self, name: str, pid: int, code: int) -> bool:
+        done = self.restarts.get(name, 0)
+        event = {"process": name, "pid": pid, "exit": describe_exit(code), "code": code, "t": time.time(),
+                 "restarted": False}
+        self.events.append(event)
+        if code in set(self.final_codes) or done >= self.max_restarts:
+            why = "a restart would not help" if code in set(self.final_codes) else f"restarted {done} time(s) already"
+            log.error("%s (pid %d) died: %s; not restarting it (%s)", name, pid, describe_exit(code), why)
+            return False
+        t0 = time.monotonic()
+        proc = self.group.restart(name)
+        self.restarts[name] = done + 1
+        event.update(restarted=True, new_pid=proc.pid, restart_s=round(time.monotonic() - t0, 3))
+        log.error("%s (pid %d) died: %s; restarted it as pid %d (restart %d of at most %d)", name, pid,
+                  describe_exit(code), proc.pid, done + 1, self.max_restarts)
+        return True
 
 
 def install_stop_handlers(stop: threading.Event) -> None:

@@ -43,6 +43,19 @@ def setup_role_logging(args: argparse.Namespace, role: str) -> None:
     setup_logging(getattr(logging, str(args.log_level).upper(), logging.INFO), logfile)
 
 
+def server_keys_for(fleet: FleetConfig) -> dict[str, str]:
+    """Which key pair answers at each server address of the fleet (CURVE clients must know it): the cloud's
+    services the cloud id's, the other bus services the edge id's, each vehicle's control socket its own id's
+    (a pooled slot's fleet lists the slots, so there it is the slot id's). Entries of the fleet file's
+    `security.server_keys` win."""
+    keys = {address: fleet.cloud.id if service.startswith("cloud/") else fleet.edge.id
+            for service, address in fleet.bus.services.items()}
+    keys.update({v.control: v.id for v in fleet.vehicles if v.control})
+    keys.update(fleet.security.server_keys)
+    return keys
+
+
 def security_for(fleet: FleetConfig, identity: str) -> SecurityConfig:
-    """The fleet's security settings with this process's key name filled in."""
-    return dataclasses.replace(fleet.security, identity=identity, server=fleet.security.server or fleet.edge.id)
+    """The fleet's security settings with this process's key name and the servers' key names filled in."""
+    return dataclasses.replace(fleet.security, identity=identity, server=fleet.security.server or fleet.edge.id,
+                               server_keys=server_keys_for(fleet))

@@ -12,13 +12,15 @@ import argparse
 import logging
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+
+from flad_core.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +31,38 @@ class SecurityError(RuntimeError):
 
 @dataclass
 class SecurityConfig:
-    """CURVE settings of one process. With `curve: false` every link is plain TCP (loopback demos)."""
+    """CURVE settings of one process. With `curve: false` every link is plain TCP (loopback demos).
+
+    A client must know the public key of the server it connects to: `server_keys` names it per server address
+    (a vehicle's control socket: that vehicle's key; the cloud's services: the cloud's), `server` is the key of
+    every other address (the edge: hub and services). `flad_core.roles.security_for` fills `server_keys` from
+    the fleet; entries given in the fleet file win."""
 
     curve: bool = False
     keys_dir: Path = Path("runs/keys")   # holds <name>.key (public) and <name>.key_secret
     identity: str = ""                   # this process's key name; default: its role id
     server: str = "edge"                 # key name of the servers this process connects to
     allow_dir: Path | None = None        # public keys allowed to connect to this process's servers
+    server_keys: dict[str, str] = field(default_factory=dict)   # server address -> its key name (else `server`)
 
     def validate(self) -> None:
         if self.curve and not str(self.keys_dir):
-            raise ValueError("keys_dir must be set when curve is true")
+            raise ConfigError("keys_dir", "must be set when curve is true")
+        if self.curve and not (self.allow_dir and str(self.allow_dir)):
+            raise ConfigError("allow_dir", "must be set when curve is true (the folder of public keys allowed to "
+                                           "connect; without it a CURVE server would take any key)")
+
+    def server_key(self, address: str) -> str:
+        """Key name of the server at `address`."""
+        return self.server_keys.get(address, self.server)
+
+
+def require_allow_list(cfg: SecurityConfig, what: str) -> Path:
+    """The allow-list folder a CURVE server `what` checks its clients against; SecurityError without one."""
+    if not (cfg.allow_dir and str(cfg.allow_dir)):
+        raise SecurityError(f"{what}: security.allow_dir is not set; a CURVE server without an allow-list would "
+                            "accept any client key")
+    return Path(cfg.allow_dir)
 
 
 def generate_keypair(keys_dir: str | Path, name: str, allow_dir: str | Path | None = None) -> tuple[Path, Path]:

@@ -25,6 +25,10 @@ import torch
 
 CODECS = ("fp32", "fp16", "bf16", "int8")
 _SEP = "\x1f"  # joins a tensor name and its codec part; never appears in layer tensor names
+#: a packed tensor may not declare more than this (bytes once inflated) nor more dimensions: a receiver's frame
+#: limit (tensorframe.DEFAULT_MAX_FRAME_BYTES) and MAX_NDIM; DEFLATE could otherwise inflate a few KB to gigabytes
+MAX_UNPACKED_BYTES = 512 * 1024 * 1024
+MAX_NDIM = 8
 
 
 class CodecError(ValueError):
@@ -65,9 +69,12 @@ def _unpack(key: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
         shape = () if shape_s == "scalar" else tuple(int(s) for s in shape_s.split("x"))
     except ValueError:
         raise CodecError(f"packed tensor {name!r}: malformed shape {shape_s!r}") from None
-    if dtype is None or t.dtype != torch.uint8 or t.dim() != 1 or any(s < 0 for s in shape):
-        raise CodecError(f"packed tensor {name!r}: bad dtype {tag!r} or payload {t.dtype} {list(t.shape)}")
+    if dtype is None or t.dtype != torch.uint8 or t.dim() != 1 or any(s < 0 for s in shape) or len(shape) > MAX_NDIM:
+        raise CodecError(f"packed tensor {name!r}: bad dtype {tag!r}, shape {shape_s!r} or payload {t.dtype} "
+                         f"{list(t.shape)}")
     expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if expected > MAX_UNPACKED_BYTES:
+        raise CodecError(f"packed tensor {name!r}: declares {expected} bytes, more than {MAX_UNPACKED_BYTES}")
     inflate = zlib.decompressobj()
     try:   # bounded: a hostile or corrupt payload cannot inflate past the declared size
         raw = inflate.decompress(t.contiguous().numpy().tobytes(), expected + 1)
@@ -76,6 +83,8 @@ def _unpack(key: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
     if len(raw) != expected or not inflate.eof:
         raise CodecError(f"packed tensor {name!r}: inflates to {len(raw)}{'+' if not inflate.eof else ''} bytes, "
                          f"expected {expected} for {tag}{list(shape)}")
+    if dtype == torch.bool and raw.translate(None, b"\x00\x01"):
+        raise CodecError(f"packed tensor {name!r}: bool payload holds bytes other than 0 and 1")
     return name, torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape).clone()
 
 
@@ -115,8 +124,21 @@ def _dtype_tag(t: torch.Tensor) -> str:
     return _TAGS[t.dtype]
 
 
-def decode(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Invert `encode` (whatever codec produced it)."""
+def decode(tensors: Mapping[str, torch.Tensor], *, finite: bool = True) -> dict[str, torch.Tensor]:
+    """Invert `encode` (whatever codec produced it).
+
+    Network-facing: whatever arrives, the only exception is CodecError. With `finite` (the default) a float
+    tensor that the decoding itself made (int8 x scale, a cast, an inflated packed tensor) must hold no NaN/inf:
+    the frame's finiteness check only saw the encoded parts."""
+    try:
+        return _decode(tensors, finite)
+    except CodecError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError, IndexError, KeyError, MemoryError) as exc:
+        raise CodecError(f"malformed codec tensors ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode(tensors: Mapping[str, torch.Tensor], finite: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if _SEP not in key:
@@ -127,24 +149,39 @@ def decode(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         if len(parts) == 4 and parts[1] == "zlib":
             name, value = _unpack(key, t)
-            out[name] = value
-            continue
-        if len(parts) != 3 or parts[2] not in _FROM_TAG:
-            raise CodecError(f"malformed codec tensor name {key!r}")
-        name, codec, tag = parts
-        dtype = _FROM_TAG[tag]
-        if codec in ("fp16", "bf16"):
-            out[name] = t.to(dtype)
-        elif codec == "int8":
-            scale = tensors.get(f"{name}{_SEP}scale")
-            if scale is None:
-                raise CodecError(f"int8 tensor {name!r} arrived without its scale")
-            if t.dim() and scale.shape != (t.shape[-1],):
-                raise CodecError(f"int8 tensor {name!r}: scale shape {list(scale.shape)} does not fit {list(t.shape)}")
-            out[name] = (t.float() * scale).to(dtype) if t.dim() else (t.float() * scale.reshape(())).to(dtype)
         else:
-            raise CodecError(f"unknown codec {codec!r} in {key!r}")
+            name, value = _decode_lossy(key, parts, t, tensors)
+        if finite and not _all_finite(value):
+            raise CodecError(f"tensor {name!r} decodes to NaN or inf ({key!r})")
+        out[name] = value
     return out
+
+
+def _decode_lossy(key: str, parts: list[str], t: torch.Tensor, tensors: Mapping[str, torch.Tensor]
+                  ) -> tuple[str, torch.Tensor]:
+    if len(parts) != 3 or parts[2] not in _FROM_TAG:
+        raise CodecError(f"malformed codec tensor name {key!r}")
+    name, codec, tag = parts
+    dtype = _FROM_TAG[tag]
+    if codec in ("fp16", "bf16"):
+        return name, t.to(dtype)
+    if codec != "int8":
+        raise CodecError(f"unknown codec {codec!r} in {key!r}")
+    scale = tensors.get(f"{name}{_SEP}scale")
+    if scale is None:
+        raise CodecError(f"int8 tensor {name!r} arrived without its scale")
+    if t.dtype != torch.int8 or not scale.is_floating_point():
+        raise CodecError(f"int8 tensor {name!r}: values are {t.dtype}, scale {scale.dtype}")
+    if scale.shape != ((t.shape[-1],) if t.dim() else (1,)):      # a scalar was encoded as one 1x1 channel
+        raise CodecError(f"int8 tensor {name!r}: scale shape {list(scale.shape)} does not fit {list(t.shape)}")
+    return name, (t.float() * scale).to(dtype) if t.dim() else (t.float() * scale.reshape(())).to(dtype)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in a float tensor (a finite sum proves it cheaply; see tensorframe._all_finite)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def wire_bytes(tensors: Mapping[str, torch.Tensor]) -> int:

@@ -19,6 +19,7 @@ Header layout (little-endian):
 
 from __future__ import annotations
 
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ _ENTRY_TAIL = struct.Struct("<QQ")
 _DTYPES: list[torch.dtype] = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8,
                               torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+_ELEMENT_SIZE = [torch.empty((), dtype=dt).element_size() for dt in _DTYPES]
 
 
 class FrameError(ValueError):
@@ -153,7 +155,8 @@ def parse_header(data: bytes | memoryview) -> tuple[FrameHeader, list[TensorEntr
             nbytes, crc = _ENTRY_TAIL.unpack_from(data, pos)
             pos += _ENTRY_TAIL.size
             dtype = _DTYPES[code]
-            expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            # exact (Python ints): an int64 product wraps, and a wrapped size let a tiny buffer claim a huge shape
+            expected = math.prod(shape) * _ELEMENT_SIZE[code]
             if nbytes != expected:
                 raise FrameError(f"tensor {name!r}: {nbytes} bytes does not match shape {list(shape)} of {dtype}")
             entries.append(TensorEntry(name, dtype, tuple(shape), nbytes, crc))
@@ -166,14 +169,27 @@ def parse_header(data: bytes | memoryview) -> tuple[FrameHeader, list[TensorEntr
     return FrameHeader(kind, step, micro_batch, stage, bool(flags & FLAG_CHECKSUM)), entries
 
 
+Expected = dict[str, tuple[torch.dtype, tuple[int, ...]]]     # tensor name -> (dtype, shape)
+
+
 def unpack(frames: list[Any], *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES, finite: bool = True,
-           expect: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
-           ) -> tuple[FrameHeader, dict[str, torch.Tensor]]:
+           expect: Expected | None = None) -> tuple[FrameHeader, dict[str, torch.Tensor]]:
     """Validate and decode `frames` (bytes, memoryviews or zmq.Frame) into read-only tensor views.
 
     Checks: header, buffer count and sizes, total size limit, checksum, optional finiteness of float
     tensors, and optional expected names/dtypes/shapes. Clone a tensor before writing into it.
+    Whatever the input, the only exception is FrameError (a receiver catches that one and goes on).
     """
+    try:
+        return _unpack(frames, max_bytes, finite, expect)
+    except FrameError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError, IndexError, struct.error) as exc:
+        raise FrameError(f"malformed frame ({type(exc).__name__}: {exc})") from exc
+
+
+def _unpack(frames: list[Any], max_bytes: int, finite: bool, expect: Expected | None
+            ) -> tuple[FrameHeader, dict[str, torch.Tensor]]:
     if not frames:
         raise FrameError("empty message")
     bufs = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]

@@ -39,8 +39,9 @@ def from_bytes(data: bytes, *, expect: Mapping[str, torch.Tensor] | None = None,
     """Parse safetensors bytes; with `expect`, names, shapes and dtypes must match it exactly."""
     try:
         state = st_load(bytes(data))
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise WeightsError(f"{what}: not a valid safetensors payload ({exc})") from exc
+    except (SafetensorError, ValueError, RuntimeError, KeyError, TypeError, OverflowError) as exc:
+        # KeyError: a dtype safetensors parses but has no torch mapping for (F4, F6_E2M3, F8_E8M0, ...)
+        raise WeightsError(f"{what}: not a valid safetensors payload ({type(exc).__name__}: {exc})") from exc
     if expect is not None:
         missing, extra = sorted(set(expect) - set(state)), sorted(set(state) - set(expect))
         if missing or extra:
@@ -52,9 +53,16 @@ def from_bytes(data: bytes, *, expect: Mapping[str, torch.Tensor] | None = None,
                                    f"expected {ref.dtype} {list(ref.shape)}")
     if finite:
         for name, t in state.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if (t.is_floating_point() or t.is_complex()) and not _all_finite(t):
                 raise WeightsError(f"{what}: {name} contains NaN or inf")
     return state
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    try:
+        return bool(torch.isfinite(t).all())
+    except (RuntimeError, NotImplementedError):     # float8 types have no isfinite: check them as float32
+        return bool(torch.isfinite(t.float()).all())
 
 
 def chunk_messages(payload: bytes, *, sender: str, model_version: str = "", update_id: str = "", round: int = 0,

@@ -17,6 +17,11 @@ aggregates the edge, and per-round metrics print as they come. Device speeds are
 --control-plane-only: just registration, heartbeats and the edge's fleet table (a few seconds).
 
 Everything exits cleanly, also on Ctrl-C; children never outlive the launcher.
+
+A crashed edge or cloud is noticed within a poll (0.1 s), logged (which process, exit code or signal) and
+started again, at most --max-restarts times each: the edge resumes after its last checkpointed round (a round
+it was in is redone, each update counted once), the cloud reloads its aggregated rounds, and the vehicles
+register again by themselves. The run's `demo_done` record says how many restarts there were.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import yaml
 
 from flad_core.config import ConfigError, to_dict
 from flad_core.fleet import FleetConfig, VehicleSpec, load_fleet, with_port_base
-from flad_core.procs import ProcessGroup, python_module_cmd
+from flad_core.procs import ProcessGroup, Supervisor, describe_exit, python_module_cmd
 from flad_core.roles import default_fleet_path
 from flad_core.runs import RunDir
 from flad_core.security import generate_keypair
@@ -103,6 +108,21 @@ def run_experiment_demo(args: argparse.Namespace) -> int:
     return main_run(argparse.Namespace(experiment="quick", set=sets, resume=None, runs_dir=args.runs_dir))
 
 
+def wait_for_edge(sup: Supervisor, timeout: float, poll_s: float = 0.1) -> int | None:
+    """The edge's exit code once it finished, or None after `timeout`. Meanwhile `sup` restarts a crashed edge or
+    cloud (bounded); one that crashed once too often ends the wait (exit 1 for the cloud, the edge's own code)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ended = sup.check()
+        if "edge" in ended:
+            return ended["edge"]
+        for name, code in ended.items():
+            log.error("%s is down for good (%s); stopping the run", name, describe_exit(code))
+            return 1
+        time.sleep(poll_s)
+    return None
+
+
 def run_demo(args: argparse.Namespace) -> int:
     fixed = args.fixed_fleet or any(getattr(args, k) not in (None, False) for k in FIXED_FLEET_OPTIONS)
     if not fixed:
@@ -135,6 +155,7 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     code = 1
     with ProcessGroup(grace_s=8.0) as group:
+        sup = Supervisor(group, services=["cloud"] if training else [], jobs=["edge"], max_restarts=args.max_restarts)
         try:
             if training:
                 group.start("cloud", python_module_cmd("flad_edge.fl.cloud", *common))
@@ -148,7 +169,7 @@ def run_demo(args: argparse.Namespace) -> int:
             group.start("edge", edge_cmd, show_stdout=True)
             for v in fleet.vehicles:
                 group.start(v.id, python_module_cmd(vehicle_module, *common, "--id", v.id, *vehicle_extra))
-            code = group.wait("edge", timeout=args.timeout)
+            code = wait_for_edge(sup, args.timeout)
             if code is None:
                 log.error("edge did not finish within %.0f s", args.timeout)
                 code = 1
@@ -165,11 +186,14 @@ def run_demo(args: argparse.Namespace) -> int:
             print("\ninterrupted: stopping all processes", file=sys.stderr)
             code = 130
         codes = group.stop()
-    run.log_metrics({"event": "demo_done", "exit_codes": codes, "seconds": round(time.monotonic() - started, 3)})
+    run.log_metrics({"event": "demo_done", "exit_codes": codes, "seconds": round(time.monotonic() - started, 3),
+                     "restarts": dict(sup.restarts), "crashes": sup.events})
+    restarted = ("; restarted after a crash: " + ", ".join(f"{n} {k}x" for n, k in sup.restarts.items())
+                 if sup.restarts else "")
     if code != 0:
-        print(f"demo failed (exit {code}); logs in {run.path}", file=sys.stderr)
+        print(f"demo failed (exit {code}){restarted}; logs in {run.path}", file=sys.stderr)
     else:
-        print(f"demo finished in {time.monotonic() - started:.1f} s; records in {run.path}")
+        print(f"demo finished in {time.monotonic() - started:.1f} s{restarted}; records in {run.path}")
     return code
 
 
@@ -196,6 +220,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--duration", type=float, default=4.0,
                       help="control-plane demo: seconds to run once all vehicles are up")
     demo.add_argument("--timeout", type=float, default=900.0, help="give up if the edge has not finished by then")
+    demo.add_argument("--max-restarts", type=int, default=3,
+                      help="start a crashed edge or cloud again at most this many times each; the edge resumes from "
+                           "its last checkpointed round (default 3; 0: a crash ends the demo)")
     demo.add_argument("--port-base", type=int, default=None, help="renumber the fleet's TCP ports from this base")
     demo.add_argument("--curve", action="store_true", help="generate keys and run every link with CURVE")
     demo.add_argument("--runs-dir", type=Path, default=None, help="where runs/<id>/ goes (default: ./runs)")

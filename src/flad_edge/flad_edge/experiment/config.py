@@ -17,6 +17,7 @@ from pathlib import Path
 from flad_core.config import ConfigError, from_dict, load_yaml
 from flad_core.fleet import DeviceProfile
 from flad_edge.experiment.driver import DriverConfig
+from flad_edge.fl.aggregation import AggregationConfig
 
 PRESETS_DIR = Path(__file__).resolve().parents[4] / "launch" / "experiments"
 PRESETS = ("paper", "quick")
@@ -222,6 +223,16 @@ class PoolSection:
 
 
 @dataclass
+class AggregationSection:
+    """How each tier combines its round's updates (`rule`: fedavg, median, trimmed_mean, krum, multi_krum) and
+    screens them first (shape/dtype, NaN/inf, norm bound): the edge over its FL clients (vehicles and clusters),
+    the cloud over the edges' aggregates. FedAvg with screening on by default, at both tiers."""
+
+    edge: AggregationConfig = field(default_factory=AggregationConfig)
+    cloud: AggregationConfig = field(default_factory=AggregationConfig)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -232,6 +243,7 @@ class ExperimentConfig:
     swift: SwiftSection = field(default_factory=SwiftSection)
     failures: FailuresSection = field(default_factory=FailuresSection)
     pool: PoolSection = field(default_factory=PoolSection)
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
     driver: DriverConfig = field(default_factory=DriverConfig)   # CELLAdapt + closed-loop eval (after the rounds)
 
     def validate(self) -> None:

@@ -135,8 +135,9 @@ class VehiclePool:
         self._cv = threading.Condition()
         self._closed = False
         self._spawner = _Spawner()
-        # the pool's own endpoint for adopt requests, with the edge's credentials (it runs in the edge's process)
-        self.bus = ZmqBus(fleet.edge.id, fleet.bus, security_for(fleet, fleet.edge.id))
+        # the pool's own endpoint for adopt requests, with the edge's credentials (it runs in the edge's process);
+        # the slot fleet names each slot's control address with the slot id, the key its process serves with
+        self.bus = ZmqBus(fleet.edge.id, fleet.bus, security_for(self.slot_fleet(), fleet.edge.id))
 
     # -- processes ---------------------------------------------------------------------------------------------
     def slot_fleet(self) -> FleetConfig:
@@ -341,8 +342,10 @@ class VehiclePool:
 
     def fleet_for(self, vehicle_ids: list[str]) -> FleetConfig:
         """The edge's fleet whose vehicles are `vehicle_ids`, each at its slot's control/data addresses with
-        its own profile, town and dwell: what FHDP's PipelineControl and DisconnectWatch work from."""
+        its own profile, town and dwell: what FHDP's PipelineControl and DisconnectWatch work from. A slot serves
+        with its slot id's key whichever vehicle it plays: `security.server_keys` names it per control address."""
         vehicles = []
+        server_keys = {}
         with self._cv:
             for vid in vehicle_ids:
                 sid = self._slot_of(vid)
@@ -354,7 +357,10 @@ class VehiclePool:
                 vehicles.append(VehicleSpec(id=vid, profile=ident.profile, town=ident.town,
                                             predicted_dwell_s=ident.predicted_dwell_s, control=slot.spec.control,
                                             data=slot.spec.data))
-        return dataclasses.replace(self.fleet, vehicles=vehicles)
+                server_keys[slot.spec.control] = sid
+        security = dataclasses.replace(self.fleet.security,
+                                       server_keys={**self.fleet.security.server_keys, **server_keys})
+        return dataclasses.replace(self.fleet, vehicles=vehicles, security=security)
 
     def release(self, vehicle_ids: list[str] | None = None) -> None:
         """Free the slots of `vehicle_ids` (None: all): each says goodbye as its vehicle and idles as itself.

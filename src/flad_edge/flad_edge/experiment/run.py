@@ -188,7 +188,9 @@ class Experiment:
                     "detail": f"{why} after round {ckpt['round']}; {len(self.ledger)} committed updates"})
 
     def restart_cloud(self) -> bool:
-        """Start the cloud process again if it died (True); it keeps nothing between rounds."""
+        """Start the cloud process again if it died (True). It reloads the rounds it had aggregated
+        (`<run>/logs/cloud_state`): a redone round that it had already aggregated before it died is answered
+        "already counted" and gets that round's stored global model, so no edge round is counted twice."""
         proc = self.group.procs.get("cloud")
         if proc is None or proc.poll() is None:
             return False

@@ -33,6 +33,7 @@ from flad_edge.experiment.pool import Identity, VehiclePool
 from flad_edge.fhdp.config import FhdpConfig
 from flad_edge.fhdp.recovery.edge import RecoveringFhdpEdge
 from flad_edge.fhdp.recovery.records import RecoveryConfig
+from flad_edge.fl.aggregation import AggregationConfig
 from flad_edge.fl.edge_server import EdgeServer
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def fhdp_config(cfg: ExperimentConfig) -> FhdpConfig:
     return FhdpConfig(rounds=cfg.rounds.rounds, local_steps=cfg.local_steps, batch_size=t.batch_size,
                       n_micro=t.n_micro, schedule=t.schedule, codec=t.codec, time_scale=t.time_scale,
                       round_deadline_s=cfg.rounds.deadline_s, quorum=1, planner=cfg.swift.method, encoder=t.encoder,
-                      seed=cfg.seed)
+                      seed=cfg.seed, aggregation=dataclasses.replace(cfg.aggregation.edge))
 
 
 @dataclasses.dataclass
@@ -102,12 +103,19 @@ class EdgeSite:
                 log.exception("%s: error while closing", self.id)
 
 
-def start_cloud(group: ProcessGroup, run_path: Path, fleet: FleetConfig, edge_ids: list[str]) -> None:
+def start_cloud(group: ProcessGroup, run_path: Path, fleet: FleetConfig, edge_ids: list[str],
+                aggregation: AggregationConfig | None = None) -> None:
+    """Start the cloud process. Its aggregation is kept in the run folder, so a restart (`aggregation` None)
+    combines edges the way the run's first cloud did."""
     cloud_fleet = run_path / "fleets" / "cloud.yaml"
     cloud_fleet.parent.mkdir(parents=True, exist_ok=True)
     cloud_fleet.write_text(yaml.safe_dump(to_dict(fleet), sort_keys=False))
+    saved = run_path / "fleets" / "cloud-aggregation.txt"
+    if aggregation is not None:
+        saved.write_text(aggregation.to_spec() + "\n")
+    spec = saved.read_text().strip() if saved.exists() else AggregationConfig().to_spec()
     group.start("cloud", python_module_cmd("flad_edge.fl.cloud", "--fleet", str(cloud_fleet), "--run-dir",
-                                           str(run_path / "logs"), "--edges", *edge_ids))
+                                           str(run_path / "logs"), "--edges", *edge_ids, "--aggregation", spec))
 
 
 def start_sites(cfg: ExperimentConfig, edges: list[EdgeSpec], vehicles: list[VehicleSpec], run_path: Path,
@@ -121,7 +129,7 @@ def start_sites(cfg: ExperimentConfig, edges: list[EdgeSpec], vehicles: list[Veh
     fleets = []
     for i, spec in enumerate(edges):
         fleets.append(site_fleet(cfg, spec.id, vehicles, base + 2 + i * per_edge, cloud_port))
-    start_cloud(group, run_path, fleets[0], [e.id for e in edges])
+    start_cloud(group, run_path, fleets[0], [e.id for e in edges], cfg.aggregation.cloud)
     rcfg = RecoveryConfig(backup_every=2, templates_f=cfg.swift.templates_f, template_method="swift",
                           handover_margin_s=1.0, link_timeout_s=30.0)
     try:

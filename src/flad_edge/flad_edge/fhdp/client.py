@@ -67,6 +67,7 @@ class ClientStats:
     recoveries: int = 0
     handovers: int = 0
     skipped: list[str] = field(default_factory=list)   # data owners whose pipeline could not run
+    steps_dropped: int = 0          # steps whose gradients were non-finite or exploding: not applied anywhere
 
     @property
     def loss(self) -> float:
@@ -135,6 +136,7 @@ class RotationClient:
         stats.moved_bytes += moved
         stats.samples += a.steps * self.cfg.batch_size
         stats.steps += a.steps
+        stats.steps_dropped += max(int(r.steps_dropped) for r in reports.values())
         stats.pipelines.append(PipelineRun(a.pipeline.first, list(a.pipeline), loss_report.loss, a.steps,
                                            max(r.wall_s for r in reports.values()), moved))
 

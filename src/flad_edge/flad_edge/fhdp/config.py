@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flad_core.config import ConfigError
+from flad_edge.fl.aggregation import AggregationConfig
+
 
 @dataclass
 class FhdpConfig:
@@ -28,6 +31,9 @@ class FhdpConfig:
     # the last trunk stage returns its features to it, so labels never leave the vehicle that owns them
     # (flad_vehicle.fhdp.ushape). False (default): labels travel with the activations to the last stage.
     u_shaped: bool = False
+    # how the edge combines its clients' updates (FedAvg by default) and screens them first: a poisoned
+    # vehicle's cluster update is rejected rather than averaged in (flad_edge.fl.aggregation)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
     def validate(self) -> None:
         if self.schedule not in ("gpipe", "1f1b"):
@@ -36,3 +42,7 @@ class FhdpConfig:
             raise ValueError("need 1 <= n_micro <= batch_size")
         if not isinstance(self.u_shaped, bool):
             raise ValueError(f"u_shaped must be true or false, got {self.u_shaped!r}")
+        try:
+            self.aggregation.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"aggregation.{exc.key}", exc.reason) from exc

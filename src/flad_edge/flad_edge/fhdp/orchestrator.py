@@ -4,7 +4,8 @@ Each round the edge selects its clients: every resource-sufficient vehicle (a on
 own) and every cluster (one FL client, trained by pipeline parallelism; SWIFT plans one essential pipeline
 per member, with that member as the data-owning first stage). The round loop is a strategy: each client
 `train`s on its own thread and returns an `Update` or a `Failure` through a queue; the edge offers the
-updates to a `RoundCollector` (each counted once; deadline + quorum) and FedAvgs them by samples trained.
+updates to a `RoundCollector` (each counted once; deadline + quorum; screened: a NaN or far-off update is
+rejected and recorded) and aggregates them (FedAvg by samples trained, or the configured robust rule).
 A straggler's update that arrives after the round closed is offered all the same, and refused as late.
 """
 
@@ -25,7 +26,7 @@ from flad_core.runs import RunDir
 from flad_edge.fhdp.client import ClientStats, Failure, RotationClient, SoloClient
 from flad_edge.fhdp.config import FhdpConfig
 from flad_edge.fhdp.control import PipelineControl
-from flad_edge.fl.aggregation import RoundCollector, Update
+from flad_edge.fl.aggregation import DistanceHistory, RoundCollector, Update
 from flad_edge.fl.edge_server import EdgeServer
 from flad_edge.swift import Cluster, Vehicle, plan
 from flad_edge.swift.model import load_profile
@@ -60,6 +61,7 @@ class FhdpEdge:
         self.control = PipelineControl(self.bus, fleet, cfg, self.layers)
         self.version = 0
         self.collectors: dict[int, RoundCollector] = {}
+        self.norm_history = DistanceHistory()   # accepted updates' distances: the norm rule's scale in thin rounds
         self._profile: dict | None = None
 
     def use_fleet(self, fleet: FleetConfig) -> None:
@@ -122,7 +124,11 @@ class FhdpEdge:
     # -- rounds ----------------------------------------------------------------------------------------
     def run_round(self, rnd: int, clients: list[RotationClient]) -> dict[str, Any]:
         t0 = time.monotonic()
-        collector = RoundCollector(rnd, [c.id for c in clients], self.cfg.round_deadline_s, self.cfg.quorum)
+        # the global model this round starts from: what each update is screened against (shape, dtype, how far
+        # it moved); a copy, since nothing may change the reference while updates arrive
+        reference = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        collector = RoundCollector(rnd, [c.id for c in clients], self.cfg.round_deadline_s, self.cfg.quorum,
+                                   config=self.cfg.aggregation, reference=reference, history=self.norm_history)
         self.collectors[rnd] = collector   # kept: a straggler's late offer is refused (and recorded) here
         results: queue.Queue[Update | Failure] = queue.Queue()
         for c in clients:
@@ -148,19 +154,23 @@ class FhdpEdge:
             threading.Thread(target=self._late_results, args=(collector, results, outstanding),
                              name=f"late-r{rnd}", daemon=True).start()
         if not collector.updates:
-            raise RuntimeError(f"round {rnd}: no client delivered an update ({errors})")
+            rejected = f"; rejected: {collector.rejected}" if collector.rejected else ""
+            raise RuntimeError(f"round {rnd}: no client delivered an update ({errors}{rejected})")
         state, samples = collector.aggregate()
         self.model.load_state_dict({**self.model.state_dict(), **state})
         self.version += 1
         summary = {"round": rnd, "clients": len(clients), "accepted": len(collector.updates),
-                   "missing": collector.missing(), "samples": samples,
+                   "missing": collector.missing(), "samples": samples, "rejected": dict(collector.rejected),
                    "train_loss": _mean_finite([s.loss for s in stats.values()]),
                    "moved_bytes": int(sum(s.moved_bytes for s in stats.values())),
+                   "steps_dropped": int(sum(s.steps_dropped for s in stats.values())),
                    "seconds": round(time.monotonic() - t0, 2), "errors": errors,
                    "per_client": {k: {"loss": s.loss, "moved_bytes": s.moved_bytes, "pipelines": len(s.pipelines)}
                                   for k, s in stats.items()},
                    "updates": {c: {"update_id": u.update_id, "samples": u.num_samples}
                                for c, u in collector.updates.items()}}
+        if collector.aggregated_from != list(collector.updates):
+            summary["aggregated_from"] = list(collector.aggregated_from)   # Krum / multi-Krum kept only these
         if self.run is not None:
             self.run.log_metrics(summary)
         return summary
@@ -183,12 +193,18 @@ def _mean_finite(values: list[float]) -> float:
     return float(sum(ok) / len(ok)) if ok else float("nan")
 
 
-def wait_for_vehicles(edge: EdgeServer, ids: list[str], timeout_s: float = 120.0) -> None:
+def wait_for_vehicles(edge: EdgeServer, ids: list[str], timeout_s: float = 120.0,
+                      require_all: bool = True) -> list[str]:
+    """Wait until every vehicle of `ids` registered; the ones still missing at the timeout (TimeoutError if
+    `require_all`, or if none came at all)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         alive = {r.vehicle_id for r in edge.snapshot() if r.state in ("alive", "registered")}
         if set(ids) <= alive:
-            return
+            return []
         time.sleep(0.1)
-    alive = {r.vehicle_id for r in edge.snapshot()}
-    raise TimeoutError(f"vehicles {sorted(set(ids) - alive)} did not register within {timeout_s:.0f} s")
+    alive = {r.vehicle_id for r in edge.snapshot() if r.state in ("alive", "registered")}
+    missing = sorted(set(ids) - alive)
+    if require_all or len(missing) == len(ids):
+        raise TimeoutError(f"vehicles {missing} did not register within {timeout_s:.0f} s")
+    return missing

@@ -7,6 +7,11 @@ flad_edge.launch.plans); each `.launch.py` file only turns a plan into `launch_r
 `flad launch PLAN` starts the same plan as plain processes (`python -m <node module> --ros-args ...`).
 
 The plans: see flad_edge.launch.plans (`flad launch --help` lists them).
+
+A crashed cloud node or orchestrator (the edge) is noticed within a poll (0.2 s), logged (which node, exit
+code or signal) and started again with the same parameters, at most --max-restarts times each: both keep
+their state in the run dir (the orchestrator resumes after its last checkpointed round, the cloud reloads
+its aggregated rounds) and the vehicles register again by themselves. The final JSON line counts the restarts.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from flad_core.config import ConfigError
+from flad_core.procs import Supervisor
 from flad_edge.launch import plans
 from flad_edge.launch.plans import PLANS, make_plan
 from flad_vehicle.launch.ros import node_command, params_yaml
@@ -127,6 +133,7 @@ def run_launch(args: argparse.Namespace) -> int:
     print(f"flad launch {plan.name}: {len(plan.nodes)} node(s); logs in {run_dir}", flush=True)
     code = 0
     with ProcessGroup(grace_s=args.grace) as group:
+        sup = restart_supervisor(group, plan, args.max_restarts)
         try:
             for spec in plan.nodes:
                 group.start(spec.fqn, node_command(spec, _params_file(run_dir, spec)),
@@ -135,14 +142,15 @@ def run_launch(args: argparse.Namespace) -> int:
             if missing:
                 log.warning("not up (failed, or still starting after %.0f s): %s", args.startup_timeout,
                             ", ".join(missing))
-            code = _supervise(group, plan, args.timeout)
+            code = _supervise(group, plan, args.timeout, sup)
         except KeyboardInterrupt:
             print("flad launch: interrupted, stopping every node", file=sys.stderr)
             code = 130
         finally:
             codes = _stop_in_order(group, plan, args.grace)
     failed = {n: c for n, c in codes.items() if c != 0}
-    print(json.dumps({"plan": plan.name, "exit_codes": codes, "run_dir": str(run_dir)}), flush=True)
+    print(json.dumps({"plan": plan.name, "exit_codes": codes, "run_dir": str(run_dir), "restarts": dict(sup.restarts)}),
+          flush=True)
     if failed and code == 0:
         code = 1
     return code
@@ -154,6 +162,16 @@ def _params_file(run_dir: Path, spec: NodeSpec) -> Path:
 
 #: nodes whose normal exit ends a plan: the orchestrator after its rounds, the world bridge after its routes
 PLAN_ENDERS = ("orchestrator_node", "world_bridge")
+#: nodes started again when they crash, as a service (any exit is a crash) or a job (exit 0: done); both
+#: resume from their state in the run dir
+RESTARTABLE = {"cloud_node": "service", "orchestrator_node": "job"}
+
+
+def restart_supervisor(group: Any, plan: LaunchPlan, max_restarts: int) -> Supervisor:
+    """The supervisor of a plan's restartable nodes (RESTARTABLE)."""
+    kinds = {spec.fqn: RESTARTABLE.get(spec.executable) for spec in plan.nodes}
+    return Supervisor(group, services=[n for n, k in kinds.items() if k == "service"],
+                      jobs=[n for n, k in kinds.items() if k == "job"], max_restarts=max_restarts)
 
 
 def _wait_until_up(group: Any, plan: LaunchPlan, timeout: float) -> list[str]:
@@ -202,12 +220,16 @@ def _wait_until_up(group: Any, plan: LaunchPlan, timeout: float) -> list[str]:
     return sorted(missing)
 
 
-def _supervise(group: Any, plan: LaunchPlan, timeout: float | None) -> int:
-    """Wait until a node that ends the plan (orchestrator done, or any node failing) exits, or the timeout."""
+def _supervise(group: Any, plan: LaunchPlan, timeout: float | None, sup: Supervisor | None = None,
+               poll_s: float = 0.2) -> int:
+    """Wait until a node that ends the plan (orchestrator done, or any node failing) exits, or the timeout.
+    With `sup`, a crashed restartable node is started again instead (bounded), and the plan goes on."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    watched = set(sup.services) | set(sup.jobs) if sup is not None else set()
     while deadline is None or time.monotonic() < deadline:
+        ended = sup.check() if sup is not None else {}
         for spec in plan.nodes:
-            rc = group.procs[spec.fqn].poll()
+            rc = ended.get(spec.fqn) if spec.fqn in watched else group.procs[spec.fqn].poll()
             if rc is None:
                 continue
             if rc != 0:
@@ -218,7 +240,7 @@ def _supervise(group: Any, plan: LaunchPlan, timeout: float | None) -> int:
                 return 0
         if not group.alive():
             return 0
-        time.sleep(0.2)
+        time.sleep(poll_s)
     log.error("plan still running after %.0f s; stopping it", timeout)
     return 1
 
@@ -256,4 +278,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-includes", action="store_true",
                    help="start only FLAD's nodes of a plan that includes other packages' launch files")
     p.add_argument("--dry-run", action="store_true", help="print the node commands and exit")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="start a crashed cloud node or orchestrator again at most this many times each (they resume "
+                        "from their state in the run dir; default 3, 0: a crash stops the plan)")
     p.set_defaults(func=run_launch, unrecognized=[])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flad_core.config import ConfigError
@@ -28,7 +29,8 @@ class CloudNodeConfig:
 
     fleet: str = field(default="", metadata={"help": "fleet YAML (empty: launch/fleet.yaml)"})
     port_base: int = field(default=0, metadata={"help": "renumber the fleet's TCP ports from this base (0: keep)"})
-    run_dir: str = field(default="", metadata={"help": "folder for this node's records (unused today)"})
+    run_dir: str = field(default="", metadata={
+        "help": "folder for this node's records: cloud_state/ there keeps the aggregated rounds across a restart"})
     edges: str = field(default="", metadata={
         "help": "comma-separated edge ids whose uploads make a round (empty: the fleet's edge)"})
     deadline_s: float = field(default=600.0, metadata={
@@ -56,7 +58,8 @@ class CloudJob:
 
         fleet = load_role_fleet(cfg.fleet, cfg.port_base)
         bus = RosBus(fleet.cloud.id, fleet.bus, security_for(fleet, fleet.cloud.id), node=node)
-        self.cloud = CloudServer(fleet, cfg.edge_ids(fleet.edge.id), cfg.deadline_s, bus=bus)
+        self.cloud = CloudServer(fleet, cfg.edge_ids(fleet.edge.id), cfg.deadline_s, bus=bus,
+                                 state_dir=Path(cfg.run_dir) / "cloud_state" if cfg.run_dir else None)
 
     def run(self) -> int:
         self.cloud.stop.wait()

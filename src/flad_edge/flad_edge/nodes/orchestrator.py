@@ -97,6 +97,7 @@ class OrchestratorJob:
         if cfg.mode == "control_plane":
             expect = len(self.fleet.vehicles) if cfg.expect < 0 else cfg.expect
             return self.edge.run(cfg.duration_s or math.inf, expect=expect, run_dir=run_dir, console=console)
+        from flad_edge.fhdp.checkpoint import CheckpointError
         from flad_edge.fhdp.run import load_fhdp_config, run_training
 
         fcfg = load_fhdp_config(fhdp_config_path(cfg))
@@ -105,6 +106,9 @@ class OrchestratorJob:
         try:
             summaries = run_training(self.fleet, fcfg, RunDir(run_dir) if run_dir else None, console,
                                      use_cloud=cfg.cloud, recovery=cfg.recovery, edge=self.edge)
+        except CheckpointError as exc:     # a restart would only repeat it: exit 2, which is not restarted
+            log.error("FHDP training cannot resume: %s", exc)
+            return 2
         except (TimeoutError, RuntimeError, BusError) as exc:
             log.error("FHDP training failed: %s", exc)
             return 1

@@ -4,6 +4,13 @@ Frames are `flad_core.tensorframe` multipart messages (zero-copy, checksummed, v
 goes through the link's token bucket (emulated link rate) and is recorded in an audit log (tensor
 names, kind, bytes and a content digest of every tensor), so tests can prove that raw sensor tensors --
 and, in a U-shaped pipeline, labels -- never leave their vehicle.
+
+With CURVE on (`SecurityConfig.curve`), each inbox is a CURVE server with its vehicle's key pair behind the
+process's ZAP allow-list, each outbound link a CURVE client that knows its peer's public key: frames are
+encrypted, and a peer without an allow-listed key never completes a handshake. On top of that the inbox takes
+frames only from the neighbours its current assignment names (`Inbox.allow`): ZAP stamps each message with
+the sender's public key ("User-Id"), which the inbox maps to a key name. Without CURVE no sender is
+authenticated, so the inbox cannot tell who sent a frame and takes every well-formed one (as before).
 """
 
 from __future__ import annotations
@@ -12,15 +19,18 @@ import hashlib
 import logging
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Collection, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import zmq
+import zmq.auth
 
 from flad_core import tensorcodec, tensorframe
 from flad_core.emulation import TokenBucket
+from flad_core.security import CurveAuthority, SecurityConfig, SecurityError, make_client, make_server
 from flad_vehicle.encoder.model import LABEL_INPUTS
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,8 @@ class StepAbortedError(RuntimeError):
     """The edge aborted the running pipeline (a member left): stop waiting, drop the partial step."""
 
 
+#: frame groups an inbox buffers before it drops frames for new ones (bounds its memory under a flood)
+MAX_PENDING_GROUPS = 4096
 #: how often a blocked send or receive looks at its abort flag (bounds how fast a survivor stops)
 ABORT_POLL_S = 0.02
 
@@ -70,14 +82,46 @@ class LinkStats:
     audit: list[AuditRecord] = field(default_factory=list)
 
 
+class PeerKeys:
+    """Key names of the public keys in an allow-list folder (`<name>.key`), looked up by z85 text.
+
+    ZAP tells an inbox a sender's public key; the assignment names vehicles. This table joins the two, and
+    re-reads the folder when a key is unknown (a key allow-listed after the table was built)."""
+
+    def __init__(self, allow_dir: str | Path) -> None:
+        self.allow_dir = Path(allow_dir)
+        self._names: dict[str, str] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        names = {}
+        for path in sorted(self.allow_dir.glob("*.key")):
+            try:
+                public, _ = zmq.auth.load_certificate(str(path))
+            except (OSError, ValueError) as exc:
+                log.warning("allow-list key %s is unreadable: %s", path, exc)
+                continue
+            names[public.decode("ascii")] = path.name.removesuffix(".key")
+        self._names = names
+
+    def name(self, z85: str) -> str | None:
+        """The key name of public key `z85`, None if no `<name>.key` of the folder holds it."""
+        if z85 not in self._names:
+            self.reload()
+        return self._names.get(z85)
+
+
 class OutLink:
     """Sends frames to one peer's inbox (PUSH), compressed with `codec`, shaped by `bucket`.
 
-    Tensors named in `exact` (the labels) always travel bit-exact, whatever the codec."""
+    Tensors named in `exact` (the labels) always travel bit-exact, whatever the codec. With `security.curve`
+    the link is a CURVE client with the key pair named `identity` (the sending vehicle), and expects the
+    peer inbox to hold the key named `server_key` (default: `peer`)."""
 
     def __init__(self, ctx: zmq.Context, peer: str, address: str, stage_index: int, *, codec: str = "fp32",
                  bucket: TokenBucket | None = None, stats: LinkStats | None = None, hwm: int = 64,
-                 exact: Collection[str] = LABEL_INPUTS) -> None:
+                 exact: Collection[str] = LABEL_INPUTS, security: SecurityConfig | None = None,
+                 identity: str = "", server_key: str = "") -> None:
         self.peer = peer
         self.exact = frozenset(exact)
         self.address = address
@@ -88,6 +132,12 @@ class OutLink:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 2000)
+        if security is not None and security.curve:
+            try:
+                make_client(self.sock, security, identity, server_key or peer)
+            except SecurityError:
+                self.sock.close(0)
+                raise
         self.sock.connect(address)
 
     def send(self, tensors: Mapping[str, torch.Tensor], *, kind: int, step: int, micro_batch: int,
@@ -120,18 +170,57 @@ class OutLink:
 
 
 class Inbox:
-    """A worker's single receive socket (PULL); frames are matched by (kind, step, micro-batch)."""
+    """A worker's single receive socket (PULL); frames are matched by (kind, step, micro-batch).
 
-    def __init__(self, ctx: zmq.Context, address: str, max_frame_bytes: int = 512 * 1024 * 1024) -> None:
-        self.sock = ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + 1024 * 1024)
-        self.sock.bind(address)
+    With `security.curve` the socket is a CURVE server with the key pair named `identity` (the owning
+    vehicle) and only peers whose public key is in `security.allow_dir` connect (the context's ZAP handler).
+    Of those, only the key names last given to `allow` may deliver: a frame from anyone else is dropped
+    before it is decoded, counted in `refused_peers` (by sender) and logged. Nobody is allowed until the
+    first `allow`. Without CURVE there is no authenticated sender: `allow` is recorded but not enforced,
+    and every well-formed frame is delivered."""
+
+    def __init__(self, ctx: zmq.Context, address: str, max_frame_bytes: int = 512 * 1024 * 1024, *,
+                 security: SecurityConfig | None = None, identity: str = "") -> None:
         self.address = address
         self.max_frame_bytes = max_frame_bytes
         self._pending: dict[tuple[int, int, int], list[tuple[tensorframe.FrameHeader, dict]]] = defaultdict(list)
         self.rejected = 0
         self.received_bytes = 0
+        self.refused_peers: Counter[str] = Counter()   # sender (key name, or z85 key if unnamed) -> frames refused
+        self.allowed: frozenset[str] = frozenset()
+        self._auth: CurveAuthority | None = None
+        self._keys: PeerKeys | None = None
+        self.sock = ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + 1024 * 1024)
+        try:
+            if security is not None and security.curve:
+                self._secure(ctx, security, identity)
+            self.sock.bind(address)
+        except BaseException:
+            self.close()
+            raise
+
+    def _secure(self, ctx: zmq.Context, security: SecurityConfig, identity: str) -> None:
+        """Make the socket a CURVE server behind the allow-list (ZAP), and learn the allowed keys' names."""
+        if not security.allow_dir:
+            # without ZAP every CURVE client gets in and no message carries the sender's key
+            raise SecurityError(f"inbox {self.address}: CURVE needs security.allow_dir to tell who sends frames")
+        self._keys = PeerKeys(security.allow_dir)
+        self._auth = CurveAuthority.for_context(ctx, security.allow_dir)
+        make_server(self.sock, security, identity)
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether senders are authenticated (CURVE), so that `allow` is enforced."""
+        return self._keys is not None
+
+    def allow(self, peers: Iterable[str]) -> None:
+        """Accept frames only from these key names from now on (the current assignment's neighbours).
+
+        Enforced only with CURVE (`authenticated`); frames already received were checked when they came."""
+        self.allowed = frozenset(peers)
+        log.debug("inbox %s accepts frames from %s", self.address, sorted(self.allowed) or "nobody")
 
     def get(self, kind: int, step: int, micro_batch: int, timeout_s: float,
             abort: threading.Event | None = None) -> tuple[tensorframe.FrameHeader, dict]:
@@ -185,9 +274,12 @@ class Inbox:
             self._receive_one()
 
     def _receive_one(self) -> None:
-        """Read one frame, validate and decode it into the pending buffer (invalid frames are counted)."""
+        """Read one frame, check its sender, validate and decode it into the pending buffer (a refused or
+        invalid frame is counted and dropped)."""
         frames = self.sock.recv_multipart(copy=False)
         self.received_bytes += sum(len(f.buffer) for f in frames)
+        if self._keys is not None and not self._sender_allowed(frames):
+            return
         try:
             header, tensors = tensorframe.unpack(frames, max_bytes=self.max_frame_bytes)
             tensors = tensorcodec.decode(tensors)
@@ -195,7 +287,39 @@ class Inbox:
             self.rejected += 1
             log.warning("inbox %s rejected a frame: %s", self.address, exc)
             return
-        self._pending[(header.kind, header.step, header.micro_batch)].append((header, tensors))
+        except Exception as exc:    # a decoder bug must cost one frame, never the worker
+            self.rejected += 1
+            log.exception("inbox %s could not decode a frame (%s): dropped", self.address, type(exc).__name__)
+            return
+        key = (header.kind, header.step, header.micro_batch)
+        if key not in self._pending and len(self._pending) >= MAX_PENDING_GROUPS:
+            # a pipeline waits on a few dozen (kind, step, micro-batch) groups at most: a flood of others is dropped
+            self.rejected += 1
+            log.warning("inbox %s dropped a frame for %s: %d frame groups already waiting", self.address, key,
+                        len(self._pending))
+            return
+        self._pending[key].append((header, tensors))
+
+    def _sender_allowed(self, frames: list[zmq.Frame]) -> bool:
+        """Whether the authenticated sender of `frames` is an allowed neighbour; counts and logs a refusal."""
+        try:
+            key = frames[0].get("User-Id")
+        except zmq.ZMQError:
+            key = ""       # no ZAP metadata on the message: not an authenticated sender
+        name = self._keys.name(key) if key and self._keys is not None else None
+        if name is not None and name in self.allowed:
+            return True
+        who = name or key or "an unauthenticated peer"
+        self.refused_peers[who] += 1
+        try:
+            header, _ = tensorframe.parse_header(frames[0].buffer)
+            what = (f"{tensorframe.KIND_NAMES[header.kind]} frame of step {header.step} "
+                    f"micro-batch {header.micro_batch}")
+        except tensorframe.FrameError:
+            what = "an unparseable frame"
+        log.warning("inbox %s refused %s from %s: not a neighbour of the current assignment (allowed: %s)",
+                    self.address, what, who, ", ".join(sorted(self.allowed)) or "nobody")
+        return False
 
     def drop_step(self, step: int) -> None:
         """Forget buffered frames of `step` (after an aborted step)."""
@@ -215,4 +339,8 @@ class Inbox:
         return len(stale)
 
     def close(self) -> None:
+        """Close the socket; release this inbox's share of the context's ZAP authenticator."""
         self.sock.close()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None

@@ -17,6 +17,9 @@ one-process-per-vehicle path -- started under its slot id from a fleet file whos
   departed (it said goodbye) and sees the slot again.
 
 The slot's own control and data addresses never change, so the edge reaches "the vehicle" at its slot's.
+Nor does its CURVE key: the bus endpoint, the stage inbox and the outbound stage links all use the slot id's
+key pair whoever the slot plays, and peers name a stage's key by the slot whose inbox address it has
+(`worker.stage_key_names`), so the slot ids' public keys are the ones to allow-list.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from flad_core.fleet import GB, DeviceProfile, FleetConfig, VehicleSpec
 from flad_core.procs import install_stop_handlers
 from flad_core.protocol import SERVICE_ADOPT
 from flad_core.roles import add_role_args, fleet_from_args, setup_role_logging
-from flad_vehicle.fhdp.worker import FhdpVehicle, run_until_stopped
+from flad_vehicle.fhdp.poison import Poison
+from flad_vehicle.fhdp.worker import FhdpVehicle, add_poison_arg, run_until_stopped
 
 log = logging.getLogger("flad_vehicle.fhdp.pool_worker")  # not __name__: this also runs as __main__
 
@@ -54,9 +58,11 @@ class PooledVehicle(FhdpVehicle):
     """One slot of a vehicle pool: an `FhdpVehicle` that also serves `vehicle/adopt` (module docstring)."""
 
     def __init__(self, fleet: FleetConfig, slot_id: str, data: str = "synthetic", encoder: str = "tiny",
-                 seed: int = 0, threads: int = 1, audit_dir: Path | None = None) -> None:
+                 seed: int = 0, threads: int = 1, audit_dir: Path | None = None, poison: Poison | str | None = None
+                 ) -> None:
+        # poison: ATTACK EMULATION (poison.py); it stays with the slot, whichever vehicle the slot plays
         super().__init__(fleet, slot_id, data=data, encoder=encoder, seed=seed, threads=threads,
-                         audit_dir=audit_dir)
+                         audit_dir=audit_dir, poison=poison)
         # the slot's own identity: what it is while idle, and where its sockets are whoever it plays
         self.slot = self.spec
         self.slot_profile = self.profile
@@ -216,13 +222,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="fleet dataset root or 'synthetic', used when an identity names no data root")
     parser.add_argument("--encoder", default="tiny", help="encoder config (tiny or paper); must match the edge's")
     parser.add_argument("--seed", type=int, default=0, help="seed while idle (an identity brings its own)")
+    add_poison_arg(parser)
     add_role_args(parser)
     args = parser.parse_args(argv)
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), name="orphan-watch", daemon=True).start()
     setup_role_logging(args, args.slot)
     fleet = fleet_from_args(args)
     worker = PooledVehicle(fleet, args.slot, data=args.data, encoder=args.encoder, seed=args.seed,
-                           audit_dir=args.run_dir)
+                           audit_dir=args.run_dir, poison=args.poison)
     install_stop_handlers(worker.agent.stop)
     # a slot is disposable: once told to stop (its pool, or the kernel when the experiment process died), it
     # gets a short grace to say goodbye and is then gone, even if a peer or the edge it waits on is dead

@@ -7,6 +7,12 @@ batch, so the accumulated gradients equal those of one whole-batch step. Gradien
 global norm across all stages (partial sums travel upstream, the clip factor travels back down), so
 a pipelined step equals a single-process step, clipping included.
 
+The same reduction guards the step (with or without clipping): if the global norm is NaN/inf, or above
+an explosion bound, the first stage -- the only one that knows the whole norm -- sends a drop decision
+down with the clip factor, and every stage zeroes its gradients and skips its optimizer step, so weights
+and optimizer state stay as they were (`StepResult.dropped`). One stage with NaN (or blown-up) gradients
+thus costs the pipeline one step instead of poisoning every stage's weights.
+
 Labels-forward (default): labels travel with the activations to the last stage, which computes the loss
 (the documented trade-off: labels, unlike raw sensor data, leave the data owner). U-shaped (`ushape.py`):
 the data owner also holds the heads and the loss; the last trunk stage returns its features to it, so
@@ -39,6 +45,17 @@ BATCH_KEY = "__batch"          # int64 scalar: the whole batch's size, for loss 
 NORM_MB = 2**32 - 1            # micro-batch index of the gradient-norm reduction frames
 CLIP_MB = 2**32 - 2            # micro-batch index of the clip-factor broadcast frames
 
+# The explosion bound (a step whose global gradient norm exceeds it is dropped, like a NaN one):
+#: absolute: a float32 model whose gradient norm is above this is numerically broken at any learning rate
+MAX_GRAD_NORM = 1e6
+#: relative: more than this x the median norm of the recent good steps. Honest steps vary by a small factor
+#: step to step (and clipping tames those spikes); a stage sending scaled or garbage gradients is off by
+#: orders of magnitude. Applied once NORM_HISTORY_MIN good steps are known (early norms fall fast); the history
+#: is the first stage's runner's, i.e. one pipeline assignment's, so short assignments rely on the absolute bound.
+EXPLODE_FACTOR = 100.0
+NORM_HISTORY = 32
+NORM_HISTORY_MIN = 8
+
 
 @dataclass
 class StepResult:
@@ -51,6 +68,8 @@ class StepResult:
     wall_s: float = 0.0
     bytes_sent: int = 0
     peak_in_flight: int = 0
+    dropped: bool = False              # the step's gradients were non-finite or exploded: no stage applied them
+    drop_reason: str = ""
     extra: dict = field(default_factory=dict)
 
 
@@ -68,7 +87,8 @@ class StageRunner:
                  n_micro: int = 4, grad_clip: float | None = None, label_names: Collection[str] = (),
                  dilation: ComputeDilation | None = None, memory: MemoryGuard | None = None,
                  timeout_s: float = 60.0, loss_key: str = "loss", abort: threading.Event | None = None,
-                 u_shaped: bool = False, head: HeadPart | None = None, turn: OutLink | None = None) -> None:
+                 u_shaped: bool = False, head: HeadPart | None = None, turn: OutLink | None = None,
+                 max_grad_norm: float | None = MAX_GRAD_NORM, explode_factor: float | None = EXPLODE_FACTOR) -> None:
         if (index == 0) != (prev is None) or (index == n_stages - 1) != (next is None):
             raise ValueError("the first stage has no upstream link and the last no downstream link")
         if u_shaped:
@@ -89,6 +109,9 @@ class StageRunner:
         self.head_ops = stage_ops(schedule, n_virtual, n_stages, n_micro) if head is not None else []
         self.n_micro = n_micro
         self.grad_clip = grad_clip
+        # the step guard (module docstring); only the first stage's settings and history decide
+        self.max_grad_norm, self.explode_factor = max_grad_norm, explode_factor
+        self.good_norms: deque[float] = deque(maxlen=NORM_HISTORY)
         self.label_names = set(label_names)
         self.dilation, self.memory = dilation, memory
         self.timeout_s = timeout_s
@@ -132,6 +155,16 @@ class StageRunner:
             t = t.detach()
             out[k] = t.requires_grad_(True) if t.is_floating_point() and k not in self.label_names else t
         return out
+
+    @staticmethod
+    def _finite(tensors: dict[str, Tensor], st: _StepState) -> dict[str, Tensor]:
+        """What may be sent: a peer's inbox refuses NaN/inf frames (it would wait out its link timeout), so
+        non-finite values go as zeros and the step is marked bad -- the step guard then drops it everywhere."""
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not _all_finite(t)]
+        if not bad:
+            return tensors
+        st.nonfinite = st.nonfinite or f"non-finite values in {', '.join(sorted(bad))}"
+        return {k: torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) if k in bad else t for k, t in tensors.items()}
 
     @staticmethod
     def _grads_to_send(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -202,11 +235,13 @@ class StageRunner:
                 self.inbox.wait_any(waiting, self.timeout_s, abort=self.abort)
                 res.wait_s += time.perf_counter() - t0
         res.peak_in_flight = st.peak_in_flight
-        if self.grad_clip is not None:
-            res.grad_norm = self._clip(step, res)
+        res.grad_norm = self._clip(step, st, res)
         if self.abort is not None and self.abort.is_set():
             raise StepAbortedError(f"step {step} aborted before its optimizer step")
-        if self.optimizer is not None:
+        if res.dropped:
+            self.discard_partial_step()
+            log.warning("stage %d: step %d dropped, not applied: %s", self.index, step, res.drop_reason)
+        elif self.optimizer is not None:
             self._compute(self._optimizer_step, res)
         if self.owns_loss:
             res.loss = st.loss_total
@@ -232,14 +267,14 @@ class StageRunner:
             outputs = {self.loss_key: scaled}
         elif self.u_shaped and self.is_last:
             # the turnaround: the trunk's features go back to the data owner, which holds heads and labels
-            res.bytes_sent += self.turn.send(dict(outputs), kind=tensorframe.KIND_ACTIVATION, step=step,
-                                             micro_batch=m, abort=self.abort)
+            res.bytes_sent += self.turn.send(self._finite(dict(outputs), st), kind=tensorframe.KIND_ACTIVATION,
+                                             step=step, micro_batch=m, abort=self.abort)
         else:
             send = dict(outputs) if self.send_names is None else {k: outputs[k] for k in self.send_names}
             if not self.u_shaped:
                 send[BATCH_KEY] = torch.tensor(total, dtype=torch.int64)
-            res.bytes_sent += self.next.send(send, kind=tensorframe.KIND_ACTIVATION, step=step, micro_batch=m,
-                                             abort=self.abort)
+            res.bytes_sent += self.next.send(self._finite(send, st), kind=tensorframe.KIND_ACTIVATION, step=step,
+                                             micro_batch=m, abort=self.abort)
         st.saved[m] = (inputs, outputs)
         st.in_flight += 1
         st.peak_in_flight = max(st.peak_in_flight, st.in_flight)
@@ -260,8 +295,8 @@ class StageRunner:
             if pairs:
                 self._compute(lambda p=pairs: torch.autograd.backward([a for a, _ in p], [g for _, g in p]), res)
         if not self.is_first:
-            res.bytes_sent += self.prev.send(self._grads_to_send(inputs), kind=tensorframe.KIND_GRADIENT,
-                                             step=step, micro_batch=m, abort=self.abort)
+            res.bytes_sent += self.prev.send(self._finite(self._grads_to_send(inputs), st),
+                                             kind=tensorframe.KIND_GRADIENT, step=step, micro_batch=m, abort=self.abort)
         st.in_flight -= 1
 
     def _head_forward(self, step: int, m: int, st: _StepState, res: StepResult) -> None:
@@ -279,12 +314,13 @@ class StageRunner:
     def _head_backward(self, step: int, m: int, st: _StepState, res: StepResult) -> None:
         kept, turned, scaled = st.head_saved.pop(m)
         self._compute(lambda: torch.autograd.backward([scaled]), res)
-        res.bytes_sent += self.turn.send(self._grads_to_send(turned), kind=tensorframe.KIND_GRADIENT, step=step,
-                                         micro_batch=m, abort=self.abort)
+        res.bytes_sent += self.turn.send(self._finite(self._grads_to_send(turned), st),
+                                         kind=tensorframe.KIND_GRADIENT, step=step, micro_batch=m, abort=self.abort)
         st.kept_grads[m] = self._grads_to_send(kept)
 
     def discard_partial_step(self) -> None:
-        """After an abort: drop the partial gradients, so the weights stay as of the last completed step."""
+        """After an abort or a dropped step: drop the gradients, so the weights (and the optimizer state) stay
+        as of the last completed step."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         for p in self.parameters():
@@ -298,23 +334,55 @@ class StageRunner:
         grads = [p.grad.detach().double().pow(2).sum() for p in self.parameters() if p.grad is not None]
         return torch.stack(grads).sum() if grads else torch.zeros((), dtype=torch.float64)
 
-    def _clip(self, step: int, res: StepResult) -> float:
-        """Global-norm gradient clipping across the pipeline (same result as clip_grad_norm_ on the whole model)."""
+    def _drop_reason(self, norm: float) -> str:
+        """First stage: why a step with global gradient norm `norm` must not be applied ("" if it may)."""
+        if not math.isfinite(norm):
+            return f"non-finite gradient norm {norm}"
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            return f"gradient norm {norm:.4g} above the bound {self.max_grad_norm:g}"
+        if self.explode_factor is not None and len(self.good_norms) >= NORM_HISTORY_MIN:
+            median = sorted(self.good_norms)[(len(self.good_norms) - 1) // 2]
+            if norm > self.explode_factor * median:
+                return f"gradient norm {norm:.4g} above {self.explode_factor:g} x the recent median {median:.4g}"
+        return ""
+
+    def _clip(self, step: int, st: _StepState, res: StepResult) -> float:
+        """Global-norm gradient clipping across the pipeline (same result as clip_grad_norm_ on the whole model),
+        and the step guard: the first stage decides whether the step is dropped, every stage learns it here.
+
+        Frames must be finite (the inbox refuses NaN/inf), so a non-finite partial norm travels upstream as a
+        `bad` flag, and a non-finite global norm downstream as `finite` = false."""
         partial = self._local_sq_norm()
+        bad = st.nonfinite or ("" if math.isfinite(float(partial)) else "non-finite gradients")
         if not self.is_last:
-            partial = partial + self._recv(KIND_CONTROL, step, NORM_MB, res)["sq"]
+            got = self._recv(KIND_CONTROL, step, NORM_MB, res)
+            partial = partial + got["sq"]
+            bad = bad or ("non-finite values in a downstream stage" if "bad" in got and bool(got["bad"]) else "")
         if not self.is_first:
-            self.prev.send({"sq": partial}, kind=KIND_CONTROL, step=step, micro_batch=NORM_MB, compress=False,
-                           abort=self.abort)
+            self.prev.send({"sq": partial if not bad else torch.zeros((), dtype=torch.float64),
+                            "bad": torch.tensor(bool(bad))},
+                           kind=KIND_CONTROL, step=step, micro_batch=NORM_MB, compress=False, abort=self.abort)
             factor = self._recv(KIND_CONTROL, step, CLIP_MB, res)
-            norm, coef = float(factor["norm"]), float(factor["coef"])
+            finite = "finite" not in factor or bool(factor["finite"])
+            norm, coef = float(factor["norm"]) if finite else math.nan, float(factor["coef"])
+            drop = "drop" in factor and bool(factor["drop"])
+            reason = f"dropped by the first stage (global gradient norm {norm:.4g})" if drop else ""
         else:
-            norm = math.sqrt(float(partial))
-            coef = min(1.0, self.grad_clip / (norm + 1e-6))
+            norm = math.nan if bad else math.sqrt(float(partial))
+            reason = f"{bad} in the step" if bad else self._drop_reason(norm)
+            drop = bool(reason)
+            if not drop:
+                self.good_norms.append(norm)
+            coef = 0.0 if drop else 1.0 if self.grad_clip is None else min(1.0, self.grad_clip / (norm + 1e-6))
         if not self.is_last:
-            self.next.send({"norm": torch.tensor(norm, dtype=torch.float64),
-                            "coef": torch.tensor(coef, dtype=torch.float64)},
+            self.next.send({"norm": torch.tensor(norm if math.isfinite(norm) else 0.0, dtype=torch.float64),
+                            "finite": torch.tensor(math.isfinite(norm)),
+                            "coef": torch.tensor(coef, dtype=torch.float64),
+                            "drop": torch.tensor(drop)},
                            kind=KIND_CONTROL, step=step, micro_batch=CLIP_MB, compress=False, abort=self.abort)
+        res.dropped, res.drop_reason = drop, reason
+        if drop:
+            return norm
         if coef < 1.0:
             for p in self.parameters():
                 if p.grad is not None:
@@ -332,8 +400,14 @@ class _StepState:
     head_saved: dict[int, tuple[dict, dict, Tensor]] = field(default_factory=dict)
     kept_grads: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     loss_total: float = 0.0
+    nonfinite: str = ""          # set when this stage had to zero NaN/inf values out of what it sent
     in_flight: int = 0
     peak_in_flight: int = 0
+
+
+def _all_finite(t: Tensor) -> bool:
+    """No NaN/inf in `t`: a finite sum proves it cheaply; only a non-finite sum pays for the exact check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _batch_dim(tensors: Mapping[str, Tensor]) -> int:

@@ -23,6 +23,11 @@ thread; with `publish_progress`, the last stage publishes a StepReport per compl
 
 The work runs on its own threads: bus handlers only enqueue, so vehicles that fetch layers from each
 other at the same time cannot deadlock.
+
+Stage links follow the fleet's security settings: with CURVE, the inbox is a CURVE server with this process's
+key pair and each outbound link a CURVE client of its peer's key; when a pipeline starts, the inbox is told
+to accept frames only from this stage's neighbours in it (previous, next and, U-shaped, the turnaround peer).
+Key names are process identities: the vehicle id, or for a pooled slot the slot id whatever vehicle it plays.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +71,7 @@ from flad_core.protocol import (
     edge_service_address,
     pipeline_base_id,
 )
-from flad_core.roles import add_role_args, fleet_from_args, setup_role_logging
+from flad_core.roles import add_role_args, fleet_from_args, security_for, setup_role_logging
 from flad_core.runs import seed_everything
 from flad_vehicle.agent import VehicleAgent
 from flad_vehicle.encoder.config import get_config
@@ -76,12 +83,15 @@ from flad_vehicle.fhdp.layerstore import LayerStore
 from flad_vehicle.fhdp.links import Inbox, LinkStats, OutLink, StepAbortedError
 from flad_vehicle.fhdp.optim import stage_adamw
 from flad_vehicle.fhdp.pipeline import Assignment
+from flad_vehicle.fhdp.poison import Poison, PoisonError, parse_poison
 from flad_vehicle.fhdp.runner import StageRunner
 from flad_vehicle.fhdp.ushape import head_layers, u_stages
 
 log = logging.getLogger("flad_vehicle.fhdp.worker")
 
 DEFAULT_LINK_TIMEOUT_S = 120.0
+#: how long a starting vehicle keeps asking the edge to admit it (the edge may be down, being restarted)
+REGISTER_TIMEOUT_S = 180.0
 
 
 def fetch_layers(bus, address: str, service: str, layers: list[str], requester: str,
@@ -117,12 +127,38 @@ def fetch_layers(bus, address: str, service: str, layers: list[str], requester: 
     return wts.from_bytes(data, what=f"layers from {address}"), len(data)
 
 
-class LayerServer:
-    """Answers LayerRequests chunk by chunk from a cached payload per transfer."""
+def neighbour_stages(index: int, n_stages: int, u_shaped: bool) -> list[int]:
+    """The stages that stage `index` exchanges frames with: previous, next and, in a U-shaped pipeline, the
+    turnaround hop between the data owner (stage 0) and the last trunk stage. Its inbox accepts only these."""
+    peers = [j for j in (index - 1, index + 1) if 0 <= j < n_stages]
+    if u_shaped and n_stages > 1 and index in (0, n_stages - 1):
+        turn = n_stages - 1 if index == 0 else 0
+        if turn not in peers:
+            peers.append(turn)
+    return peers
 
-    def __init__(self, sender: str, export, max_cached: int = 8) -> None:
+
+def stage_key_names(fleet, a: Assignment) -> list[str]:
+    """The CURVE key name of each stage's process, in stage order.
+
+    That is the fleet entry whose data address the stage's inbox is: a pooled slot plays vehicles under its
+    own (slot) key at its own address, and the slots are the vehicles of its fleet file. A stage at an
+    address no entry has is named by its member id (the one-process-per-vehicle fleet: the two agree)."""
+    by_inbox = {v.data: v.id for v in fleet.vehicles if v.data}
+    return [by_inbox.get(address, vid) for vid, address in zip(a.pipeline.members, a.inboxes, strict=True)]
+
+
+class LayerServer:
+    """Answers LayerRequests chunk by chunk from a cached payload per transfer.
+
+    `transform(requester, payload)`, if given, sees each payload before it is served (the attack emulation
+    of a poisoned vehicle, `poison.py`, corrupts what the edge gathers with it)."""
+
+    def __init__(self, sender: str, export, max_cached: int = 8,
+                 transform: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
         self.sender = sender
         self.export = export
+        self.transform = transform
         self.cache: dict[str, list[Any]] = {}
         self.max_cached = max_cached
         self.bytes_served = 0
@@ -133,7 +169,10 @@ class LayerServer:
         with self._lock:
             chunks = self.cache.get(req.transfer_id)
             if chunks is None:
-                payload = wts.to_bytes(self.export(list(req.layers)))
+                tensors = self.export(list(req.layers))
+                if self.transform is not None:
+                    tensors = self.transform(req.requester, tensors)
+                payload = wts.to_bytes(tensors)
                 chunks = wts.chunk_messages(payload, sender=self.sender, update_id=req.transfer_id)
                 if len(self.cache) >= self.max_cached:
                     self.cache.pop(next(iter(self.cache)))
@@ -152,10 +191,15 @@ class LayerServer:
 class FhdpVehicle:
     """One vehicle's FHDP trainer (see the module docstring)."""
 
+    register_timeout_s: float = REGISTER_TIMEOUT_S
+
     def __init__(self, fleet, vehicle_id: str, data: str = "synthetic", encoder: str = "tiny", seed: int = 0,
-                 threads: int = 1, audit_dir: Path | None = None, bus=None) -> None:
+                 threads: int = 1, audit_dir: Path | None = None, bus=None, poison: Poison | str | None = None) -> None:
         torch.set_num_threads(threads)
         seed_everything(seed)
+        # ATTACK EMULATION (tests, chaos): corrupt the weights the edge gathers from this vehicle (poison.py)
+        self.poison = parse_poison(poison)
+        self._poison_rng = torch.Generator().manual_seed(seed + 7919)
         self.fleet = fleet
         self.agent = VehicleAgent(fleet, vehicle_id, bus=bus)  # bus: a RosBus in the ROS 2 node
         self.spec = self.agent.spec
@@ -169,9 +213,16 @@ class FhdpVehicle:
         self.part = Partitioner(self.model)
         self.store = LayerStore(self.model, self.part.graph.names)
         self.ctx = zmq.Context.instance()
-        self.inbox = Inbox(self.ctx, self.spec.data)
+        # the process's key name stays `vehicle_id` for its life: a pooled slot's sockets keep the slot's key
+        self.key_name = vehicle_id
+        self.security = security_for(fleet, vehicle_id)
+        self.inbox = Inbox(self.ctx, self.spec.data, security=self.security, identity=self.key_name)
         self.link_stats = LinkStats()
-        self.server = LayerServer(vehicle_id, self.store.export)
+        self.server = LayerServer(vehicle_id, self.store.export,
+                                  transform=self._poison_for_edge if self.poison is not None else None)
+        if self.poison is not None:
+            log.warning("%s: ATTACK EMULATION: this vehicle poisons the weights the edge gathers from it (%s)",
+                        vehicle_id, self.poison)
         # every frame and layer payload this vehicle sends is recorded: proof that raw data stays home
         self.audit_file = Path(audit_dir) / f"audit-{vehicle_id}.jsonl" if audit_dir else None
         self._audited = 0
@@ -196,6 +247,8 @@ class FhdpVehicle:
                        self.server.handle, address=self.spec.control)
         self.bus.serve(SERVICE_ABORT, "flad_msgs/msg/PipelineAbort", "flad_msgs/msg/Ack", self._on_abort,
                        address=self.spec.control)
+        # a crashed edge voids its pipelines; the agent registers again by itself once the edge is back
+        self.agent.edge_listeners.append(self._on_edge_lost)
 
     def take_identity(self, spec: VehicleSpec, profile: DeviceProfile, data: str, seed: int) -> None:
         """Become another vehicle between rounds (a pooled worker process, `pool_worker.py`).
@@ -217,6 +270,7 @@ class FhdpVehicle:
         self.store.release(list(self.store.owned))
         self.tracker.sent.clear()
         self.inbox.drop_steps_below(sys.maxsize)
+        self.inbox.allow(())          # the previous identity's neighbours send nothing more
         with self.server._lock:
             self.server.sender = spec.id
             self.server.cache.clear()
@@ -224,6 +278,14 @@ class FhdpVehicle:
             self.audit_file = self.audit_file.with_name(f"audit-{spec.id}.jsonl")
         self.spec, self.profile, self.data = spec, profile, data
         seed_everything(seed)
+
+    def _poison_for_edge(self, requester: str, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """LayerServer transform: the edge's gather gets poisoned weights; cluster peers get the real ones."""
+        if self.poison is None or requester != self.fleet.edge.id:
+            return payload
+        log.warning("%s: ATTACK EMULATION: handing %s poisoned (%s) weights of %d tensor(s)", self.spec.id,
+                    requester, self.poison, sum(k.startswith("p/") for k in payload))
+        return self.poison.apply(payload, self._poison_rng)
 
     # -- control ------------------------------------------------------------------------------------
     def _enqueue(self, kind: str, msg):
@@ -248,6 +310,23 @@ class FhdpVehicle:
                  f"; dropped queued {dropped}" if dropped else "")
         return codec.new("flad_msgs/msg/Ack", ok=True, message="aborting" if running else "not running")
 
+    def _on_edge_lost(self, reason: str) -> None:
+        """The edge died (agent's watch thread): the pipelines it assigned can never be reported or gathered.
+        Abort the running one (its partial step is dropped, weights stay as of the last whole step), drop the
+        queued ones, and wait: the restarted edge redoes the round and assigns afresh."""
+        with self._jobs_ready:
+            queued = [m.pipeline_id for _, m in self._jobs]
+            self._aborted.update(queued)
+            self._jobs.clear()
+            running = self._running
+            if running is not None:
+                self._aborted.add(running)
+                self._abort.set()
+        if running is not None or queued:
+            log.warning("%s: %s%s; waiting for the edge", self.spec.id,
+                        f"aborting pipeline {running}" if running else "no pipeline running",
+                        f", dropped queued {sorted(set(queued))}" if queued else "")
+
     def work_loop(self) -> None:
         """Run queued assignments in order until the agent stops."""
         while not self.agent.stop.is_set():
@@ -265,6 +344,10 @@ class FhdpVehicle:
                     self.prepare(Assignment.from_msg(msg))
                 else:
                     self.train(Assignment.from_msg(msg))
+            except StepAbortedError as exc:     # aborted while fetching layers: logged without a traceback
+                log.info("%s: %s of %s aborted: %s", self.spec.id, kind, msg.pipeline_id, exc)
+                self._report(msg, error=f"{type(exc).__name__}: {exc}", service=SERVICE_EDGE_READY
+                             if kind == "assign" else SERVICE_EDGE_REPORT)
             except Exception as exc:
                 log.exception("%s of %s failed", kind, msg.pipeline_id)
                 self._report(msg, error=f"{type(exc).__name__}: {exc}", service=SERVICE_EDGE_READY
@@ -334,47 +417,49 @@ class FhdpVehicle:
         if optimizer is not None:
             self.store.attach(optimizer)
         stage_ids = a.pipeline.members
+        keys = stage_key_names(self.fleet, a)
         scale = a.time_scale
+        # from now on the inbox takes frames only from this pipeline's neighbours (enforced with CURVE)
+        self.inbox.allow(keys[j] for j in neighbour_stages(index, n_stages, u))
 
         def link(peer_index: int) -> OutLink:
             return OutLink(self.ctx, stage_ids[peer_index], a.inboxes[peer_index], index,
                            codec=a.codec, bucket=TokenBucket.from_mbps(self.profile.link_mbps, scale),
-                           stats=self.link_stats)
+                           stats=self.link_stats, security=self.security, identity=self.key_name,
+                           server_key=keys[peer_index])
 
-        prev = link(index - 1) if index > 0 else None
-        nxt = link(index + 1) if index < n_stages - 1 else None
-        # U-shaped: the turnaround hop between the last trunk stage and the data owner (both ways)
-        turn = link(n_stages - 1 if index == 0 else 0) if u and index in (0, n_stages - 1) else None
-        runner = StageRunner(stage, index, n_stages, inbox=self.inbox, prev=prev, next=nxt, optimizer=optimizer,
-                             u_shaped=u, head=head, turn=turn,
-                             schedule=a.schedule, n_micro=a.n_micro, grad_clip=5.0,
-                             label_names=LABEL_INPUTS, dilation=ComputeDilation(self.profile.tflops, scale),
-                             memory=MemoryGuard(self.profile.mem_bytes, self.spec.profile),
-                             timeout_s=a.link_timeout_s if a.link_timeout_s > 0 else DEFAULT_LINK_TIMEOUT_S,
-                             abort=self._abort)
-        self.agent.state = "training"
-        # frames left from an aborted earlier pipeline carry lower step numbers: never take them for ours
-        stale = self.inbox.drop_steps_below(a.first_step)
-        if stale:
-            log.info("%s: dropped %d stale frame group(s) before step %d", self.spec.id, stale, a.first_step)
-        batches = self._batches_for(a) if index == 0 else None
         loss_stage = a.loss_stage
-        totals = {"loss": 0.0, "wall": 0.0, "compute": 0.0, "emulated": 0.0, "wait": 0.0, "bytes": 0}
+        totals = dict.fromkeys(("loss", "losses", "dropped", "wall", "compute", "emulated", "wait", "bytes"), 0.0)
         done = 0
         aborted = ""
+        prev = nxt = turn = None
         try:
+            # inside the try: a link that cannot be built (a peer's key missing) closes the ones built before it
+            # and detaches the optimizer (finally), and the error is reported
+            prev = link(index - 1) if index > 0 else None
+            nxt = link(index + 1) if index < n_stages - 1 else None
+            # U-shaped: the turnaround hop between the last trunk stage and the data owner (both ways)
+            turn = link(n_stages - 1 if index == 0 else 0) if u and index in (0, n_stages - 1) else None
+            runner = StageRunner(stage, index, n_stages, inbox=self.inbox, prev=prev, next=nxt, optimizer=optimizer,
+                                 u_shaped=u, head=head, turn=turn,
+                                 schedule=a.schedule, n_micro=a.n_micro, grad_clip=5.0,
+                                 label_names=LABEL_INPUTS, dilation=ComputeDilation(self.profile.tflops, scale),
+                                 memory=MemoryGuard(self.profile.mem_bytes, self.spec.profile),
+                                 timeout_s=a.link_timeout_s if a.link_timeout_s > 0 else DEFAULT_LINK_TIMEOUT_S,
+                                 abort=self._abort)
+            self.agent.state = "training"
+            # frames left from an aborted earlier pipeline carry lower step numbers: never take them for ours
+            stale = self.inbox.drop_steps_below(a.first_step)
+            if stale:
+                log.info("%s: dropped %d stale frame group(s) before step %d", self.spec.id, stale, a.first_step)
+            batches = self._batches_for(a) if index == 0 else None
             for i in range(a.steps):
                 batch = next(batches) if batches is not None else None
                 res = runner.run_step(a.first_step + i, batch)
                 done = i + 1
-                totals["loss"] += res.loss or 0.0
-                totals["wall"] += res.wall_s
-                totals["compute"] += res.compute_s
-                totals["emulated"] += res.emulated_compute_s
-                totals["wait"] += res.wait_s
-                totals["bytes"] += res.bytes_sent
+                loss = _tally(totals, res)
                 if a.publish_progress and index == loss_stage:
-                    self._publish_progress(a, index, done, res.loss)
+                    self._publish_progress(a, index, done, loss)
                 if a.backup_every and done % a.backup_every == 0:
                     self._backup(a, optimizer, cur["wanted"], a.first_step + i)
         except StepAbortedError as exc:
@@ -390,11 +475,12 @@ class FhdpVehicle:
                 if lk is not None:
                     lk.close()
             self.agent.state = "idle"
-        loss = totals["loss"] / max(1, done) if index == loss_stage and done else None
+        loss = totals["loss"] / totals["losses"] if index == loss_stage and totals["losses"] else None
         self._write_audit()
         self._report(a, service=SERVICE_EDGE_REPORT, steps=done, loss=loss, wall=totals["wall"],
                      compute=totals["compute"], emulated=totals["emulated"], wait=totals["wait"],
-                     bytes_sent=totals["bytes"], fetched=cur["fetched"], stage_index=index, error=aborted)
+                     bytes_sent=int(totals["bytes"]), fetched=cur["fetched"], stage_index=index, error=aborted,
+                     dropped=int(totals["dropped"]))
 
     def _batches_for(self, a: Assignment):
         """The data owner's batch stream: fresh per pipeline; a resumed pipeline (id `<base>~<attempt>`, from
@@ -445,19 +531,40 @@ class FhdpVehicle:
 
     def _report(self, a, *, service: str, error: str = "", steps: int = 0, loss: float | None = None,
                 wall: float = 0.0, compute: float = 0.0, emulated: float = 0.0, wait: float = 0.0,
-                bytes_sent: int = 0, fetched: int = 0, stage_index: int = 0) -> None:
+                bytes_sent: int = 0, fetched: int = 0, stage_index: int = 0, dropped: int = 0) -> None:
+        if dropped:
+            log.warning("%s: %d of %d step(s) of %s dropped (non-finite or exploding gradients)", self.spec.id,
+                        dropped, steps, a.pipeline_id)
         report = codec.new("flad_msgs/msg/StepReport", header=codec.header(), vehicle_id=self.spec.id,
-                           pipeline_id=a.pipeline_id, stage_index=stage_index, steps_done=steps,
+                           pipeline_id=a.pipeline_id, stage_index=stage_index, steps_done=steps, steps_dropped=dropped,
                            has_loss=loss is not None, loss=loss or 0.0,
                            wall_s=wall, compute_s=compute, emulated_compute_s=emulated, wait_s=wait,
                            bytes_sent=bytes_sent, layer_bytes_fetched=fetched, error=error)
-        try:
-            self.bus.request(service, report, "flad_msgs/msg/Ack", timeout_s=30.0)
-        except BusError as exc:
-            log.error("%s: could not report to the edge: %s", self.spec.id, exc)
+        self._send_report(service, report)
+
+    def _send_report(self, service: str, report, timeout_s: float = 30.0) -> None:
+        """Send a report to the edge in short tries (a repeat is harmless: the edge keeps the last per key);
+        give up at once when the edge is found dead -- the pipeline reported on died with it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.agent.edge_down_since is not None:
+                log.info("%s: not reporting %s to the edge: it is down", self.spec.id, report.pipeline_id)
+                return
+            try:
+                self.bus.request(service, report, "flad_msgs/msg/Ack",
+                                 timeout_s=max(0.1, min(2.0, deadline - time.monotonic())))
+                return
+            except RequestTimeoutError as exc:
+                if time.monotonic() < deadline:
+                    continue
+                log.error("%s: could not report to the edge: %s", self.spec.id, exc)
+                return
+            except BusError as exc:
+                log.error("%s: could not report to the edge: %s", self.spec.id, exc)
+                return
 
     def run(self) -> int:
-        self.agent.register()
+        self.agent.register(deadline_s=self.register_timeout_s)
         hb = threading.Thread(target=self.agent.heartbeat_loop, name="heartbeat", daemon=True)
         hb.start()
         try:
@@ -478,14 +585,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="synthetic", help="fleet dataset root, or 'synthetic'")
     parser.add_argument("--encoder", default="tiny", help="encoder config (tiny or paper)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--register-timeout", type=float, default=REGISTER_TIMEOUT_S,
+                        help=f"give up when the edge has not admitted this vehicle after this many seconds (default "
+                             f"{REGISTER_TIMEOUT_S:.0f}: long enough for a crashed edge to be restarted and resume)")
+    add_poison_arg(parser)
     add_role_args(parser)
     args = parser.parse_args(argv)
     setup_role_logging(args, f"vehicle-{args.id}")
     fleet = fleet_from_args(args)
     vehicle = FhdpVehicle(fleet, args.id, data=args.data, encoder=args.encoder, seed=args.seed,
-                          audit_dir=args.run_dir)
+                          audit_dir=args.run_dir, poison=args.poison)
+    vehicle.register_timeout_s = args.register_timeout
     install_stop_handlers(vehicle.agent.stop)
     return run_until_stopped(vehicle)
+
+
+def _tally(totals: dict[str, float], res) -> float | None:
+    """Add one step's `StepResult` to a pipeline's totals; returns its loss if finite (a dropped step's loss
+    may be NaN: it is left out of the mean, and never reported -- the edge refuses non-finite reports)."""
+    loss = res.loss if res.loss is not None and math.isfinite(res.loss) else None
+    if loss is not None:
+        totals["loss"] += loss
+        totals["losses"] += 1
+    totals["dropped"] += res.dropped      # NaN / exploding gradients: no stage applied this step
+    totals["wall"] += res.wall_s
+    totals["compute"] += res.compute_s
+    totals["emulated"] += res.emulated_compute_s
+    totals["wait"] += res.wait_s
+    totals["bytes"] += res.bytes_sent
+    return loss
+
+
+def add_poison_arg(parser: argparse.ArgumentParser) -> None:
+    """`--poison MODE`: the attack emulation of poison.py (tests and chaos runs only)."""
+    def poison(text: str) -> Poison:
+        try:
+            return Poison.parse(text)
+        except PoisonError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument("--poison", type=poison, default=None, metavar="MODE",
+                        help="ATTACK EMULATION for robustness tests: corrupt the weights the edge gathers from this "
+                             "vehicle -- scale:K (multiply by K), nan (NaN in every tensor), noise:S (Gaussian, std S)")
 
 
 def run_until_stopped(vehicle: FhdpVehicle) -> int:
@@ -504,4 +645,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["ABORTED", "BACKUP_OWNER", "FhdpVehicle", "LayerServer", "edge_service_address", "fetch_layers", "main",
-           "run_until_stopped"]
+           "neighbour_stages", "run_until_stopped", "stage_key_names"]

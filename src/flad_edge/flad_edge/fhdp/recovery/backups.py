@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,6 +27,11 @@ from flad_vehicle.fhdp.backup import split_by_layer
 from flad_vehicle.fhdp.worker import LayerServer
 
 log = logging.getLogger(__name__)
+
+#: a layer's name, which is also its backup file's name (`LayerStore` names layers by index or module name)
+LAYER_NAME = re.compile(r"[A-Za-z0-9_]+")
+#: what a backup payload may hold: `<kind>/layers.<layer>.<rest>` (weights, optimizer moments, steps)
+BACKUP_TENSOR = re.compile(r"[a-z]/layers\.[A-Za-z0-9_]+\.[A-Za-z0-9_.]+")
 
 
 @dataclass
@@ -60,7 +66,10 @@ class BackupStore:
             self.payloads[layer] = payload
             self.bytes_received += len(payload)
             if self.root is not None:
-                atomic_write_bytes(self.root / f"{layer}.safetensors", payload)
+                path = self.root / f"{layer}.safetensors"
+                if not LAYER_NAME.fullmatch(layer) or path.resolve().parent != self.root.resolve():
+                    raise ValueError(f"layer name {layer!r} is not a plain file name")
+                atomic_write_bytes(path, payload)
                 atomic_write_json(self.root / "manifest.json", {k: asdict(v) for k, v in self.entries.items()})
         return True
 
@@ -161,6 +170,9 @@ class EdgeBackups:
             if not asm.add(chunk):
                 return codec.new("flad_msgs/msg/Ack", ok=True, message="chunk stored")
             data = asm.payload()
+        except wts.WeightsError:
+            self._assemblers.pop(chunk.update_id, None)   # a bad chunk must not block a later transfer of this id
+            raise
         finally:
             if asm.first is not None and len(asm.parts) == asm.first.num_chunks:
                 self._assemblers.pop(chunk.update_id, None)
@@ -170,6 +182,9 @@ class EdgeBackups:
         if int(chunk.model_version) < self._floor.get(client, 0):
             return codec.new("flad_msgs/msg/Ack", ok=True, message="stale: from an earlier round, ignored")
         payload = wts.from_bytes(data, what=f"backup from {chunk.sender}")
+        bad = [k for k in payload if not BACKUP_TENSOR.fullmatch(k)]
+        if bad:     # layer names become file names: nothing but the layer-store naming may get through
+            return codec.new("flad_msgs/msg/Ack", ok=False, message=f"bad tensor names in backup: {bad[:3]}")
         layers = sorted({k.split("/", 1)[1].split(".")[1] for k in payload})
         stored = self.store(client).put_state(split_by_layer(payload, layers), step=int(chunk.model_version),
                                               owner=chunk.sender)

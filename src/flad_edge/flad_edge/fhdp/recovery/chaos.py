@@ -1,7 +1,11 @@
-"""`flad chaos`: hurt random vehicles during an FHDP training run and check that training goes on.
+"""`flad chaos`: hurt vehicles, edges and the cloud during FHDP training and check that nothing is lost.
 
-One cluster of vehicle processes trains the encoder with quick recovery (`RecoveringFhdpEdge`, in this
-process). Every round one chaos event hits a random member of a random pipeline at a random step:
+`--scope fleet` (default): the whole fixed fleet as processes -- vehicles killed, stopped and cut off, the edge
+and the cloud SIGKILLed, one vehicle poisoned -- audited from the run's own records (`fleet_chaos.py`).
+
+`--scope cluster`: one cluster of vehicle processes trains the encoder with quick recovery
+(`RecoveringFhdpEdge`, in this process). Every round one chaos event hits a random member of a random
+pipeline at a random step:
   kill     SIGKILL (a vehicle that vanishes; detected by its dropped connection),
   stop     SIGSTOP until the round ends (a frozen vehicle; detected by missing heartbeats),
   cutoff   SIGSTOP for a while, then SIGCONT (a temporary link outage: its TCP connection stays up
@@ -45,7 +49,7 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     cfg = FhdpConfig(local_steps=args.steps, batch_size=4, n_micro=2, time_scale=0.02, planner="exact",
                      round_deadline_s=300, seed=args.seed)
     rcfg = RecoveryConfig(backup_every=args.backup_every, link_timeout_s=30.0, templates_f=min(2, len(ids) - 1))
-    kinds = [k for k in args.events.split(",") if k]
+    kinds = [k for k in args.events.split(",") if k]  # --scope cluster: event kinds
     bad = set(kinds) - set(KINDS)
     if bad:
         raise ValueError(f"unknown chaos events {sorted(bad)} (known: {', '.join(KINDS)})")
@@ -155,7 +159,42 @@ def _verdict(args, rounds: list[dict], events: list[dict], live, seconds: float)
     }
 
 
+CLUSTER_DEFAULTS = {"rounds": 4, "steps": 6, "heartbeat_timeout": 1.0}
+FLEET_DEFAULTS = {"rounds": 30, "steps": 3, "heartbeat_timeout": 3.0}
+
+
+def main_fleet(args: argparse.Namespace) -> int:
+    from flad_core.runs import RunDir
+    from flad_edge.fhdp.recovery.fleet_chaos import run_fleet_chaos
+
+    run = None
+    if not args.workdir:
+        run = RunDir.create("chaos", vars(args) | {"func": None}, root=args.runs_dir)
+        args.workdir = str(run.path)
+    try:
+        out = run_fleet_chaos(args)
+    except (ValueError, RuntimeError, TimeoutError, OSError) as exc:
+        print(f"flad chaos: {exc}", file=sys.stderr)
+        return 1
+    Path(args.workdir, "chaos.json").write_text(json.dumps(out, default=str, indent=1))
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        c = out["chaos"]
+        print(f"{out['events_total']} events {out['events_by_kind']}; restarts {c['restarts']}; "
+              f"edge resumed {c['edge_resumes']}x; {out['seconds']} s; records in {args.workdir}")
+        for name, g in out["goals"].items():
+            print(f"  {'ok  ' if g['met'] else 'FAIL'} {name}: {g['value']}")
+        print("PASS" if out["ok"] else "FAIL")
+    return 0 if out["ok"] else 1
+
+
 def main(args: argparse.Namespace) -> int:
+    for key, value in (FLEET_DEFAULTS if args.scope == "fleet" else CLUSTER_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.scope == "fleet":
+        return main_fleet(args)
     try:
         out = run_chaos(args)
     except (ValueError, RuntimeError, TimeoutError) as exc:
@@ -176,16 +215,47 @@ def main(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("chaos", help="kill, stop and cut off random vehicles during FHDP training",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vehicles", type=int, default=3, help="cluster size (default 3)")
-    p.add_argument("--rounds", type=int, default=4, help="FL rounds, one chaos event each (default 4)")
-    p.add_argument("--steps", type=int, default=6, help="training steps per pipeline per round (default 6)")
-    p.add_argument("--backup-every", type=int, default=2, help="edge backup interval e in steps (default 2)")
-    p.add_argument("--events", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
-    p.add_argument("--cycle", action="store_true", help="take the events in order instead of at random")
-    p.add_argument("--heartbeat-timeout", type=float, default=1.0, help="detection timeout in seconds (default 1)")
+    p.add_argument("--scope", choices=("fleet", "cluster"), default="fleet",
+                   help="fleet: every tier as processes, edge and cloud kills, a poisoned vehicle (default); "
+                        "cluster: one cluster, one vehicle event per round")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"FL rounds (default: fleet {FLEET_DEFAULTS['rounds']}, cluster {CLUSTER_DEFAULTS['rounds']})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps per pipeline per round (default: fleet {FLEET_DEFAULTS['steps']}, "
+                        f"cluster {CLUSTER_DEFAULTS['steps']})")
+    p.add_argument("--heartbeat-timeout", type=float, default=None,
+                   help="detection timeout in seconds (default: fleet 3, cluster 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None, help="folder for the fleet file and vehicle logs (default: a temp dir)")
+    p.add_argument("--workdir", default=None, help="folder for the fleet file and logs (default: fleet: a new "
+                                                  "runs/<id>/; cluster: a temp dir)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    cluster = p.add_argument_group("--scope cluster")
+    cluster.add_argument("--vehicles", type=int, default=3, help="cluster size (default 3)")
+    cluster.add_argument("--backup-every", type=int, default=2, help="edge backup interval e in steps (default 2)")
+    cluster.add_argument("--events", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    cluster.add_argument("--cycle", action="store_true", help="take the events in order instead of at random")
+    fleet = p.add_argument_group("--scope fleet")
+    fleet.add_argument("--target-events", type=int, default=50,
+                       help="events the edge kills are spread over (default 50; events go on until the edge is done)")
+    fleet.add_argument("--interval", type=float, default=2.0, help="seconds between events (default 2)")
+    fleet.add_argument("--first-event-s", type=float, default=20.0,
+                       help="seconds after start before the first event (default 20: processes start)")
+    fleet.add_argument("--outage", type=float, default=4.0,
+                       help="seconds a killed or stopped vehicle stays down (default 4)")
+    fleet.add_argument("--max-down", type=int, default=2, help="vehicles down at the same time at most (default 2)")
+    fleet.add_argument("--round-deadline", type=float, default=60.0,
+                       help="a round closes this long after it started with the updates it has (default 60 s)")
+    fleet.add_argument("--edge-kills", type=int, default=4, help="SIGKILLs of the edge process (default 4)")
+    fleet.add_argument("--no-cloud-kill", dest="cloud_kill", action="store_false", help="do not kill the cloud")
+    fleet.add_argument("--poison", default="scale:100",
+                       help="attack of the extra vehicle v006 (scale:K, nan, noise:S; '' for none; default scale:100)")
+    fleet.add_argument("--frames", type=int, default=48, help="collected frames per vehicle (default 48)")
+    fleet.add_argument("--loss-tolerance", type=float, default=0.10,
+                       help="final held-out loss at most this much above the event-free run's (default 0.10)")
+    fleet.add_argument("--no-reference", dest="reference", action="store_false",
+                       help="skip the event-free reference run (no loss comparison)")
+    fleet.add_argument("--timeout", type=float, default=1800.0, help="give up on a run after this many seconds")
+    fleet.add_argument("--runs-dir", type=Path, default=None, help="where runs/<id>/ goes (default: ./runs)")
     p.set_defaults(func=main)
 
 

@@ -8,7 +8,6 @@ vehicle), from an error report, or from a vehicle that cannot be reached. Every 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ import zmq
 import zmq.utils.monitor
 
 from flad_core.fleet import FleetConfig
+from flad_core.roles import security_for
 from flad_core.security import make_client
 
 log = logging.getLogger(__name__)
@@ -32,14 +32,16 @@ class DisconnectWatch:
         self._stop = threading.Event()
         self._watch: dict[str, tuple[zmq.Socket, zmq.Socket]] = {}
         self._connected: set[str] = set()
+        # the key each control socket serves with: the vehicle's, or a pooled slot's whoever it plays (as the bus)
+        security = security_for(fleet, identity)
         for v in fleet.vehicles:
             if not v.control:
                 continue
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            if fleet.security.curve:
-                make_client(sock, dataclasses.replace(fleet.security, identity=identity), identity, v.id)
+            if security.curve:
+                make_client(sock, security, identity, security.server_keys.get(v.control, v.id))
             mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             sock.connect(v.control)
             self._watch[v.id] = (sock, mon)
