@@ -41,6 +41,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+CHILD_PYTHONPATH = ""   # --child-pythonpath
 # a log with one of these is "dirty" even at exit 0 (the last three: ros_node's shutdown watchdog, its exit timer,
 # threads left running after a node's teardown)
 FATAL = ("Fatal Python error", "Traceback (most recent call last)", "terminate called", "Segmentation fault",
@@ -53,9 +54,11 @@ class Proc:
         folder.mkdir(parents=True, exist_ok=True)
         self.log = folder / f"{name}.log"
         fh = open(self.log, "wb")  # noqa: SIM115 - the child keeps it
+        env = dict(os.environ)
+        if CHILD_PYTHONPATH:
+            env["PYTHONPATH"] = os.pathsep.join([CHILD_PYTHONPATH, env.get("PYTHONPATH", "")])
         self.p = subprocess.Popen([sys.executable, "-X", "faulthandler", *cmd], stdout=fh, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, cwd=folder, env=dict(os.environ),
-                                  preexec_fn=_cores_on)
+                                  stdin=subprocess.DEVNULL, cwd=folder, env=env, preexec_fn=_cores_on)
         fh.close()
 
 
@@ -208,8 +211,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for logs and cores (default: a new temp dir)")
     ap.add_argument("--early", type=float, default=0.0,
                     help="fraction of rounds that signal during start-up instead of once every process is ready")
+    ap.add_argument("--child-pythonpath", default="",
+                    help="put this first on the processes' PYTHONPATH (not this one's): to measure another flad_core, "
+                         "e.g. the committed one, `git archive HEAD src/flad_core/flad_core | tar -x -C DIR` and "
+                         "pass DIR/src/flad_core")
     ap.add_argument("--keep-ok", action="store_true", help="keep the logs of rounds without a bad outcome")
     args = ap.parse_args()
+    global CHILD_PYTHONPATH
+    CHILD_PYTHONPATH = args.child_pythonpath
     out = args.out or Path(tempfile.mkdtemp(prefix="ros_stress_"))
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -234,6 +243,7 @@ def main() -> int:
                     f.unlink()
             folder.rmdir()
     summary = {"rounds": args.rounds, "scenarios": args.scenario, "early": args.early,
+               "child_pythonpath": args.child_pythonpath,
                "seconds": round(time.monotonic() - t_start), "out": str(out), "bad_rounds": bad_rounds,
                "counts": {n: dict(c) for n, c in counts.items()},
                "max_stop_s": {n: round(max(d), 2) for n, d in durations.items()}}

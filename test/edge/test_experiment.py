@@ -40,6 +40,14 @@ def rounds_of(run: Path) -> dict[int, dict]:
     return out
 
 
+def command_line(proc: psutil.Process) -> str:
+    """`proc`'s command line; "" for a child that has just exited (a zombie not reaped yet, or gone)."""
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return ""
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -82,7 +90,7 @@ def crashed_and_resumed(tmp_path_factory):
         if (run / "fleet" / "round_002.json").exists():      # round 2 planned, not yet uploaded
             time.sleep(1.0)
             clouds = [c for c in psutil.Process(resumed.pid).children(recursive=True)
-                      if "flad_edge.fl.cloud" in " ".join(c.cmdline())]
+                      if "flad_edge.fl.cloud" in command_line(c)]
             if clouds:
                 clouds[0].kill()
                 cloud_killed = clouds[0].pid
