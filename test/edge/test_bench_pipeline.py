@@ -111,7 +111,17 @@ def test_quick_run_prints_one_json_object(capsys):
         assert tp[key] > 0, key
     assert data["codecs"]["int8"]["bytes_per_sample"] < data["codecs"]["fp32"]["bytes_per_sample"]
     assert set(data["goals"]) >= {"fhdp_vs_standalone", "fhdp_vs_random", "fhdp_vs_ideal", "fhdp_vs_torch_pipelining",
-                                  "int8_byte_reduction", "int8_loss_within_2pct"}
+                                  "int8_byte_reduction", "int8_loss_within_2pct", "every_member_vs_standalone",
+                                  "every_member_prediction_error"}
+    # every member's data at once: the fan-in run trained all three members' samples each step
+    em = data["every_member"]
+    fp32 = em["runs"]["fp32"]
+    assert sorted(fp32["sources"]) == ["agx", "n1", "n2"] and fp32["samples_per_step"] == 3 * 6
+    assert fp32["sources"][0] == fp32["trunk"][0][0]       # the hub's own data goes first
+    assert fp32["samples_per_s"] > 0 and fp32["losses"] and fp32["dropped_steps"] == 0
+    assert fp32["predicted_step_s"] > 0 and fp32["flop_model_predicted_step_s"] > 0
+    assert em["plans"]["candidates"] > 10 and len(em["plans"]["layer_seconds_per_sample_host"]) == data["layers"]
+    assert tp["every_member"]["fp32"] == fp32["samples_per_s"]
 
 
 def test_summarize_takes_the_loss_from_the_data_owner_of_a_u_shaped_pipeline():

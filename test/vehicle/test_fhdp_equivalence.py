@@ -23,18 +23,10 @@ from flad_vehicle.fhdp.optim import stage_adamw
 from flad_vehicle.fhdp.runner import StageRunner
 from flad_vehicle.fhdp.ushape import head_start, u_stages
 
+from flad_testing import reference_step
+
 RAW_SENSORS = {"rgb_front", "rgb_left", "rgb_right", "rgb_rear", "lidar"}
 LABELS = set(LABEL_INPUTS)
-
-
-def reference_step(model, batch, clip):
-    opt = torch.optim.AdamW(model.param_groups(7.5e-4, 3e-4, 0.05), eps=1e-8)
-    loss = model.forward_train(batch)["loss"]
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    opt.step()
-    return float(loss.detach()), float(norm), grads
 
 
 def _split(part, cuts, u_shaped):

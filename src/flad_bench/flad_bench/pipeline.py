@@ -50,14 +50,34 @@ from pathlib import Path
 from typing import Any
 
 from flad_bench.pipeline_common import free_ports, summarize
+from flad_bench.pipeline_worker import link_codec
 from flad_edge.swift.bounds import CODECS, cut_traffic, ideal_step_s, link_floor, pipeline_floor
 from flad_vehicle.fhdp.pipeline import Pipeline, PipelineError
 
 log = logging.getLogger(__name__)
 
+#: the codecs a bench run can sweep: tensorcodec's, and int4 with error feedback on every link ("int4ef", Optimus-CC /
+#: EF-SGD style: what a send's quantisation missed is added to the next send of the same slot)
+BENCH_CODECS = (*CODECS, "int4ef")
+
+
+def codec_traffic(encoder: str, data: str, owner: str, codecs: Sequence[str]) -> list[dict[str, Any]]:
+    """`cut_traffic` for bench codec names (int4ef moves int4's bytes)."""
+    base = list(dict.fromkeys(link_codec(c)[0] for c in codecs))
+    rows = cut_traffic(encoder, data, owner, base)
+    for r in rows:
+        for c in codecs:
+            for part in ("forward", "backward"):
+                r[part][c] = r[part][link_codec(c)[0]]
+    return rows
+
+
 DEFAULT_CLUSTER = (("n1", "jetson_nano"), ("n2", "jetson_nano"), ("agx", "jetson_agx"))
-GOALS = {"fhdp_vs_standalone": 0.75, "fhdp_vs_random": 1.4, "fhdp_vs_ideal": 0.9, "fhdp_vs_torch_pipelining": 1.0,
-         "int8_byte_reduction": 3.5, "int8_loss_rel_diff_max": 0.02}
+GOALS = {"every_member_vs_standalone": 0.75, "every_member_vs_rotation": 3.0, "prediction_rel_error_max": 0.15,
+         "every_member_best_codec_vs_standalone": 1.0,
+         "fhdp_vs_standalone": 0.75, "fhdp_vs_random": 1.4, "fhdp_vs_ideal": 0.9, "fhdp_vs_torch_pipelining": 1.0,
+         "int8_byte_reduction": 3.5, "int8_loss_rel_diff_max": 0.02,
+         "sub8_byte_reduction": 6.0, "sub8_loss_rel_diff_max": 0.02}
 
 
 @dataclass
@@ -80,10 +100,13 @@ class BenchConfig:
     time_scale: float = 0.0             # 0: auto (the fastest device's dilation factor = agx_factor)
     agx_factor: float = 2.0
     rotation: bool = True
+    every_member: bool = True           # the fan-in schedule: every member's data at once (flad_vehicle.fhdp.fanin)
+    link_setting: str = "table1"        # flad_core.fleet.LINK_SETTINGS: table1 (50/100 Mb/s) or measured (14-22)
+    radio: str = "device"               # device: all of a vehicle's links share its radio; link: each its own rate
     torch_pipelining: bool = True
     seed: int = 0
     base_port: int = 0                  # 0: pick free ports
-    codecs: tuple[str, ...] = CODECS
+    codecs: tuple[str, ...] = BENCH_CODECS
     modes: tuple[str, ...] = ("labels_forward", "u_shaped", "labels_forward_same_cuts")   # codec sweep (MODES)
     extra: dict = field(default_factory=dict)
 
@@ -129,10 +152,11 @@ class BenchFleet:
 
     def __init__(self, cfg: BenchConfig, host_tflops: float, time_scale: float) -> None:
         from flad_bench.pipeline_worker import worker_main
-        from flad_core.fleet import PAPER_PROFILES
+        from flad_core.fleet import PAPER_PROFILES, link_mbps
 
         self.cfg, self.host_tflops, self.time_scale = cfg, host_tflops, time_scale
         self.profiles = {v: PAPER_PROFILES[p] for v, p in cfg.cluster}
+        self.link_mbps = {v: link_mbps(p, cfg.link_setting) for v, p in cfg.cluster}
         ctx = mp.get_context("spawn")
         self.conns, self.procs = {}, {}
         for v, _ in cfg.cluster:
@@ -165,23 +189,58 @@ class BenchFleet:
                "codec": codec, "steps": steps, "warmup": warmup, "seed": cfg.seed, "encoder": cfg.encoder,
                "schedule": cfg.schedule, "n_micro": n_micro or cfg.n_micro, "batch_size": cfg.batch_size,
                "time_scale": self.time_scale, "host_tflops": self.host_tflops, "data": cfg.data,
-               "data_owner": cfg.data_owner, "u_shaped": u_shaped}
-        for c in self.conns.values():
-            c.send(cmd)
-        results = []
-        for v, c in self.conns.items():
-            if not c.poll(900):
-                raise TimeoutError(f"bench worker {v} did not finish {pipeline}")
-            r = c.recv()
-            if "error" in r:
-                raise RuntimeError(f"{v} failed on {pipeline} ({codec}): {r['error']}")
-            results.append(r)
+               "data_owner": cfg.data_owner, "u_shaped": u_shaped, "link_mbps": self.link_mbps,
+               "radio": cfg.radio}
+        results = self._dispatch(cmd, str(pipeline))
         out = summarize(results, cfg.batch_size, warmup, self.time_scale)
         log.info("... %.1f emulated samples/s (%.0f s wall for the configuration)", out["samples_per_s"],
                  time.monotonic() - t0)
         out["codec"] = codec
         out["n_micro"] = cmd["n_micro"]
         out["u_shaped"] = u_shaped
+        return out
+
+    def _dispatch(self, cmd: dict[str, Any], what: str) -> list[dict[str, Any]]:
+        for c in self.conns.values():
+            c.send(cmd)
+        results = []
+        for v, c in self.conns.items():
+            if not c.poll(900):
+                raise TimeoutError(f"bench worker {v} did not finish {what}")
+            r = c.recv()
+            if "error" in r:
+                raise RuntimeError(f"{v} failed on {what} ({cmd['codec']}): {r['error']}")
+            results.append(r)
+        return results
+
+    def run_fanin(self, sources: Sequence[str], trunk: Sequence[Sequence], *, steps: int, codec: str = "fp32",
+                  warmup: int | None = None) -> dict[str, Any]:
+        """The fan-in schedule: every member a source on its own data shard (source i: vehicle v00i's shard),
+        the trunk pipeline over `trunk`; samples per step = sources x batch size."""
+        cfg = self.cfg
+        warmup = cfg.warmup if warmup is None else warmup
+        members = list(dict.fromkeys([*sources, *(t[0] for t in trunk)]))
+        what = f"fan-in {list(sources)} => {[list(t) for t in trunk]}"
+        log.info("running %s (%s, %d steps)", what, codec, steps)
+        t0 = time.monotonic()
+        ports = self._addresses(len(members))
+        cmd = {"op": "run", "fanin": {"sources": list(sources), "trunk": [list(t) for t in trunk]},
+               "addresses": dict(zip(members, ports, strict=True)), "codec": codec, "steps": steps, "warmup": warmup,
+               "seed": cfg.seed, "encoder": cfg.encoder, "schedule": cfg.schedule, "n_micro": cfg.n_micro,
+               "batch_size": cfg.batch_size, "time_scale": self.time_scale, "host_tflops": self.host_tflops,
+               "data": cfg.data, "source_data": {v: f"v{i:03d}" for i, v in enumerate(sources)},
+               "link_mbps": self.link_mbps}
+        results = self._dispatch(cmd, what)
+        out = summarize(results, cfg.batch_size * len(sources), warmup, self.time_scale)
+        out.update({"codec": codec, "sources": list(sources), "trunk": [list(t) for t in trunk],
+                    "samples_per_step": cfg.batch_size * len(sources),
+                    "dropped_steps": sum(bool(st.get("dropped")) for r in results if not r.get("idle")
+                                         for st in r["steps"]),
+                    "radio_wait_s_per_step": {r["vehicle"]: r["radio_wait_s_per_step"] / self.time_scale
+                                              for r in results if not r.get("idle")},
+                    "peer_bytes_per_step": {r["vehicle"]: r["link_bytes_per_step"]["peers"]
+                                            for r in results if not r.get("idle")}})
+        log.info("... %.1f emulated samples/s (%.0f s wall)", out["samples_per_s"], time.monotonic() - t0)
         return out
 
     def close(self) -> None:
@@ -230,6 +289,127 @@ def swift_pipeline(cfg: BenchConfig, profile: dict, first: str | None, u_shaped:
         raise RuntimeError(f"SWIFT found no pipeline (first={first}): {p.reason}")
     return (Pipeline.from_plan(p.path, p.ranges),
             {"predicted_bottleneck_s": p.bottleneck_s, "predicted_path_s": p.t_path_s})
+
+
+def measured_layer_seconds(encoder: str, batch_size: int, repeats: int = 3) -> list[float]:
+    """Per-layer forward + backward seconds per sample on this host, on one thread like the bench workers."""
+    import torch
+
+    from flad_vehicle.encoder.config import get_config
+    from flad_vehicle.encoder.model import VisionEncoder, batch_to_torch
+    from flad_vehicle.encoder.profile import measure_layer_seconds
+    from flad_vehicle.encoder.synthetic import synthetic_batches
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        batch = batch_to_torch(next(synthetic_batches(1, batch_size, seed=0)))
+        return measure_layer_seconds(VisionEncoder(get_config(encoder)), batch, repeats=repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def replica_sync_bytes(encoder: str, codecs: Sequence[str]) -> dict[str, list[float]]:
+    """Per codec, the wire bytes of the gradients of layers [0, c) for every c (index c): what one replica
+    reduction frame carries when the fan-in cut is c."""
+    import torch
+
+    from flad_core import tensorcodec
+    from flad_vehicle.encoder.config import get_config
+    from flad_vehicle.encoder.model import VisionEncoder
+
+    model = VisionEncoder(get_config(encoder))
+    out: dict[str, list[float]] = {}
+    for codec in codecs:
+        cum = [0.0]
+        for _, layer in model.layer_list(True):
+            grads = {f"p{i}": torch.randn_like(p) for i, p in enumerate(layer.parameters())}
+            packed = tensorcodec.encode(grads, link_codec(codec)[0]) if grads else {}
+            cum.append(cum[-1] + (tensorcodec.wire_bytes(packed) if grads else 0))
+        out[codec] = cum
+    return out
+
+
+def plan_every_member(cfg: BenchConfig, profile: dict, host_tflops: float) -> dict[str, Any]:
+    """SWIFT's fan-in plans from measured layer times (and, for comparison, from the paper's FLOP model): the
+    best per codec, with the predicted step of each under both cost models."""
+    from flad_core.fleet import PAPER_PROFILES, link_mbps
+    from flad_edge.swift.fanin import Device, flop_layer_seconds, plan_fanin, predict
+
+    devices = [Device(v, PAPER_PROFILES[p].tflops, link_mbps(p, cfg.link_setting)) for v, p in cfg.cluster]
+    rows = codec_traffic(cfg.encoder, cfg.data, cfg.data_owner, cfg.codecs)
+    traffic = {c: {r["cut_before"]: {"forward": r["forward"][c], "backward": r["backward"][c]} for r in rows}
+               for c in cfg.codecs}
+    replica_bytes = replica_sync_bytes(cfg.encoder, cfg.codecs)
+    min_first = int(profile["min_first_stage_end"])
+    measured_s = measured_layer_seconds(cfg.encoder, cfg.batch_size)
+    flop_s, flop_ref = flop_layer_seconds([r["flops"] for r in profile["layers"]])
+    common = (traffic, replica_bytes, min_first, cfg.batch_size, cfg.n_micro)
+    by_measure = plan_fanin(devices, measured_s, host_tflops, *common, codecs=cfg.codecs)
+    by_flops = plan_fanin(devices, flop_s, flop_ref, *common, codecs=cfg.codecs)
+    by_id = {d.id: d for d in devices}
+
+    def flop_prediction(c) -> float:
+        return predict(by_id, flop_s, flop_ref, traffic[c.codec], replica_bytes[c.codec][c.trunk[0][1]], c.sources,
+                       c.trunk, cfg.batch_size, cfg.n_micro)[0]
+
+    best = {}
+    for codec in cfg.codecs:
+        cand = next((c for c in by_measure if c.codec == codec), None)
+        if cand is not None:
+            best[codec] = {**cand.to_json(), "flop_model_predicted_step_s": flop_prediction(cand)}
+    flop_choice = by_flops[0] if by_flops else None
+    return {"best_by_codec": best, "best_codec": by_measure[0].codec if by_measure else None,
+            "flop_model_choice": flop_choice.to_json() if flop_choice else None,
+            "layer_seconds_per_sample_host": measured_s, "link_setting": cfg.link_setting,
+            "candidates": len(by_measure)}
+
+
+def run_rotation(cfg: BenchConfig, fleet: BenchFleet, profile: dict) -> dict[str, Any]:
+    """The cluster's essential pipelines in rotation (each member first, SWIFT's plan), as FHDP trains today:
+    one step of each in turn, so throughput = members x batch / the sum of their step times."""
+    pipes = []
+    for v, _ in cfg.cluster:
+        pipe, pred = swift_pipeline(cfg, profile, v)
+        r = fleet.run(pipe, steps=cfg.steps)
+        r.update(pred)
+        pipes.append(r)
+    return {"pipelines": pipes, "samples_per_s": cfg.batch_size * len(pipes) / sum(r["step_s"] for r in pipes)}
+
+
+def run_every_member(cfg: BenchConfig, fleet: BenchFleet, profile: dict, host_tflops: float) -> dict[str, Any]:
+    """The fan-in schedule on SWIFT's measured plan, per codec (fp32 and the best other codec)."""
+    plans = plan_every_member(cfg, profile, host_tflops)
+    runs = {}
+    for codec, cand in plans["best_by_codec"].items():
+        if codec not in ("fp32", plans["best_codec"]):
+            continue
+        r = fleet.run_fanin(cand["sources"], cand["trunk"], steps=cfg.steps, codec=codec)
+        r["predicted_step_s"] = cand["predicted_step_s"]
+        r["flop_model_predicted_step_s"] = cand["flop_model_predicted_step_s"]
+        r["prediction_rel_error"] = abs(cand["predicted_step_s"] - r["step_s"]) / r["step_s"]
+        r["flop_model_prediction_rel_error"] = abs(cand["flop_model_predicted_step_s"] - r["step_s"]) / r["step_s"]
+        runs[codec] = r
+    return {"plans": plans, "runs": runs}
+
+
+def every_member_goals(em: dict[str, Any], standalone_sps: float, rotation_sps: float | None, encoder: str
+                       ) -> dict[str, Any]:
+    runs = em["runs"]
+    fp32 = runs.get("fp32", {})
+    best = max(runs.values(), key=lambda r: r["samples_per_s"]) if runs else {}
+    goals = {"every_member_vs_standalone": _goal(_ratio(fp32.get("samples_per_s"), standalone_sps),
+                                                 GOALS["every_member_vs_standalone"]),
+             "every_member_vs_rotation": _goal(_ratio(fp32.get("samples_per_s"), rotation_sps),
+                                               GOALS["every_member_vs_rotation"]),
+             "every_member_prediction_error": _goal(fp32.get("prediction_rel_error"),
+                                                    GOALS["prediction_rel_error_max"], higher_is_better=False)}
+    if encoder == "paper":
+        goals["every_member_best_codec_vs_standalone"] = _goal(_ratio(best.get("samples_per_s"), standalone_sps),
+                                                               GOALS["every_member_best_codec_vs_standalone"])
+        goals["every_member_best_codec_vs_standalone"]["codec"] = best.get("codec")
+    return goals
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -301,6 +481,15 @@ def codec_goals(modes: dict[str, Any]) -> dict[str, Any]:
                                             higher_is_better=False)}
     for g in goals.values():
         g["mode"] = best
+    # sub-8-bit (int4, with error feedback when it was swept), on the same mode
+    sub8 = next((c for c in ("int4ef", "int4") if best and c in modes["modes"].get(best, {})), None)
+    if sub8:
+        row = modes["modes"][best][sub8]
+        goals["sub8_byte_reduction"] = _goal(row.get("byte_reduction_vs_fp32"), GOALS["sub8_byte_reduction"])
+        goals["sub8_loss_within_2pct"] = _goal(row.get("loss_rel_diff_vs_fp32"), GOALS["sub8_loss_rel_diff_max"],
+                                               higher_is_better=False)
+        goals["sub8_byte_reduction"]["codec"] = goals["sub8_loss_within_2pct"]["codec"] = sub8
+        goals["sub8_byte_reduction"]["mode"] = goals["sub8_loss_within_2pct"]["mode"] = best
     for mode, table in modes["modes"].items():
         i8 = table.get("int8", {})
         goals[f"int8_byte_reduction_{mode}"] = _goal(i8.get("byte_reduction_vs_fp32"), GOALS["int8_byte_reduction"])
@@ -382,17 +571,9 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         fhdp = dict(codec_runs.get("fp32") or fleet.run(swift, steps=cfg.steps))
         fhdp.update(swift_pred)
         # the essential pipelines FHDP rotates through (each member first)
-        rotation = None
-        if cfg.rotation:
-            pipes = []
-            for v, _ in cfg.cluster:
-                pipe, pred = swift_pipeline(cfg, profile, v)
-                r = fleet.run(pipe, steps=cfg.steps)
-                r.update(pred)
-                pipes.append(r)
-            total_samples = sum(cfg.batch_size for _ in pipes)
-            rotation = {"pipelines": pipes,
-                        "samples_per_s": total_samples / sum(r["step_s"] for r in pipes)}
+        rotation = run_rotation(cfg, fleet, profile) if cfg.rotation else None
+        # every member's data at once (the fan-in schedule), on SWIFT's plan from measured layer times
+        every = run_every_member(cfg, fleet, profile, host) if cfg.every_member else None
         # (c) random partitions
         rng = random.Random(cfg.seed + 1234)
         draws = []
@@ -428,7 +609,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             tpp = {"works": False, "error": f"{type(exc).__name__}: {exc}"}
     codecs = codec_table(codec_runs)
     modes = codec_modes({mode: codec_table(r) for mode, r in sweep.items()})
-    traffic = cut_traffic(cfg.encoder, cfg.data, cfg.data_owner, cfg.codecs)
+    traffic = codec_traffic(cfg.encoder, cfg.data, cfg.data_owner, cfg.codecs)
     floor = link_floor(cfg.cluster, cfg.codecs, traffic, standalone["samples_per_s"])
     a = fhdp["samples_per_s"]
     goals = {
@@ -440,6 +621,9 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         "fhdp_vs_torch_pipelining": _goal(_ratio(a, tpp.get("samples_per_s")), GOALS["fhdp_vs_torch_pipelining"]),
         **codec_goals(modes),
     }
+    if every:
+        goals.update(every_member_goals(every, standalone["samples_per_s"],
+                                        rotation["samples_per_s"] if rotation else None, cfg.encoder))
     if rotation:
         goals["rotation_vs_standalone"] = _goal(_ratio(rotation["samples_per_s"], standalone["samples_per_s"]),
                                                 GOALS["fhdp_vs_standalone"])
@@ -447,7 +631,9 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         "throughput_samples_per_s_emulated": {
             "fhdp_swift": a, "standalone_agx": standalone["samples_per_s"], "random_mean": rand["samples_per_s"],
             "torch_pipelining": tpp.get("samples_per_s"), "ideal_bound": ideal["samples_per_s"],
-            "fhdp_rotation": rotation["samples_per_s"] if rotation else None},
+            "fhdp_rotation": rotation["samples_per_s"] if rotation else None,
+            "every_member": {c: r["samples_per_s"] for c, r in every["runs"].items()} if every else None},
+        "every_member": every,
         "fhdp_swift": fhdp, "standalone": standalone, "random": rand, "torch_pipelining": tpp, "ideal": ideal,
         "rotation": rotation, "codecs": codecs, "codec_modes": modes, "link_floor": floor,
         "pipeline_floor": pipeline_floor(cfg.cluster, cfg.codecs, traffic, profile, standalone["samples_per_s"]),
@@ -472,7 +658,7 @@ def run_floor_only(cfg: BenchConfig) -> dict[str, Any]:
         standalone = fleet.run([(agx, 0, n_layers)], steps=cfg.steps, n_micro=1)
     finally:
         fleet.close()
-    traffic = cut_traffic(cfg.encoder, cfg.data, cfg.data_owner, cfg.codecs)
+    traffic = codec_traffic(cfg.encoder, cfg.data, cfg.data_owner, cfg.codecs)
     swift_cuts = {e for _, _, e in swift[:-1]}
     out: dict[str, Any] = {"conditions": conditions(cfg, host, ts), "layers": n_layers, "only": "floor",
                            "standalone_samples_per_s": standalone["samples_per_s"],
@@ -482,6 +668,35 @@ def run_floor_only(cfg: BenchConfig) -> dict[str, Any]:
                            "pipeline_floor": pipeline_floor(cfg.cluster, cfg.codecs, traffic, profile,
                                                             standalone["samples_per_s"]),
                            "bench_seconds": round(time.monotonic() - t_start, 1)}
+    out["conditions"]["loadavg_end"] = list(os.getloadavg())
+    return out
+
+
+def run_every_member_only(cfg: BenchConfig) -> dict[str, Any]:
+    """`--only every-member`: standalone, the rotation over essential pipelines (unless --no-rotation) and the
+    fan-in schedule with every member's data, on one emulated cluster and link setting."""
+    from flad_core.fleet import PAPER_PROFILES
+
+    t_start, host, ts, profile = _setup(cfg)
+    n_layers = len(profile["layers"])
+    out: dict[str, Any] = {"conditions": conditions(cfg, host, ts), "layers": n_layers, "only": "every-member"}
+    fleet = BenchFleet(cfg, host, ts)
+    try:
+        agx = max(cfg.cluster, key=lambda x: PAPER_PROFILES[x[1]].tflops)[0]
+        standalone = fleet.run([(agx, 0, n_layers)], steps=cfg.steps, n_micro=1)
+        standalone["device"] = agx
+        rotation = run_rotation(cfg, fleet, profile) if cfg.rotation else None
+        every = run_every_member(cfg, fleet, profile, host)
+    finally:
+        fleet.close()
+    out.update({"standalone": standalone, "rotation": rotation, "every_member": every,
+                "throughput_samples_per_s_emulated": {
+                    "standalone_agx": standalone["samples_per_s"],
+                    "fhdp_rotation": rotation["samples_per_s"] if rotation else None,
+                    "every_member": {c: r["samples_per_s"] for c, r in every["runs"].items()}},
+                "goals": every_member_goals(every, standalone["samples_per_s"],
+                                            rotation["samples_per_s"] if rotation else None, cfg.encoder),
+                "bench_seconds": round(time.monotonic() - t_start, 1)})
     out["conditions"]["loadavg_end"] = list(os.getloadavg())
     return out
 
@@ -528,6 +743,9 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         cfg.torch_pipelining = False
     if args.no_rotation:
         cfg.rotation = False
+    if args.no_every_member:
+        cfg.every_member = False
+    cfg.link_setting, cfg.radio = args.link_setting, args.radio
     if cfg.data != "synthetic" and not (Path(cfg.data) / "manifest.json").exists():
         log.warning("no fleet dataset at %s: using synthetic data (make one with `flad sim collect --out %s`)",
                     cfg.data, cfg.data)
@@ -553,13 +771,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="encoder config: tiny (default) or paper (LMDrive-sized, ~1 s per sample on one core: "
                              "a full run takes tens of minutes; the tiny encoder is link-bound at Table 1's rates)")
     parser.add_argument("--data", default=None, help="fleet dataset root or 'synthetic' (default data/fleet)")
-    parser.add_argument("--codecs", nargs="+", choices=CODECS, default=None,
-                        help=f"codecs to sweep (default: {' '.join(CODECS)})")
+    parser.add_argument("--codecs", nargs="+", choices=BENCH_CODECS, default=None,
+                        help=f"codecs to sweep (default: {' '.join(BENCH_CODECS)}; int4ef = int4 with error feedback)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
                         help="stage-traffic modes of the codec sweep (default: all three)")
-    parser.add_argument("--only", choices=("codecs", "floor"), default=None,
+    parser.add_argument("--only", choices=("codecs", "floor", "every-member"), default=None,
                         help="run only one part: `codecs` = the codec sweep in both modes (no throughput runs); "
-                             "`floor` = standalone + the bytes every cut moves and the bound the links alone set")
+                             "`floor` = standalone + the bytes every cut moves and the bound the links alone set; "
+                             "`every-member` = standalone, the rotation and the fan-in schedule")
+    parser.add_argument("--no-every-member", action="store_true",
+                        help="skip the fan-in schedule (every member's data at once)")
+    parser.add_argument("--link-setting", choices=("table1", "measured"), default="table1",
+                        help="emulated link rates: table1 = 50 Mb/s Nano, 100 Mb/s AGX; measured = the paper's "
+                             "Table 2 throughput, 14 Mb/s Nano, 22 Mb/s AGX")
+    parser.add_argument("--radio", choices=("device", "link"), default="device",
+                        help="device (default): all of a vehicle's links and its inbox share one radio (half "
+                             "duplex); link: every link gets the full rate (the earlier emulation)")
     parser.add_argument("--agx-factor", type=float, default=None,
                         help="with the auto time scale: how much slower than one host core the fastest device runs")
     parser.add_argument("--no-torch-pipelining", action="store_true")
@@ -590,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
         out.update(run_codecs_only(cfg))
     elif args.only == "floor":
         out.update(run_floor_only(cfg))
+    elif args.only == "every-member":
+        out.update(run_every_member_only(cfg))
     elif not args.noniid_only:
         out.update(run_throughput(cfg))
     if noniid:

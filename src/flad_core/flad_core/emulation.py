@@ -1,6 +1,9 @@
 """Honest emulation of heterogeneous devices and links on one host (docs/architecture.md, "Emulated and real").
 
 * `TokenBucket` shapes a link: every send waits until its bytes fit the profile's Mb/s.
+* `Radio` is one device's radio budget, shared by all of its links: a vehicle with two neighbours
+  splits its Mb/s between them instead of getting it twice. Half duplex (one channel, like 802.11 or
+  C-V2X) charges sends and receives to one bucket; full duplex gives each direction the full rate.
 * `ComputeDilation` stretches measured compute time to what the emulated device would take:
   target = measured × (host TFLOPS / device TFLOPS) × time_scale, where the host's TFLOPS is
   calibrated once (a float32 matmul on one thread). `time_scale` < 1 shrinks every device alike so
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import resource
 import threading
 import time
@@ -43,21 +47,67 @@ class TokenBucket:
         rate = link_mbps * 1e6 / 8 / time_scale if link_mbps > 0 else 0.0
         return cls(rate)
 
-    def consume(self, nbytes: int) -> float:
-        """Block until `nbytes` may be sent; return the seconds waited."""
-        self.sent_bytes += nbytes
-        if self.rate <= 0:
-            return 0.0
-        with self._lock:
+    def reserve(self, nbytes: int) -> float:
+        """Charge `nbytes` now without waiting; return the seconds until they have gone through (0: at once).
+
+        For traffic that takes air time in the background, such as a frame being received while the vehicle
+        computes: the caller holds the frame back until then, and later sends queue behind it."""
+        with self._lock:    # a shared bucket (`Radio`) is charged from several threads: keep its counters exact
+            self.sent_bytes += nbytes
+            if self.rate <= 0:
+                return 0.0
             now = time.monotonic()
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
             self._last = now
             self._tokens -= nbytes
-            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+            return -self._tokens / self.rate if self._tokens < 0 else 0.0
+
+    def consume(self, nbytes: int) -> float:
+        """Block until `nbytes` may be sent; return the seconds waited."""
+        wait = self.reserve(nbytes)
         if wait > 0:
             time.sleep(wait)
-            self.waited_s += wait
+            with self._lock:
+                self.waited_s += wait
         return wait
+
+
+class Radio:
+    """One device's radio: the link budget every one of its links shares.
+
+    A vehicle talks to all its neighbours over one radio, so its links must draw on one budget rather
+    than each getting the full rate. `duplex="half"` (one shared channel, like 802.11 or C-V2X) charges
+    every send and every receive to one bucket; `duplex="full"` gives sends and receives a bucket each,
+    both at the full rate. `link_mbps == 0` means unlimited; `time_scale` slows the rate like compute.
+    """
+
+    DUPLEX_MODES = ("half", "full")
+
+    def __init__(self, link_mbps: float, time_scale: float = 1.0, duplex: str = "half") -> None:
+        if duplex not in self.DUPLEX_MODES:
+            raise ValueError(f"duplex must be one of {', '.join(self.DUPLEX_MODES)}, got {duplex!r}")
+        if not math.isfinite(link_mbps) or link_mbps < 0:
+            raise ValueError(f"link_mbps must be a finite number >= 0 (0: unlimited), got {link_mbps!r}")
+        if not math.isfinite(time_scale) or time_scale <= 0:
+            raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+        self.link_mbps = float(link_mbps)
+        self.time_scale = float(time_scale)
+        self.duplex = duplex
+        self._send = TokenBucket.from_mbps(self.link_mbps, self.time_scale)
+        self._recv = self._send if duplex == "half" else TokenBucket.from_mbps(self.link_mbps, self.time_scale)
+
+    @property
+    def send_bucket(self) -> TokenBucket:
+        """The bucket every outbound link of the device charges."""
+        return self._send
+
+    @property
+    def recv_bucket(self) -> TokenBucket:
+        """The bucket the device's inbox charges (the send bucket itself when half duplex)."""
+        return self._recv
+
+    def __repr__(self) -> str:
+        return f"Radio(link_mbps={self.link_mbps:g}, time_scale={self.time_scale:g}, duplex={self.duplex!r})"
 
 
 @functools.lru_cache(maxsize=1)

@@ -43,6 +43,27 @@ PAPER_PROFILES: dict[str, DeviceProfile] = {
     "jetson_agx": DeviceProfile(mem_gb=32, tflops=3.85, link_mbps=100.0),
 }
 
+#: Per-device link rates (Mb/s) an emulation can run under, by setting name.
+#: "table1": the profiles' own rates (Table 1 gives compute and memory; these rates are our assumption).
+#: "measured": the inter-vehicle throughput the FLAD paper measured on its Jetson testbed (Table 2,
+#: 14-22 Mb/s): FHDP pipelines reached 22 Mb/s per stage, random partitions 14-15 Mb/s. Mapping the upper
+#: figure to the AGX and the lower one to the Nano and NX is ours; the paper reports no per-device rate.
+LINK_SETTINGS: dict[str, dict[str, float]] = {
+    "table1": {name: profile.link_mbps for name, profile in PAPER_PROFILES.items()},
+    "measured": {"jetson_nano": 14.0, "jetson_nx": 14.0, "jetson_agx": 22.0},
+}
+
+
+def link_mbps(profile_name: str, setting: str = "table1") -> float:
+    """Link rate in Mb/s of paper profile `profile_name` under link setting `setting` (`LINK_SETTINGS`)."""
+    if setting not in LINK_SETTINGS:
+        raise ValueError(f"unknown link setting {setting!r} (known: {', '.join(sorted(LINK_SETTINGS))})")
+    rates = LINK_SETTINGS[setting]
+    if profile_name not in rates:
+        raise ValueError(f"no {setting!r} link rate for profile {profile_name!r} "
+                         f"(known: {', '.join(sorted(rates))})")
+    return rates[profile_name]
+
 
 @dataclass
 class VehicleSpec:

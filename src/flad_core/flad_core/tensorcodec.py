@@ -6,13 +6,18 @@ A codec turns one float tensor into a few tensors that travel in a tensor frame,
   bf16  bfloat16 (2x fewer bytes, fp32's range)
   int8  symmetric per-channel quantisation over the last dimension: int8 values + one float32 scale per
         channel (~4x fewer bytes for wide tensors)
+  int4  symmetric group-wise quantisation: the flattened tensor in groups of 32 consecutive elements (the last
+        one zero-padded), one float16 scale per group (absmax / 7, rounded up to the next float16 so that no
+        value clips), values round(x / scale) in [-7, 7] as two signed nibbles per byte (~7.1x fewer bytes:
+        0.5 byte per element + 2 bytes per 32). Error per element <= scale / 2. Meant with error feedback
+        (`OutLink(error_feedback=True)`), which carries each send's quantisation error into the next.
 Non-float tensors (labels, indices) are never quantised, nor are the float tensors named in `exact`
 (labels such as waypoints: a lossy codec must never change the targets a stage trains on). The compressing
 codecs (all but fp32) pack those tensors losslessly instead: DEFLATE (zlib, level 1) over their raw bytes,
 kept only when it saves bytes. In labels-forward pipelines the labels ride along on every hop, and the
 BEV occupancy label (uint8 0/1, 2.5 KB per sample) deflates ~100x, so without packing the exact labels
-dilute int8's ~4x on activations. fp32 stays the raw baseline: nothing is packed or quantised. Decoding
-restores the original dtype, shape and bits.
+dilute int8's ~4x (int4's ~7x) on activations. fp32 stays the raw baseline: nothing is packed or quantised.
+Decoding restores the original dtype, shape and bits.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Collection, Mapping
 
 import torch
 
-CODECS = ("fp32", "fp16", "bf16", "int8")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
 _SEP = "\x1f"  # joins a tensor name and its codec part; never appears in layer tensor names
 #: a packed tensor may not declare more than this (bytes once inflated) nor more dimensions: a receiver's frame
 #: limit (tensorframe.DEFAULT_MAX_FRAME_BYTES) and MAX_NDIM; DEFLATE could otherwise inflate a few KB to gigabytes
@@ -40,6 +45,27 @@ def _int8_encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = flat.abs().amax(dim=0).clamp_min(1e-12) / 127.0          # one scale per channel (last dim)
     q = torch.round(flat / scale).clamp_(-127, 127).to(torch.int8)
     return q.reshape(t.shape) if t.dim() else q.reshape(()), scale
+
+
+INT4_GROUP = 32                      # elements per int4 scale
+_F16_MAX = float(torch.finfo(torch.float16).max)
+_F16_TINY = 2.0 ** -24               # the smallest float16 (subnormal): an all-zero group's scale, so 0 / scale = 0
+
+
+def _int4_encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nibbles, scales): uint8 [ceil(n / 32) * 16] (element 2i in the low nibble, 2i + 1 in the high one, two's
+    complement) and float16 [ceil(n / 32)]."""
+    flat = t.detach().reshape(-1).float()
+    n_groups = -(-flat.numel() // INT4_GROUP)
+    groups = torch.nn.functional.pad(flat, (0, n_groups * INT4_GROUP - flat.numel())).reshape(n_groups, INT4_GROUP)
+    absmax = groups.abs().amax(dim=1)
+    scale = (absmax / 7.0).clamp(_F16_TINY, _F16_MAX).half()
+    # float16 rounding may put 7 x scale below absmax (the largest value would clip): one float16 step up
+    short = (scale.float() * 7.0 < absmax) & (scale < _F16_MAX)
+    scale = torch.where(short, (scale.view(torch.int16) + 1).view(torch.float16), scale)
+    q = torch.round(groups / scale.float()[:, None]).clamp_(-7, 7).to(torch.int8)   # clamps only past float16's range
+    nib = (q.reshape(-1, 2) & 0xF).to(torch.uint8)
+    return nib[:, 0] | (nib[:, 1] << 4), scale
 
 
 _PACKABLE = {str(d).removeprefix("torch."): d for d in (
@@ -109,9 +135,14 @@ def encode(tensors: Mapping[str, torch.Tensor], codec: str, exact: Collection[st
             out[f"{name}{_SEP}fp16{_SEP}{_dtype_tag(t)}"] = t.detach().half()
         elif codec == "bf16":
             out[f"{name}{_SEP}bf16{_SEP}{_dtype_tag(t)}"] = t.detach().bfloat16()
-        else:
+        elif codec == "int8":
             q, scale = _int8_encode(t)
             out[f"{name}{_SEP}int8{_SEP}{_dtype_tag(t)}"] = q
+            out[f"{name}{_SEP}scale"] = scale
+        else:
+            q, scale = _int4_encode(t)
+            shape = "x".join(str(s) for s in t.shape) or "scalar"
+            out[f"{name}{_SEP}int4{_SEP}{_dtype_tag(t)}{_SEP}{shape}"] = q
             out[f"{name}{_SEP}scale"] = scale
     return out
 
@@ -138,6 +169,14 @@ def decode(tensors: Mapping[str, torch.Tensor], *, finite: bool = True) -> dict[
         raise CodecError(f"malformed codec tensors ({type(exc).__name__}: {exc})") from exc
 
 
+def decode_names(tensors: Mapping[str, torch.Tensor], names: Collection[str], *, finite: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """`decode` of just the tensors `names` of an `encode` result (what a sender needs to learn its codec's error,
+    without inflating the rest)."""
+    names = set(names)
+    return decode({k: t for k, t in tensors.items() if k.split(_SEP, 1)[0] in names}, finite=finite)
+
+
 def _decode(tensors: Mapping[str, torch.Tensor], finite: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -149,6 +188,8 @@ def _decode(tensors: Mapping[str, torch.Tensor], finite: bool) -> dict[str, torc
             continue
         if len(parts) == 4 and parts[1] == "zlib":
             name, value = _unpack(key, t)
+        elif len(parts) == 4 and parts[1] == "int4":
+            name, value = _int4_decode(key, parts, t, tensors, finite)
         else:
             name, value = _decode_lossy(key, parts, t, tensors)
         if finite and not _all_finite(value):
@@ -175,6 +216,43 @@ def _decode_lossy(key: str, parts: list[str], t: torch.Tensor, tensors: Mapping[
     if scale.shape != ((t.shape[-1],) if t.dim() else (1,)):      # a scalar was encoded as one 1x1 channel
         raise CodecError(f"int8 tensor {name!r}: scale shape {list(scale.shape)} does not fit {list(t.shape)}")
     return name, (t.float() * scale).to(dtype) if t.dim() else (t.float() * scale.reshape(())).to(dtype)
+
+
+def _int4_decode(key: str, parts: list[str], t: torch.Tensor, tensors: Mapping[str, torch.Tensor], finite: bool
+                 ) -> tuple[str, torch.Tensor]:
+    name, _, tag, shape_s = parts
+    dtype = _FROM_TAG.get(tag)
+    if dtype is None:
+        raise CodecError(f"malformed codec tensor name {key!r}")
+    try:
+        shape = () if shape_s == "scalar" else tuple(int(s) for s in shape_s.split("x"))
+    except ValueError:
+        raise CodecError(f"int4 tensor {name!r}: malformed shape {shape_s!r}") from None
+    if any(s < 0 for s in shape) or len(shape) > MAX_NDIM:
+        raise CodecError(f"int4 tensor {name!r}: bad shape {shape_s!r}")
+    n = math.prod(shape)
+    if n * torch.empty((), dtype=dtype).element_size() > MAX_UNPACKED_BYTES:
+        raise CodecError(f"int4 tensor {name!r}: declares {n} elements of {dtype}, more than {MAX_UNPACKED_BYTES} "
+                         "bytes")
+    scale = tensors.get(f"{name}{_SEP}scale")
+    if scale is None:
+        raise CodecError(f"int4 tensor {name!r} arrived without its scales")
+    n_groups = -(-n // INT4_GROUP)
+    # the sizes pin the padding: fewer than one group of padded elements, one scale per group, two per byte
+    if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != n_groups * INT4_GROUP // 2:
+        raise CodecError(f"int4 tensor {name!r}: values are {t.dtype} {list(t.shape)}, expected uint8 "
+                         f"[{n_groups * INT4_GROUP // 2}] for shape {list(shape)}")
+    if scale.dtype != torch.float16 or scale.dim() != 1 or scale.numel() != n_groups:
+        raise CodecError(f"int4 tensor {name!r}: scales are {scale.dtype} {list(scale.shape)}, expected float16 "
+                         f"[{n_groups}] for shape {list(shape)}")
+    if finite and not _all_finite(scale):
+        raise CodecError(f"int4 tensor {name!r}: NaN or inf scale")
+    nib = torch.stack((t & 0xF, t >> 4), dim=1).to(torch.int8)
+    q = (nib ^ 8) - 8                                                 # sign-extend the nibbles
+    values = (q.reshape(n_groups, INT4_GROUP).float() * scale.float()[:, None]).reshape(-1)[:n].reshape(shape)
+    if dtype == torch.float16:      # a group at float16's edge: 7 x its rounded-up scale may pass the largest float16
+        values = values.clamp_(-_F16_MAX, _F16_MAX)
+    return name, values.to(dtype)
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flad_core import tensorcodec
 from flad_core.config import ConfigError, from_dict, load_yaml
 from flad_core.fleet import DeviceProfile
 from flad_edge.experiment.driver import DriverConfig
@@ -163,8 +164,8 @@ class TrainSection:
             raise ConfigError("n_micro", f"must be in [1, batch_size={self.batch_size}], got {self.n_micro}")
         if self.schedule not in ("gpipe", "1f1b"):
             raise ConfigError("schedule", f"must be gpipe or 1f1b, got {self.schedule!r}")
-        if self.codec not in ("fp32", "fp16", "bf16", "int8"):
-            raise ConfigError("codec", f"must be fp32, fp16, bf16 or int8, got {self.codec!r}")
+        if self.codec not in tensorcodec.CODECS:
+            raise ConfigError("codec", f"must be one of {', '.join(tensorcodec.CODECS)}, got {self.codec!r}")
         _positive("time_scale", self.time_scale)
 
 

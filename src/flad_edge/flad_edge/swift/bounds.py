@@ -22,7 +22,7 @@ from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder
 from flad_vehicle.encoder.partition import Partitioner
 from flad_vehicle.fhdp.data import vehicle_batches
 
-CODECS = ("fp32", "fp16", "bf16", "int8")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 def ideal_step_s(stage_step_s: Sequence[float], n_micro: int) -> float:

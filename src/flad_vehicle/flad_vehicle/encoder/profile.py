@@ -195,3 +195,44 @@ def measure_train_step_peak(model: VisionEncoder, batch: Mapping[str, Tensor]) -
 def swift_profile(profile: Mapping[str, Any]) -> dict[str, Any]:
     """Just the part SWIFT needs: `{"layers": [{name, flops, param_bytes, activation_bytes, mem_bytes}]}`."""
     return {"layers": [dict(r) for r in profile["layers"]], "units": profile["units"]}
+
+
+def measure_layer_seconds(model: VisionEncoder, batch: Mapping[str, Tensor], repeats: int = 3,
+                          include_loss: bool = True) -> list[float]:
+    """Measured forward + backward seconds **per sample** of each layer on this host (graph order), the median
+    of `repeats` timings after one warm-up, on the calling thread's torch settings.
+
+    What SWIFT plans from when it plans from measurements: a layer's FLOPs say little about its time when it is
+    memory-bound (norms, pooling, scatter) or too small to fill the device. Each layer runs on its own, its
+    inputs detached (so its backward stops at them), its float outputs back-propagated with ones."""
+    import statistics
+    import time
+
+    graph = build_graph(model, include_loss)
+    layers = dict(model.layer_list(include_loss))
+    size = int(next(iter(batch.values())).shape[0])
+    env: dict[str, Tensor] = {n: batch[n] for n in graph.inputs}
+    was_training = model.training
+    model.train()
+    out: list[float] = []
+    try:
+        for node in graph.nodes:
+            layer = layers[node.name]
+            times = []
+            outs: tuple = ()
+            for i in range(repeats + 1):
+                ins = [env[r].detach().requires_grad_(env[r].is_floating_point()) for r in node.reads]
+                t0 = time.perf_counter()
+                outs = layer(*ins)
+                tensors = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
+                if tensors:
+                    torch.autograd.backward(tensors, [torch.ones_like(o) for o in tensors])
+                if i:
+                    times.append(time.perf_counter() - t0)
+            layer.zero_grad(set_to_none=True)
+            for j, w in enumerate(node.writes):
+                env[w] = outs[j].detach()
+            out.append(statistics.median(times) / size)
+    finally:
+        model.train(was_training)
+    return out

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class StepAbortedError(RuntimeError):
 
 #: frame groups an inbox buffers before it drops frames for new ones (bounds its memory under a flood)
 MAX_PENDING_GROUPS = 4096
+#: error-feedback residual slots an OutLink keeps (kind, tensor, micro-batch): a pipeline uses a few dozen
+MAX_RESIDUALS = 4096
 #: how often a blocked send or receive looks at its abort flag (bounds how fast a survivor stops)
 ABORT_POLL_S = 0.02
 
@@ -116,17 +119,33 @@ class OutLink:
 
     Tensors named in `exact` (the labels) always travel bit-exact, whatever the codec. With `security.curve`
     the link is a CURVE client with the key pair named `identity` (the sending vehicle), and expects the
-    peer inbox to hold the key named `server_key` (default: `peer`)."""
+    peer inbox to hold the key named `server_key` (default: `peer`).
+
+    `error_feedback` (with a lossy codec; EF-SGD / Optimus-CC style): a lossy codec's error on a tensor is not
+    dropped but kept as a residual for its slot (frame kind, tensor name, micro-batch) and added to that slot's
+    next send, before encoding; the new residual is what that send still missed, (input + residual) - decoded.
+    So what the receiver gets, summed over the steps, equals what was sent, summed, up to the one residual still
+    held (half a quantisation step at most): the error of a coarse codec such as int4 -- deterministic rounding,
+    so correlated from step to step -- does not build up in what the stages train on; its sum over the steps is
+    unbiased, where without feedback the same rounding would push the same way step after step. The slot
+    omits the step on purpose: step s + 1's micro-batch m continues step s's feedback. Only quantised tensors
+    (float, not in `exact`) get residuals, only frames sent with `compress` do (control frames never); a
+    residual whose shape no longer fits its slot is dropped, and at most MAX_RESIDUALS slots are kept (the
+    least recently sent go first)."""
 
     def __init__(self, ctx: zmq.Context, peer: str, address: str, stage_index: int, *, codec: str = "fp32",
                  bucket: TokenBucket | None = None, stats: LinkStats | None = None, hwm: int = 64,
                  exact: Collection[str] = LABEL_INPUTS, security: SecurityConfig | None = None,
-                 identity: str = "", server_key: str = "") -> None:
+                 identity: str = "", server_key: str = "", error_feedback: bool = False) -> None:
         self.peer = peer
         self.exact = frozenset(exact)
         self.address = address
         self.stage_index = stage_index
         self.codec = codec
+        self.error_feedback = error_feedback
+        # (kind, tensor name, micro-batch) -> float32 residual of that slot's last send, least recently sent first
+        self._residuals: OrderedDict[tuple[int, str, int], torch.Tensor] = OrderedDict()
+        self._residual_lock = threading.Lock()
         self.bucket = bucket
         self.stats = stats or LinkStats()
         self.sock = ctx.socket(zmq.PUSH)
@@ -142,7 +161,12 @@ class OutLink:
 
     def send(self, tensors: Mapping[str, torch.Tensor], *, kind: int, step: int, micro_batch: int,
              compress: bool = True, abort: threading.Event | None = None) -> int:
-        payload = tensorcodec.encode(tensors, self.codec, self.exact) if compress else dict(tensors)
+        if not compress:
+            payload = dict(tensors)
+        elif self.error_feedback and self.codec != "fp32":
+            payload = self._encode_with_feedback(tensors, kind, micro_batch)
+        else:
+            payload = tensorcodec.encode(tensors, self.codec, self.exact)
         frames = tensorframe.pack(payload, kind=kind, step=step, micro_batch=micro_batch, stage=self.stage_index)
         nbytes = sum(memoryview(f).nbytes for f in frames)
         if self.bucket is not None:
@@ -165,6 +189,34 @@ class OutLink:
                                             tuple(tensor_digest(t) for t in tensors.values())))
         return nbytes
 
+    def _encode_with_feedback(self, tensors: Mapping[str, torch.Tensor], kind: int, micro_batch: int
+                              ) -> dict[str, torch.Tensor]:
+        """Encode `tensors` with each quantised one's residual added; keep what the codec missed as the new one."""
+        quantised = [n for n, t in tensors.items() if t.is_floating_point() and n not in self.exact]
+        with self._residual_lock:
+            targets: dict[str, torch.Tensor] = {}
+            for name in quantised:
+                t = tensors[name].detach()
+                old = self._residuals.pop((kind, name, micro_batch), None)
+                fits = old is not None and old.shape == t.shape and old.device == t.device
+                targets[name] = t.float() + old if fits else t.float()
+            corrected = {n: targets[n].to(t.dtype) if n in targets else t for n, t in tensors.items()}
+            payload = tensorcodec.encode(corrected, self.codec, self.exact)
+            decoded = tensorcodec.decode_names(payload, quantised, finite=False)
+            for name in quantised:
+                residual = targets[name] - decoded[name].float()
+                if not bool(torch.isfinite(residual).all()):
+                    continue            # a non-finite input (sent as is; the step guard drops it): no feedback
+                self._residuals[(kind, name, micro_batch)] = residual
+            while len(self._residuals) > MAX_RESIDUALS:
+                self._residuals.popitem(last=False)
+        return payload
+
+    def residual_norm(self) -> float:
+        """L2 norm of every residual this link keeps (0.0 without error feedback)."""
+        with self._residual_lock:
+            return math.sqrt(sum(float(r.double().pow(2).sum()) for r in self._residuals.values()))
+
     def close(self) -> None:
         self.sock.close()
 
@@ -177,13 +229,20 @@ class Inbox:
     Of those, only the key names last given to `allow` may deliver: a frame from anyone else is dropped
     before it is decoded, counted in `refused_peers` (by sender) and logged. Nobody is allowed until the
     first `allow`. Without CURVE there is no authenticated sender: `allow` is recorded but not enforced,
-    and every well-formed frame is delivered."""
+    and every well-formed frame is delivered. With `bucket` (the device's `Radio.recv_bucket`) every frame
+    read, refused ones included, is charged to it, so receiving shares the vehicle's radio with sending: a frame
+    becomes available only once its air time has passed (`TokenBucket.reserve`), while the vehicle goes on
+    computing -- reception happens in the background, as a radio's does."""
 
     def __init__(self, ctx: zmq.Context, address: str, max_frame_bytes: int = 512 * 1024 * 1024, *,
-                 security: SecurityConfig | None = None, identity: str = "") -> None:
+                 security: SecurityConfig | None = None, identity: str = "",
+                 bucket: TokenBucket | None = None) -> None:
         self.address = address
         self.max_frame_bytes = max_frame_bytes
+        self.bucket = bucket
+        self.shaping_wait_s = 0.0     # time spent waiting for the radio budget (`bucket`) after reading frames
         self._pending: dict[tuple[int, int, int], list[tuple[tensorframe.FrameHeader, dict]]] = defaultdict(list)
+        self._ready_at: dict[tuple[int, int, int], list[float]] = defaultdict(list)   # per pending frame (`bucket`)
         self.rejected = 0
         self.received_bytes = 0
         self.refused_peers: Counter[str] = Counter()   # sender (key name, or z85 key if unnamed) -> frames refused
@@ -241,13 +300,30 @@ class Inbox:
                                            f"micro-batch {micro_batch} within {timeout_s:.1f} s")
                 continue
             self._receive_one()
+        wait = self._ready_in(key)
+        if wait > 0:      # still on the air (`bucket`)
+            time.sleep(wait)
+            self.shaping_wait_s += wait
+        return self._pop(key)
+
+    def _pop(self, key: tuple[int, int, int]) -> tuple[tensorframe.FrameHeader, dict]:
+        if self._ready_at.get(key):
+            self._ready_at[key].pop(0)
         return self._pending[key].pop(0)
+
+    def _ready_in(self, key: tuple[int, int, int]) -> float:
+        """Seconds until the first pending frame of `key` is through the radio (<= 0: it is; inf: none here)."""
+        if not self._pending.get(key):
+            return math.inf
+        ready = self._ready_at.get(key)
+        return ready[0] - time.monotonic() if ready else 0.0
 
     def has(self, kind: int, step: int, micro_batch: int) -> bool:
         """Whether the frame for (kind, step, micro_batch) is here (reads what already arrived, never blocks)."""
-        while not self._pending.get((kind, step, micro_batch)) and self.sock.poll(0):
+        key = (kind, step, micro_batch)
+        while not self._pending.get(key) and self.sock.poll(0):
             self._receive_one()
-        return bool(self._pending.get((kind, step, micro_batch)))
+        return self._ready_in(key) <= 0
 
     def wait_any(self, keys: list[tuple[int, int, int]], timeout_s: float,
                  abort: threading.Event | None = None) -> tuple[int, int, int]:
@@ -259,13 +335,21 @@ class Inbox:
             raise ValueError("nothing to wait for")
         deadline = time.monotonic() + timeout_s
         while True:
+            soonest = math.inf
             for key in keys:
-                if self._pending.get(key):
+                ready_in = self._ready_in(key)
+                if ready_in <= 0:
                     return key
+                soonest = min(soonest, ready_in)
             if abort is not None and abort.is_set():
                 raise StepAbortedError(f"wait for {keys} aborted")
             remaining = deadline - time.monotonic()
             slice_s = min(remaining, ABORT_POLL_S) if abort is not None else remaining
+            if soonest < slice_s:     # a wanted frame is on the air: wake when it is through
+                if not self.sock.poll(int(soonest * 1000) + 1):
+                    continue
+                self._receive_one()
+                continue
             if remaining <= 0 or not self.sock.poll(int(slice_s * 1000) + 1):
                 if time.monotonic() >= deadline:
                     want = ", ".join(f"{tensorframe.KIND_NAMES[k]} step {s} mb {m}" for k, s, m in keys)
@@ -277,7 +361,10 @@ class Inbox:
         """Read one frame, check its sender, validate and decode it into the pending buffer (a refused or
         invalid frame is counted and dropped)."""
         frames = self.sock.recv_multipart(copy=False)
-        self.received_bytes += sum(len(f.buffer) for f in frames)
+        nbytes = sum(len(f.buffer) for f in frames)
+        self.received_bytes += nbytes
+        # the frame takes air time whoever sent it: charged before the sender check and the decode
+        ready_at = time.monotonic() + self.bucket.reserve(nbytes) if self.bucket is not None else 0.0
         if self._keys is not None and not self._sender_allowed(frames):
             return
         try:
@@ -299,6 +386,8 @@ class Inbox:
                         len(self._pending))
             return
         self._pending[key].append((header, tensors))
+        if self.bucket is not None:
+            self._ready_at[key].append(ready_at)
 
     def _sender_allowed(self, frames: list[zmq.Frame]) -> bool:
         """Whether the authenticated sender of `frames` is an allowed neighbour; counts and logs a refusal."""
@@ -325,6 +414,7 @@ class Inbox:
         """Forget buffered frames of `step` (after an aborted step)."""
         for key in [k for k in self._pending if k[1] == step]:
             del self._pending[key]
+            self._ready_at.pop(key, None)
 
     def drop_steps_below(self, step: int) -> int:
         """Forget buffered frames of every step before `step`, first draining what already arrived.
@@ -336,6 +426,8 @@ class Inbox:
         stale = [k for k in self._pending if k[1] < step]
         for key in stale:
             del self._pending[key]
+            self._ready_at.pop(key, None)
+            self._ready_at.pop(key, None)
         return len(stale)
 
     def close(self) -> None:

@@ -73,7 +73,101 @@ class StepResult:
     extra: dict = field(default_factory=dict)
 
 
-class StageRunner:
+class StepRunner:
+    """What every runner of a pipelined step shares: timed compute (dilated to the emulated device), inbox waits,
+    wire tensors as autograd leaves, finite-only sends, the step guard's verdict, and applying or discarding the
+    step. Subclasses set the attributes used here and define `parameters()`."""
+
+    dilation: ComputeDilation | None
+    inbox: Inbox
+    timeout_s: float
+    abort: threading.Event | None
+    label_names: set[str]
+    optimizer: torch.optim.Optimizer | None
+    max_grad_norm: float | None
+    explode_factor: float | None
+    good_norms: deque[float]
+
+    def parameters(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _compute(self, fn: Callable[[], object], res: StepResult) -> object:
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+        res.compute_s += dt
+        res.emulated_compute_s += self.dilation.stretch(dt) if self.dilation else dt
+        return out
+
+    def _recv(self, kind: int, step: int, mb: int, res: StepResult) -> dict[str, Tensor]:
+        t0 = time.perf_counter()
+        _, tensors = self.inbox.get(kind, step, mb, self.timeout_s, abort=self.abort)
+        res.wait_s += time.perf_counter() - t0
+        return tensors
+
+    def _received(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Tensors off the wire as leaves; float activations collect gradients, labels do not."""
+        out = {}
+        for k, t in tensors.items():
+            t = t.detach()
+            out[k] = t.requires_grad_(True) if t.is_floating_point() and k not in self.label_names else t
+        return out
+
+    @staticmethod
+    def _finite(tensors: dict[str, Tensor], st: _StepState) -> dict[str, Tensor]:
+        """What may be sent: a peer's inbox refuses NaN/inf frames (it would wait out its link timeout), so
+        non-finite values go as zeros and the step is marked bad -- the step guard then drops it everywhere."""
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not _all_finite(t)]
+        if not bad:
+            return tensors
+        st.nonfinite = st.nonfinite or f"non-finite values in {', '.join(sorted(bad))}"
+        return {k: torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) if k in bad else t for k, t in tensors.items()}
+
+    @staticmethod
+    def _grads_to_send(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: t.grad for k, t in inputs.items() if isinstance(t, Tensor) and t.grad is not None}
+
+    def _drop_reason(self, norm: float) -> str:
+        """The deciding runner: why a step with global gradient norm `norm` must not be applied ("" if it may)."""
+        if not math.isfinite(norm):
+            return f"non-finite gradient norm {norm}"
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            return f"gradient norm {norm:.4g} above the bound {self.max_grad_norm:g}"
+        if self.explode_factor is not None and len(self.good_norms) >= NORM_HISTORY_MIN:
+            median = sorted(self.good_norms)[(len(self.good_norms) - 1) // 2]
+            if norm > self.explode_factor * median:
+                return f"gradient norm {norm:.4g} above {self.explode_factor:g} x the recent median {median:.4g}"
+        return ""
+
+    def discard_partial_step(self) -> None:
+        """After an abort or a dropped step: drop the gradients, so the weights (and the optimizer state) stay
+        as of the last completed step."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        for p in self.parameters():
+            p.grad = None
+
+    def _optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _apply_step(self, step: int, st: _StepState, res: StepResult, owns_loss: bool, t_start: float,
+                    who: str) -> StepResult:
+        """After the reduction: apply the step (or discard it when the guard dropped it), and finish `res`."""
+        if self.abort is not None and self.abort.is_set():
+            raise StepAbortedError(f"step {step} aborted before its optimizer step")
+        if res.dropped:
+            self.discard_partial_step()
+            log.warning("%s: step %d dropped, not applied: %s", who, step, res.drop_reason)
+        elif self.optimizer is not None:
+            self._compute(self._optimizer_step, res)
+        if owns_loss:
+            res.loss = st.loss_total
+        res.wall_s = time.perf_counter() - t_start
+        return res
+
+
+class StageRunner(StepRunner):
     """Runs training steps for one stage of one pipeline.
 
     Labels-forward (default): the last stage computes the loss. U-shaped (`u_shaped=True`): no trunk stage
@@ -132,43 +226,6 @@ class StageRunner:
     def owns_loss(self) -> bool:
         """This stage computes the loss: the last stage, or the data owner of a U-shaped pipeline."""
         return self.head is not None if self.u_shaped else self.is_last
-
-    # -- helpers ------------------------------------------------------------------------------------
-    def _compute(self, fn: Callable[[], object], res: StepResult) -> object:
-        t0 = time.perf_counter()
-        out = fn()
-        dt = time.perf_counter() - t0
-        res.compute_s += dt
-        res.emulated_compute_s += self.dilation.stretch(dt) if self.dilation else dt
-        return out
-
-    def _recv(self, kind: int, step: int, mb: int, res: StepResult) -> dict[str, Tensor]:
-        t0 = time.perf_counter()
-        _, tensors = self.inbox.get(kind, step, mb, self.timeout_s, abort=self.abort)
-        res.wait_s += time.perf_counter() - t0
-        return tensors
-
-    def _received(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Tensors off the wire as leaves; float activations collect gradients, labels do not."""
-        out = {}
-        for k, t in tensors.items():
-            t = t.detach()
-            out[k] = t.requires_grad_(True) if t.is_floating_point() and k not in self.label_names else t
-        return out
-
-    @staticmethod
-    def _finite(tensors: dict[str, Tensor], st: _StepState) -> dict[str, Tensor]:
-        """What may be sent: a peer's inbox refuses NaN/inf frames (it would wait out its link timeout), so
-        non-finite values go as zeros and the step is marked bad -- the step guard then drops it everywhere."""
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not _all_finite(t)]
-        if not bad:
-            return tensors
-        st.nonfinite = st.nonfinite or f"non-finite values in {', '.join(sorted(bad))}"
-        return {k: torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) if k in bad else t for k, t in tensors.items()}
-
-    @staticmethod
-    def _grads_to_send(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {k: t.grad for k, t in inputs.items() if isinstance(t, Tensor) and t.grad is not None}
 
     def parameters(self) -> list[Tensor]:
         """Every parameter this stage trains (a U-shaped first stage: its trunk layers and the heads)."""
@@ -236,17 +293,7 @@ class StageRunner:
                 res.wait_s += time.perf_counter() - t0
         res.peak_in_flight = st.peak_in_flight
         res.grad_norm = self._clip(step, st, res)
-        if self.abort is not None and self.abort.is_set():
-            raise StepAbortedError(f"step {step} aborted before its optimizer step")
-        if res.dropped:
-            self.discard_partial_step()
-            log.warning("stage %d: step %d dropped, not applied: %s", self.index, step, res.drop_reason)
-        elif self.optimizer is not None:
-            self._compute(self._optimizer_step, res)
-        if self.owns_loss:
-            res.loss = st.loss_total
-        res.wall_s = time.perf_counter() - t_start
-        return res
+        return self._apply_step(step, st, res, self.owns_loss, t_start, f"stage {self.index}")
 
     def _trunk_forward(self, step: int, m: int, st: _StepState, res: StepResult) -> None:
         if self.is_first:
@@ -318,33 +365,9 @@ class StageRunner:
                                          kind=tensorframe.KIND_GRADIENT, step=step, micro_batch=m, abort=self.abort)
         st.kept_grads[m] = self._grads_to_send(kept)
 
-    def discard_partial_step(self) -> None:
-        """After an abort or a dropped step: drop the gradients, so the weights (and the optimizer state) stay
-        as of the last completed step."""
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        for p in self.parameters():
-            p.grad = None
-
-    def _optimizer_step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
     def _local_sq_norm(self) -> Tensor:
         grads = [p.grad.detach().double().pow(2).sum() for p in self.parameters() if p.grad is not None]
         return torch.stack(grads).sum() if grads else torch.zeros((), dtype=torch.float64)
-
-    def _drop_reason(self, norm: float) -> str:
-        """First stage: why a step with global gradient norm `norm` must not be applied ("" if it may)."""
-        if not math.isfinite(norm):
-            return f"non-finite gradient norm {norm}"
-        if self.max_grad_norm is not None and norm > self.max_grad_norm:
-            return f"gradient norm {norm:.4g} above the bound {self.max_grad_norm:g}"
-        if self.explode_factor is not None and len(self.good_norms) >= NORM_HISTORY_MIN:
-            median = sorted(self.good_norms)[(len(self.good_norms) - 1) // 2]
-            if norm > self.explode_factor * median:
-                return f"gradient norm {norm:.4g} above {self.explode_factor:g} x the recent median {median:.4g}"
-        return ""
 
     def _clip(self, step: int, st: _StepState, res: StepResult) -> float:
         """Global-norm gradient clipping across the pipeline (same result as clip_grad_norm_ on the whole model),
