@@ -7,6 +7,10 @@ rate (`TokenBucket`), both slowed by one global `time_scale` so that even the fa
 slower than this host's core (by default the AGX's dilation factor is 2). Emulated time = wall time /
 time_scale.
 
+Links: by default each vehicle has one radio that all its links and its inbox share (`--radio device`, half
+duplex; `--radio link`: each link the full rate), at Table 1's 50/100 Mb/s (`--link-setting table1`) or the
+paper's measured Table 2 throughput, 14/22 Mb/s (`--link-setting measured`).
+
 One run measures, with the same encoder (same seed), the same data stream and the same profiles:
   (a) FHDP with SWIFT's partition (exact planner, bottleneck objective, SWIFT picks the first stage), plus the
       throughput of the cluster's essential pipelines in rotation (each member first, as FHDP trains);
@@ -14,6 +18,11 @@ One run measures, with the same encoder (same seed), the same data stream and th
   (c) random partitions of the same cluster (random order and cuts, fixed seed; mean of several draws);
   (d) `torch.distributed.pipelining` (gloo) on SWIFT's partition (`bench_pipeline_torchpp`);
   (e) the ideal pipeline bound from the measured per-stage times of (a);
+  (f) every member's data at once (the fan-in schedule, `flad_vehicle.fhdp.fanin`): SWIFT's fan-in plan from
+      per-layer times measured on this host (`flad_edge.swift.fanin`), in fp32 and in the codec it predicts
+      best, with its predicted step time (and the paper FLOP model's) next to the measured one; each source
+      trains on its own data shard, so a step covers members x batch samples (`--only every-member`: just
+      standalone, the rotation and this);
 and bytes per sample and loss after N steps for each stage-traffic codec, in both modes: labels-forward (labels
 ride to the last stage) and U-shaped (the data owner keeps heads, loss and labels; `flad_vehicle.fhdp.ushape`),
 each on its own SWIFT partition; the int8 goal is judged on the mode with less traffic. `--only codecs` runs just
@@ -200,12 +209,12 @@ class BenchFleet:
         out["u_shaped"] = u_shaped
         return out
 
-    def _dispatch(self, cmd: dict[str, Any], what: str) -> list[dict[str, Any]]:
+    def _dispatch(self, cmd: dict[str, Any], what: str, timeout_s: float = 900.0) -> list[dict[str, Any]]:
         for c in self.conns.values():
             c.send(cmd)
         results = []
         for v, c in self.conns.items():
-            if not c.poll(900):
+            if not c.poll(timeout_s):
                 raise TimeoutError(f"bench worker {v} did not finish {what}")
             r = c.recv()
             if "error" in r:
@@ -230,7 +239,7 @@ class BenchFleet:
                "batch_size": cfg.batch_size, "time_scale": self.time_scale, "host_tflops": self.host_tflops,
                "data": cfg.data, "source_data": {v: f"v{i:03d}" for i, v in enumerate(sources)},
                "link_mbps": self.link_mbps}
-        results = self._dispatch(cmd, what)
+        results = self._dispatch(cmd, what, timeout_s=1800.0)
         out = summarize(results, cfg.batch_size * len(sources), warmup, self.time_scale)
         out.update({"codec": codec, "sources": list(sources), "trunk": [list(t) for t in trunk],
                     "samples_per_step": cfg.batch_size * len(sources),
@@ -381,17 +390,29 @@ def run_rotation(cfg: BenchConfig, fleet: BenchFleet, profile: dict) -> dict[str
 def run_every_member(cfg: BenchConfig, fleet: BenchFleet, profile: dict, host_tflops: float) -> dict[str, Any]:
     """The fan-in schedule on SWIFT's measured plan, per codec (fp32 and the best other codec)."""
     plans = plan_every_member(cfg, profile, host_tflops)
-    runs = {}
-    for codec, cand in plans["best_by_codec"].items():
+    runs: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    # the predicted best codec first: a link-bound fp32 plan can take long enough to be cut off
+    order = sorted(plans["best_by_codec"], key=lambda c: c != plans["best_codec"])
+    for codec in order:
+        cand = plans["best_by_codec"][codec]
         if codec not in ("fp32", plans["best_codec"]):
             continue
-        r = fleet.run_fanin(cand["sources"], cand["trunk"], steps=cfg.steps, codec=codec)
+        log.info("fan-in plan (%s): %s => %s, predicted %.3f emulated s a step", codec, cand["sources"], cand["trunk"],
+                 cand["predicted_step_s"])
+        try:
+            r = fleet.run_fanin(cand["sources"], cand["trunk"], steps=cfg.steps, codec=codec)
+        except (TimeoutError, RuntimeError) as exc:
+            # reported, never faked; the workers may still be busy with it, so no further configuration runs
+            log.error("fan-in run (%s) failed: %s", codec, exc)
+            failed[codec] = f"{type(exc).__name__}: {exc}"
+            break
         r["predicted_step_s"] = cand["predicted_step_s"]
         r["flop_model_predicted_step_s"] = cand["flop_model_predicted_step_s"]
         r["prediction_rel_error"] = abs(cand["predicted_step_s"] - r["step_s"]) / r["step_s"]
         r["flop_model_prediction_rel_error"] = abs(cand["flop_model_predicted_step_s"] - r["step_s"]) / r["step_s"]
         runs[codec] = r
-    return {"plans": plans, "runs": runs}
+    return {"plans": plans, "runs": runs, "failed": failed}
 
 
 def every_member_goals(em: dict[str, Any], standalone_sps: float, rotation_sps: float | None, encoder: str
@@ -518,7 +539,7 @@ def run_codec_sweep(cfg: BenchConfig, fleet: BenchFleet, profile: dict) -> dict[
 def conditions(cfg: BenchConfig, host_tflops: float, time_scale: float) -> dict[str, Any]:
     import torch
 
-    from flad_core.fleet import PAPER_PROFILES
+    from flad_core.fleet import PAPER_PROFILES, link_mbps
 
     return {
         "emulated": True,
@@ -528,9 +549,12 @@ def conditions(cfg: BenchConfig, host_tflops: float, time_scale: float) -> dict[
                  "python": platform.python_version(), "torch": torch.__version__,
                  "host_tflops_1thread": round(host_tflops, 4)},
         "time_scale": round(time_scale, 3),
-        "profiles": {v: {"profile": p, **asdict(PAPER_PROFILES[p]),
+        "profiles": {v: {"profile": p, **asdict(PAPER_PROFILES[p]), "link_mbps": link_mbps(p, cfg.link_setting),
                          "dilation_factor": round(host_tflops / PAPER_PROFILES[p].tflops * time_scale, 3)}
                      for v, p in cfg.cluster},
+        "link_setting": cfg.link_setting,
+        "radio": {"device": "one radio per vehicle: its links and its inbox share the rate (half duplex)",
+                  "link": "every link at the full rate"}[cfg.radio],
         "encoder": cfg.encoder, "data": cfg.data, "data_owner": cfg.data_owner, "batch_size": cfg.batch_size,
         "n_micro": cfg.n_micro, "schedule": cfg.schedule, "steps": cfg.steps, "warmup": cfg.warmup,
         "codec_steps": cfg.codec_steps, "random_draws": cfg.random_draws, "random_steps": cfg.random_steps,
@@ -552,7 +576,7 @@ def _setup(cfg: BenchConfig) -> tuple[float, float, float, dict]:
 
 def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
     """Configurations (a)-(e) and the codec sweep; returns the JSON-ready figures."""
-    from flad_core.fleet import PAPER_PROFILES
+    from flad_core.fleet import PAPER_PROFILES, link_mbps
 
     t_start, host, ts, profile = _setup(cfg)
     n_layers = len(profile["layers"])
@@ -585,7 +609,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         fleet.close()
     # (e) ideal bounds from (a)'s measured per-stage figures
     ideal_s = ideal_step_s(fhdp["stage_compute_s"], cfg.n_micro)
-    rates = {v: PAPER_PROFILES[p].link_mbps * 1e6 / 8 for v, p in cfg.cluster}
+    rates = {v: link_mbps(p, cfg.link_setting) * 1e6 / 8 for v, p in cfg.cluster}
     link_s = [b / rates[fhdp["stages"][src][0]] for src, _, b in fhdp["link_bytes_per_step"]]
     bound_s = max([*fhdp["stage_compute_s"], *link_s])
     ideal = {"step_s": ideal_s, "samples_per_s": cfg.batch_size / ideal_s,
@@ -594,8 +618,9 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
              "link_aware_bound": {
                  "step_s": bound_s, "samples_per_s": cfg.batch_size / bound_s,
                  "link_step_s": link_s, "links": fhdp["link_bytes_per_step"],
-                 "definition": "steady-state bound with every compute stage and every directed link (one token "
-                               "bucket per OutLink at the sender's profile rate) as its own resource: "
+                 "definition": "steady-state bound with every compute stage and every directed link (at the "
+                               "sender's rate, as if it had the radio to itself; with --radio device a vehicle's "
+                               "links share one, so the bound is optimistic) as its own resource: "
                                "step >= max over resources of its busy time per step (no fill/drain)"}}
     # (d) torch.distributed.pipelining on the same partition
     tpp: dict[str, Any] = {"skipped": True}
