@@ -51,7 +51,7 @@ import zmq
 from flad_core import codec
 from flad_core import weights as wts
 from flad_core.bus import BusError, RequestTimeoutError
-from flad_core.emulation import ComputeDilation, MemoryGuard, TokenBucket
+from flad_core.emulation import ComputeDilation, MemoryGuard, Radio
 from flad_core.fleet import DeviceProfile, VehicleSpec
 from flad_core.procs import install_stop_handlers
 from flad_core.protocol import (
@@ -421,10 +421,13 @@ class FhdpVehicle:
         scale = a.time_scale
         # from now on the inbox takes frames only from this pipeline's neighbours (enforced with CURVE)
         self.inbox.allow(keys[j] for j in neighbour_stages(index, n_stages, u))
+        # one radio for the vehicle: every link of this assignment and the inbox share its rate (half duplex)
+        radio = Radio(self.profile.link_mbps, scale)
+        self.inbox.bucket = radio.recv_bucket
 
         def link(peer_index: int) -> OutLink:
             return OutLink(self.ctx, stage_ids[peer_index], a.inboxes[peer_index], index,
-                           codec=a.codec, bucket=TokenBucket.from_mbps(self.profile.link_mbps, scale),
+                           codec=a.codec, bucket=radio.send_bucket,
                            stats=self.link_stats, security=self.security, identity=self.key_name,
                            server_key=keys[peer_index])
 
