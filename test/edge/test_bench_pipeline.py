@@ -234,6 +234,7 @@ def test_noniid_seed_summary_arithmetic():
         return {"results": r}
 
     s = summarize_seeds({7: res(0.7, 0.5, 0.7, 1.1), 8: res(0.5, 0.6, 0.6, 0.7), 9: {"error": "boom"}})
+    assert "fhdp_fanin" not in s and "goals" not in s         # a study without the fan-in run has no fan-in goals
     assert s["seeds"] == [7, 8] and s["failed_seeds"] == [9]
     assert s["fhdp"]["tl_accuracy"] == {"mean": 0.6, "sd": pytest.approx(0.1414, abs=1e-4), "min": 0.5, "max": 0.7}
     d = s["fhdp_minus_hdp"]
@@ -242,6 +243,19 @@ def test_noniid_seed_summary_arithmetic():
     assert s["fhdp_minus_central"]["tl_accuracy"]["fhdp_better_in"] == "0/2"
     with pytest.raises(ValueError, match="no seed"):
         summarize_seeds({1: {"error": "x"}})
+    # with the fan-in schedule: its own differences, and the goals (>= HDP in every seed, <= 3 points
+    # behind centralised on average)
+    a, b = res(0.7, 0.5, 0.7, 1.1), res(0.5, 0.6, 0.6, 0.7)
+    a["results"]["fhdp_fanin"] = {"tl_accuracy": 0.79, "wp_l1": 0.6, "loss": 0.25}
+    b["results"]["fhdp_fanin"] = {"tl_accuracy": 0.75, "wp_l1": 0.6, "loss": 0.25}
+    s = summarize_seeds({7: a, 8: b})
+    assert s["fhdp_fanin_minus_hdp"]["tl_accuracy"]["mean"] == pytest.approx(0.22)
+    assert s["fhdp_fanin_minus_central"]["tl_accuracy"]["mean"] == pytest.approx(-0.03)
+    assert s["goals"]["fanin_tl_ge_hdp_every_seed"] == {"value": [0.29, 0.15], "met": True}
+    assert s["goals"]["fanin_tl_within_3_points_of_central"]["met"] is True
+    b["results"]["fhdp_fanin"]["tl_accuracy"] = 0.55                # behind HDP in seed 8
+    g = summarize_seeds({7: a, 8: b})["goals"]
+    assert g["fanin_tl_ge_hdp_every_seed"]["met"] is False and g["fanin_tl_within_3_points_of_central"]["met"] is False
 
 
 def test_noniid_study_runs_per_seed_over_real_processes(tmp_path):
@@ -267,11 +281,17 @@ def test_noniid_study_runs_per_seed_over_real_processes(tmp_path):
         assert [c["towns"] for c in one["setup"]["cluster"]] == [["Town01"], ["Town02"], ["Town03"]]
         res = one["results"]
         assert res["fhdp"]["samples_trained"] == res["hdp"]["samples_trained"] == res["central"]["samples_trained"]
+        # the fan-in schedule on the same FL path: the same samples, every member's in every step
+        fanin = res["fhdp_fanin"]
+        assert fanin["samples_trained"] == res["fhdp"]["samples_trained"]
+        assert 0.0 <= fanin["tl_accuracy"] <= 1.0 and fanin["wp_l1"] > 0
     # different seeds, different initial weights
     assert study["per_seed"]["1"]["results"]["initial"] != study["per_seed"]["2"]["results"]["initial"]
     summary = study["summary"]
     assert summary["seeds"] == [1, 2] and summary["failed_seeds"] == []
     assert set(summary["fhdp_minus_hdp"]) == {"tl_accuracy", "wp_l1", "loss"}
+    assert set(summary["fhdp_fanin_minus_central"]) == {"tl_accuracy", "wp_l1", "loss"}
+    assert set(summary["goals"]) == {"fanin_tl_ge_hdp_every_seed", "fanin_tl_within_3_points_of_central"}
 
 
 def test_pipeline_floor_estimate_arithmetic():

@@ -156,3 +156,34 @@ def test_planned_departure_hands_over_without_loss(live):
     # every step of the surviving data owners' pipelines ran; the leaving vehicle's own pipeline did not
     assert summary["samples"] == 2 * STEPS * 4
     live.kill(mid)          # it leaves after the hand-over: nothing left to recover
+
+
+def test_failure_curve_settings_count_samples_and_bring_vehicles_back(live):
+    """`flad bench pipeline --only failures`'s loop on this fleet: the failure-free setting trains every step of
+    every pipeline; with a failure every 12 s a member is killed at 6 s, recovered in its round, started again
+    and re-admitted, and only the samples of accepted updates count."""
+    import random
+
+    from flad_bench.pipeline_failures import failure_times, run_setting
+
+    assert failure_times(60.0, 200.0) == [30.0, 90.0, 150.0] and failure_times(10.0, 5.0) == []
+    _ensure_all_up(live)
+    live.edge.predicted_departures.clear()
+    full_round = 3 * STEPS * 4
+    free = run_setting(live, live.client, IDS, None, 2.0, 200, random.Random(0))
+    assert free["failures"] == 0 and free["recoveries"] == 0 and free["rounds_failed"] == 0
+    assert free["round_samples"] == [full_round] * free["rounds"] and free["samples"] == full_round * free["rounds"]
+    assert free["samples_per_s"] == pytest.approx(free["samples"] / free["seconds"], rel=0.01)   # seconds: 2 decimals
+    # one failure per 12 s: the first at 6 s, the next at 18 s (only if the last round, started before 7 s, is
+    # still running then)
+    hurt = run_setting(live, live.client, IDS, 12.0, 7.0, 200 + free["rounds"], random.Random(1))
+    assert hurt["failures"] >= 1 and hurt["rounds_failed"] == 0
+    kill = hurt["kills"][0]
+    assert 6.0 <= kill["at_s"] < 7.0 and kill["vehicle"] in IDS and live.alive(kill["vehicle"])
+    assert all(k["at_s"] >= 18.0 for k in hurt["kills"][1:])
+    # a round was running at 6 s (they run back to back until 7 s): it recovered there (possibly without losing a
+    # sample: a member whose own pipeline had run), or, had the kill fallen between rounds, the next round ran
+    # without the member's pipeline; no step is counted twice
+    assert hurt["recoveries"] >= 1 or min(hurt["round_samples"]) < full_round
+    assert hurt["steps_lost"] <= E * hurt["recoveries"] and max(hurt["round_samples"]) <= full_round
+    assert hurt["samples"] == sum(hurt["round_samples"])

@@ -1,5 +1,7 @@
 """The typed pipeline description: validation, owners, and the PipelineAssignment message round trip (CDR)."""
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,6 +37,28 @@ def test_assignment_survives_the_wire_exactly(pn, codec_name, first_step, u_shap
     assert back.pipeline.owners(n) == [v for v, s, e in pipe for _ in range(s, e)]
     assert pipeline_from_owners(back.pipeline.owners(n)) == pipe
     assert back.loss_stage == (0 if u_shaped and len(pipe) > 1 else len(pipe) - 1)
+
+
+def test_fanin_assignment_survives_the_wire_and_names_every_participant():
+    trunk = Pipeline.of([("agx", 4, 9), ("n2", 9, 23)])
+    a = Assignment(pipeline_id="r1-c1-agx-abc", round=1, cluster_id="c1", method="fanin", pipeline=trunk,
+                   members={"n1": "tcp://a:1", "n2": "tcp://a:2", "agx": "tcp://a:3"},
+                   inboxes=["tcp://a:13", "tcp://a:12"], layer_owner=["edge"] * 23, steps=3,
+                   fanin_sources=["agx", "n1", "n2"], fanin_inboxes=["tcp://a:13", "tcp://a:11", "tcp://a:12"])
+    wire = codec.encode(a.to_msg(), "flad_msgs/msg/PipelineAssignment")
+    back = Assignment.from_msg(codec.decode(wire, "flad_msgs/msg/PipelineAssignment"))
+    assert back == a and back.is_fanin and back.participants == ["agx", "n1", "n2"]
+    assert [back.inbox_of(v) for v in ("n1", "n2", "agx")] == ["tcp://a:11", "tcp://a:12", "tcp://a:13"]
+    with pytest.raises(PipelineError, match="takes no part"):
+        back.inbox_of("n9")
+    msg = a.to_msg()
+    msg.fanin_source_inboxes = msg.fanin_source_inboxes[:2]        # a source without an inbox is refused
+    with pytest.raises(PipelineError, match="3 fan-in sources but 2"):
+        Assignment.from_msg(msg)
+    plain = Assignment.from_msg(codec.decode(codec.encode(dataclasses.replace(a, fanin_sources=[], fanin_inboxes=[])
+                                                          .to_msg(), "flad_msgs/msg/PipelineAssignment"),
+                                             "flad_msgs/msg/PipelineAssignment"))
+    assert not plain.is_fanin and plain.participants == ["agx", "n2"]
 
 
 def test_a_stage_unpacks_and_reads_as_json_triples():

@@ -23,6 +23,9 @@ One run measures, with the same encoder (same seed), the same data stream and th
       best, with its predicted step time (and the paper FLOP model's) next to the measured one; each source
       trains on its own data shard, so a step covers members x batch samples (`--only every-member`: just
       standalone, the rotation and this);
+  (g) throughput under failures: the cluster as FL-worker processes under a recovering edge, with one vehicle
+      SIGKILLed every 120/60/30 emulated s and recovered by quick recovery, beside a failure-free run, as a
+      curve (`flad_bench.pipeline_failures`; `--only failures` runs just this; time_scale 1 there);
 and bytes per sample and loss after N steps for each stage-traffic codec, in both modes: labels-forward (labels
 ride to the last stage) and U-shaped (the data owner keeps heads, loss and labels; `flad_vehicle.fhdp.ushape`),
 each on its own SWIFT partition; the int8 goal is judged on the mode with less traffic. `--only codecs` runs just
@@ -46,7 +49,6 @@ import argparse
 import contextlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
 import random
@@ -58,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flad_bench.pipeline_common import free_ports, summarize
+from flad_bench.pipeline_fleet import BenchFleet
 from flad_bench.pipeline_worker import link_codec
 from flad_edge.swift.bounds import CODECS, cut_traffic, ideal_step_s, link_floor, pipeline_floor
 from flad_vehicle.fhdp.pipeline import Pipeline, PipelineError
@@ -151,115 +153,6 @@ def valid_partition(pipeline: Sequence[Sequence], n_layers: int, min_first_end: 
 def auto_time_scale(host_tflops: float, fastest_tflops: float, factor: float) -> float:
     """The time scale that makes the fastest emulated device `factor` x slower than one host core."""
     return factor * fastest_tflops / host_tflops
-
-
-# ------------------------------------------------------------------------------------------------ the fleet
-
-
-class BenchFleet:
-    """The cluster's vehicle processes (spawned once, reused for every configuration)."""
-
-    def __init__(self, cfg: BenchConfig, host_tflops: float, time_scale: float) -> None:
-        from flad_bench.pipeline_worker import worker_main
-        from flad_core.fleet import PAPER_PROFILES, link_mbps
-
-        self.cfg, self.host_tflops, self.time_scale = cfg, host_tflops, time_scale
-        self.profiles = {v: PAPER_PROFILES[p] for v, p in cfg.cluster}
-        self.link_mbps = {v: link_mbps(p, cfg.link_setting) for v, p in cfg.cluster}
-        ctx = mp.get_context("spawn")
-        self.conns, self.procs = {}, {}
-        for v, _ in cfg.cluster:
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(v, self.profiles[v].tflops, self.profiles[v].link_mbps, child),
-                            daemon=True, name=f"bench-{v}")
-            p.start()
-            self.conns[v], self.procs[v] = parent, p
-        for v, c in self.conns.items():
-            if not c.poll(180):
-                raise TimeoutError(f"bench worker {v} did not start")
-            c.recv()
-        self._port = cfg.base_port
-
-    def _addresses(self, k: int) -> list[str]:
-        if self._port:
-            ports = list(range(self._port, self._port + k))
-            self._port += k
-        else:
-            ports = free_ports(k)
-        return [f"tcp://127.0.0.1:{p}" for p in ports]
-
-    def run(self, pipeline: Pipeline, *, steps: int, codec: str = "fp32",
-            n_micro: int | None = None, warmup: int | None = None, u_shaped: bool = False) -> dict[str, Any]:
-        cfg = self.cfg
-        warmup = cfg.warmup if warmup is None else warmup
-        log.info("running %s (%s%s, %d steps)", pipeline, codec, ", U-shaped" if u_shaped else "", steps)
-        t0 = time.monotonic()
-        cmd = {"op": "run", "pipeline": [list(p) for p in pipeline], "addresses": self._addresses(len(pipeline)),
-               "codec": codec, "steps": steps, "warmup": warmup, "seed": cfg.seed, "encoder": cfg.encoder,
-               "schedule": cfg.schedule, "n_micro": n_micro or cfg.n_micro, "batch_size": cfg.batch_size,
-               "time_scale": self.time_scale, "host_tflops": self.host_tflops, "data": cfg.data,
-               "data_owner": cfg.data_owner, "u_shaped": u_shaped, "link_mbps": self.link_mbps,
-               "radio": cfg.radio}
-        results = self._dispatch(cmd, str(pipeline))
-        out = summarize(results, cfg.batch_size, warmup, self.time_scale)
-        log.info("... %.1f emulated samples/s (%.0f s wall for the configuration)", out["samples_per_s"],
-                 time.monotonic() - t0)
-        out["codec"] = codec
-        out["n_micro"] = cmd["n_micro"]
-        out["u_shaped"] = u_shaped
-        return out
-
-    def _dispatch(self, cmd: dict[str, Any], what: str, timeout_s: float = 900.0) -> list[dict[str, Any]]:
-        for c in self.conns.values():
-            c.send(cmd)
-        results = []
-        for v, c in self.conns.items():
-            if not c.poll(timeout_s):
-                raise TimeoutError(f"bench worker {v} did not finish {what}")
-            r = c.recv()
-            if "error" in r:
-                raise RuntimeError(f"{v} failed on {what} ({cmd['codec']}): {r['error']}")
-            results.append(r)
-        return results
-
-    def run_fanin(self, sources: Sequence[str], trunk: Sequence[Sequence], *, steps: int, codec: str = "fp32",
-                  warmup: int | None = None) -> dict[str, Any]:
-        """The fan-in schedule: every member a source on its own data shard (source i: vehicle v00i's shard),
-        the trunk pipeline over `trunk`; samples per step = sources x batch size."""
-        cfg = self.cfg
-        warmup = cfg.warmup if warmup is None else warmup
-        members = list(dict.fromkeys([*sources, *(t[0] for t in trunk)]))
-        what = f"fan-in {list(sources)} => {[list(t) for t in trunk]}"
-        log.info("running %s (%s, %d steps)", what, codec, steps)
-        t0 = time.monotonic()
-        ports = self._addresses(len(members))
-        cmd = {"op": "run", "fanin": {"sources": list(sources), "trunk": [list(t) for t in trunk]},
-               "addresses": dict(zip(members, ports, strict=True)), "codec": codec, "steps": steps, "warmup": warmup,
-               "seed": cfg.seed, "encoder": cfg.encoder, "schedule": cfg.schedule, "n_micro": cfg.n_micro,
-               "batch_size": cfg.batch_size, "time_scale": self.time_scale, "host_tflops": self.host_tflops,
-               "data": cfg.data, "source_data": {v: f"v{i:03d}" for i, v in enumerate(sources)},
-               "link_mbps": self.link_mbps}
-        results = self._dispatch(cmd, what, timeout_s=1800.0)
-        out = summarize(results, cfg.batch_size * len(sources), warmup, self.time_scale)
-        out.update({"codec": codec, "sources": list(sources), "trunk": [list(t) for t in trunk],
-                    "samples_per_step": cfg.batch_size * len(sources),
-                    "dropped_steps": sum(bool(st.get("dropped")) for r in results if not r.get("idle")
-                                         for st in r["steps"]),
-                    "radio_wait_s_per_step": {r["vehicle"]: r["radio_wait_s_per_step"] / self.time_scale
-                                              for r in results if not r.get("idle")},
-                    "peer_bytes_per_step": {r["vehicle"]: r["link_bytes_per_step"]["peers"]
-                                            for r in results if not r.get("idle")}})
-        log.info("... %.1f emulated samples/s (%.0f s wall)", out["samples_per_s"], time.monotonic() - t0)
-        return out
-
-    def close(self) -> None:
-        for c in self.conns.values():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                c.send({"op": "stop"})
-        for p in self.procs.values():
-            p.join(10)
-            if p.is_alive():
-                p.terminate()
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -800,10 +693,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"codecs to sweep (default: {' '.join(BENCH_CODECS)}; int4ef = int4 with error feedback)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
                         help="stage-traffic modes of the codec sweep (default: all three)")
-    parser.add_argument("--only", choices=("codecs", "floor", "every-member"), default=None,
+    parser.add_argument("--only", choices=("codecs", "floor", "every-member", "failures"), default=None,
                         help="run only one part: `codecs` = the codec sweep in both modes (no throughput runs); "
                              "`floor` = standalone + the bytes every cut moves and the bound the links alone set; "
-                             "`every-member` = standalone, the rotation and the fan-in schedule")
+                             "`every-member` = standalone, the rotation and the fan-in schedule; `failures` = "
+                             "throughput while vehicles fail at a fixed rate (quick recovery), as a curve")
+    parser.add_argument("--failure-intervals", type=float, nargs="+", default=None, metavar="SECONDS",
+                        help="the failure curve's settings: one failure per SECONDS emulated seconds (default: "
+                             "120 60 30; --quick: 10), each beside a failure-free run")
+    parser.add_argument("--failure-duration", type=float, default=None, metavar="SECONDS",
+                        help="training time per failure-curve setting (default 360; --quick: 20)")
+    parser.add_argument("--no-failures", action="store_true",
+                        help="skip the failure curve in the full run (it takes about 4 x --failure-duration)")
     parser.add_argument("--no-every-member", action="store_true",
                         help="skip the fan-in schedule (every member's data at once)")
     parser.add_argument("--link-setting", choices=("table1", "measured"), default="table1",
@@ -844,13 +745,36 @@ def main(argv: list[str] | None = None) -> int:
         out.update(run_floor_only(cfg))
     elif args.only == "every-member":
         out.update(run_every_member_only(cfg))
+    elif args.only == "failures":
+        out["failures"] = run_failures(args, cfg)
+        out["goals"] = dict(out["failures"]["goals"])
     elif not args.noniid_only:
         out.update(run_throughput(cfg))
+        if not (args.no_failures or args.quick):    # the --quick smoke run leaves it to `--only failures --quick`
+            out["failures"] = run_failures(args, cfg)
+            out["goals"].update(out["failures"]["goals"])
     if noniid:
         out["noniid"], failed = run_noniid_study(args)
         code = 1 if failed else code
     print(json.dumps(out, default=_json_default))
     return code
+
+
+def run_failures(args: argparse.Namespace, cfg: BenchConfig) -> dict[str, Any]:
+    """The throughput-under-failures curve (flad_bench.pipeline_failures) on this bench's cluster and encoder."""
+    from flad_bench.pipeline_failures import FailureCurveConfig, run_failure_curve
+
+    fc = FailureCurveConfig(cluster=cfg.cluster, encoder=cfg.encoder, seed=cfg.seed, batch_size=cfg.batch_size)
+    if args.quick:
+        fc = FailureCurveConfig(cluster=cfg.cluster, encoder=cfg.encoder, seed=cfg.seed, intervals_s=(10.0,),
+                                duration_s=20.0, local_steps=4, extra={"quick": "smoke run: numbers are not "
+                                                                                 "meaningful"})
+    if args.failure_intervals:
+        fc.intervals_s = tuple(args.failure_intervals)
+    if args.failure_duration is not None:
+        fc.duration_s = args.failure_duration
+    fc.__post_init__()        # the CLI's values are checked like the defaults
+    return run_failure_curve(fc)
 
 
 def run_noniid_study(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:

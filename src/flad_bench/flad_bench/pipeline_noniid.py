@@ -7,6 +7,8 @@ profiles) whose members drive Town01, Town02 and Town03; the model is scored on 
 * FHDP: the real multi-process path -- this process runs the edge (`flad_edge.fhdp.run.run_training`, one
   cluster = one FL client, FedAvg per round), the vehicles are `flad_vehicle.fhdp.worker` processes on
   loopback ZeroMQ; the cluster rotates over its essential pipelines, so every member's data trains.
+* FHDP fan-in: the same path with `FhdpConfig.cluster_schedule = "fanin"`: every member's data in every step,
+  local_steps steps of members x batch_size per round (the rotation's samples in a third of its steps).
 * HDP: the same path with `FhdpConfig.rotate = False`: only the first pipeline runs (only v000's data,
   Town01), for members x local_steps steps per round.
 * Centralised: one process, whole model, the cluster's pooled data (all three towns, shuffled).
@@ -89,8 +91,9 @@ def _fleet(cfg: NoniidConfig):
     return with_port_base(fleet, _port_base())
 
 
-def train_pipelined(cfg: NoniidConfig, rotate: bool, workdir: Path):
-    """FHDP (rotate) or HDP (no rotation) over real vehicle processes; returns (model, round summaries)."""
+def train_pipelined(cfg: NoniidConfig, rotate: bool, workdir: Path, schedule: str = "rotation"):
+    """FHDP (rotate; the rotation or, with `schedule="fanin"`, the fan-in schedule) or HDP (no rotation) over real
+    vehicle processes; returns (model, round summaries)."""
     import yaml
     from rich.console import Console
 
@@ -104,13 +107,13 @@ def train_pipelined(cfg: NoniidConfig, rotate: bool, workdir: Path):
     from flad_vehicle.encoder.model import VisionEncoder
 
     fleet = _fleet(cfg)
-    name = "fhdp" if rotate else "hdp"
+    name = ("fhdp" if schedule == "rotation" else f"fhdp-{schedule}") if rotate else "hdp"
     run = RunDir.create(f"noniid-{name}", None, root=workdir)
     fleet_file = run.path / "fleet.yaml"
     fleet_file.write_text(yaml.safe_dump(to_dict(fleet), sort_keys=False))
     fcfg = FhdpConfig(rounds=cfg.rounds, local_steps=cfg.local_steps, batch_size=cfg.batch_size, n_micro=cfg.n_micro,
                       time_scale=1e-4, clusters=[[v for v, _ in CLUSTER]], seed=cfg.seed, rotate=rotate,
-                      round_deadline_s=400.0)
+                      round_deadline_s=400.0, cluster_schedule=schedule)
     console = Console(file=io.StringIO(), width=120)
     with ProcessGroup(grace_s=5.0) as group:
         for v, _ in CLUSTER:
@@ -189,9 +192,10 @@ def run_noniid(cfg: NoniidConfig) -> dict[str, Any]:
     results["majority_baseline"] = {k: base[k] for k in ("tl_accuracy", "wp_l1", "samples", "majority_class")}
     timings = {}
     with tempfile.TemporaryDirectory(prefix="flad-noniid-") as tmp:
-        for name, rotate in (("fhdp", True), ("hdp", False)):
+        for name, rotate, schedule in (("fhdp", True, "rotation"), ("fhdp_fanin", True, "fanin"),
+                                       ("hdp", False, "rotation")):
             ts = time.monotonic()
-            model, summaries = train_pipelined(cfg, rotate, Path(tmp))
+            model, summaries = train_pipelined(cfg, rotate, Path(tmp), schedule)
             timings[name] = round(time.monotonic() - ts, 1)
             results[name] = {**evaluate(model, eval_batches()),
                              "samples_trained": sum(s["samples"] for s in summaries),
@@ -211,10 +215,14 @@ def run_noniid(cfg: NoniidConfig) -> dict[str, Any]:
                   "fhdp_hdp_path": "real: edge in this process (run_training), 3 vehicle worker processes, ZeroMQ",
                   "hdp": "FhdpConfig.rotate=False: only the first pipeline (v000 = Town01 data) runs, "
                          "members x local_steps steps per round",
+                  "fhdp_fanin": "FHDP with cluster_schedule fanin on the same real path: every member's data "
+                                "in every step (each member's replica of the raw-input layers on its own town, "
+                                "SWIFT's trunk), local_steps steps of members x batch_size a round: the same "
+                                "samples as FHDP in a third of the optimizer steps",
                   "central": "one process, whole model, pooled Town01-03 data, same optimizer and step budget"},
         "results": results,
         "metrics": {k: {"tl_accuracy": results[k]["tl_accuracy"], "wp_l1": results[k]["wp_l1"]}
-                    for k in ("fhdp", "hdp", "central", "initial", "majority_baseline")},
+                    for k in ("fhdp", "fhdp_fanin", "hdp", "central", "initial", "majority_baseline")},
         "seconds": timings, "total_seconds": round(time.monotonic() - t0, 1),
     }
 
@@ -236,14 +244,23 @@ def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                 "min": round(min(values), 4), "max": round(max(values), 4)}
 
     out: dict[str, Any] = {"seeds": sorted(ok), "failed_seeds": sorted(set(per_seed) - set(ok))}
-    for name in ("fhdp", "hdp", "central"):
+    names = [n for n in ("fhdp", "fhdp_fanin", "hdp", "central") if all(n in r["results"] for r in ok.values())]
+    for name in names:
         out[name] = {m: stats([r["results"][name][m] for r in ok.values()]) for m in metrics}
     out["majority_tl"] = stats([r["results"]["majority_baseline"]["tl_accuracy"] for r in ok.values()])
-    for other in ("hdp", "central"):
-        diffs = {m: [r["results"]["fhdp"][m] - r["results"][other][m] for r in ok.values()] for m in metrics}
-        better = {"tl_accuracy": sum(d > 0 for d in diffs["tl_accuracy"]),
-                  "wp_l1": sum(d < 0 for d in diffs["wp_l1"]), "loss": sum(d < 0 for d in diffs["loss"])}
-        out[f"fhdp_minus_{other}"] = {m: {**stats(diffs[m]), "fhdp_better_in": f"{better[m]}/{len(ok)}"}
-                                      for m in metrics}
+    for mine in [n for n in ("fhdp", "fhdp_fanin") if n in names]:
+        for other in ("hdp", "central"):
+            diffs = {m: [r["results"][mine][m] - r["results"][other][m] for r in ok.values()] for m in metrics}
+            better = {"tl_accuracy": sum(d > 0 for d in diffs["tl_accuracy"]),
+                      "wp_l1": sum(d < 0 for d in diffs["wp_l1"]), "loss": sum(d < 0 for d in diffs["loss"])}
+            out[f"{mine}_minus_{other}"] = {m: {**stats(diffs[m]), "fhdp_better_in": f"{better[m]}/{len(ok)}"}
+                                            for m in metrics}
+    if "fhdp_fanin" in names:
+        tl_hdp = [r["results"]["fhdp_fanin"]["tl_accuracy"] - r["results"]["hdp"]["tl_accuracy"] for r in ok.values()]
+        tl_central = out["fhdp_fanin_minus_central"]["tl_accuracy"]["mean"]
+        out["goals"] = {
+            "fanin_tl_ge_hdp_every_seed": {"value": [round(d, 4) for d in tl_hdp], "met": all(d >= 0 for d in tl_hdp)},
+            "fanin_tl_within_3_points_of_central": {"value": tl_central, "target": -0.03,
+                                                   "met": tl_central >= -0.03}}
     return out
 

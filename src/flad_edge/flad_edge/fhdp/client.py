@@ -27,6 +27,7 @@ from flad_core.protocol import EDGE_OWNER, SERVICE_ASSIGN, SERVICE_START
 from flad_edge.fhdp.config import FhdpConfig
 from flad_edge.fhdp.control import READY, REPORT, PipelineControl
 from flad_edge.fl.aggregation import Update
+from flad_vehicle.fhdp.fanin import FanInPlan
 from flad_vehicle.fhdp.layerstore import LayerStore
 from flad_vehicle.fhdp.pipeline import Assignment, Pipeline, Stage
 
@@ -161,6 +162,42 @@ class RotationClient:
             reports = self.run(a)
             self.record(stats, a, ready, reports, first_fetch=owners[0] == EDGE_OWNER)
             owners = self.owners_after(pipeline, owners)
+        return self.gather(owners, global_model), stats
+
+
+class FanInClient(RotationClient):
+    """A cluster that trains every member's data in every step (the fan-in schedule, `flad_vehicle.fhdp.fanin`):
+    one assignment a round, `local_steps` steps of members x batch_size samples, so the rotation's samples per
+    round in a members-th of its steps. The replicated raw-input layers are gathered from one keeper (the hub
+    when it is a source): the replicas are identical after every step."""
+
+    def __init__(self, client_id: str, members: list[str], plan: FanInPlan, control: PipelineControl,
+                 cfg: FhdpConfig) -> None:
+        super().__init__(client_id, members, [plan.trunk], control, cfg)
+        self.fanin = plan
+
+    def keeper(self) -> str:
+        """The source whose replica of layers [0, cut) the edge gathers."""
+        return self.fanin.hub if self.fanin.hub in self.fanin.sources else self.fanin.sources[0]
+
+    def run_round(self, rnd: int, global_model: LayerStore) -> tuple[dict[str, torch.Tensor], ClientStats]:
+        stats = ClientStats(self.id)
+        plan = self.fanin
+        owners = [EDGE_OWNER] * len(self.layers)
+        a = self.control.assignment(self.id, self.members, plan.trunk, owners, rnd, self.cfg.local_steps,
+                                    fanin_sources=plan.sources)
+        self.control.send(SERVICE_ASSIGN, a)
+        deadline = self.cfg.round_deadline_s
+        self.control.board.wait(READY, a.pipeline_id, a.participants, deadline)
+        self.control.send(SERVICE_START, a)
+        reports = self.control.board.wait(REPORT, a.pipeline_id, a.participants, deadline)
+        stats.samples += a.steps * self.cfg.batch_size * len(plan.sources)
+        stats.steps += a.steps
+        stats.steps_dropped += max(int(r.steps_dropped) for r in reports.values())
+        loss = reports[plan.trunk.members[-1]].loss
+        stats.pipelines.append(PipelineRun(plan.hub, list(plan.trunk), loss, a.steps,
+                                           max(r.wall_s for r in reports.values()), 0))
+        owners = [self.keeper()] * plan.cut + self.owners_after(plan.trunk, owners)[plan.cut:]
         return self.gather(owners, global_model), stats
 
 

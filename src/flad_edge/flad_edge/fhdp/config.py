@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from flad_core.config import ConfigError
 from flad_edge.fl.aggregation import AggregationConfig
 
+#: how a cluster covers its members' data each round (FhdpConfig.cluster_schedule)
+CLUSTER_SCHEDULES = ("rotation", "fanin")
+
 
 @dataclass
 class FhdpConfig:
@@ -31,6 +34,12 @@ class FhdpConfig:
     # the last trunk stage returns its features to it, so labels never leave the vehicle that owns them
     # (flad_vehicle.fhdp.ushape). False (default): labels travel with the activations to the last stage.
     u_shaped: bool = False
+    # how a cluster covers its members' data each round: "rotation" (default) runs its essential pipelines one
+    # after the other, local_steps each; "fanin" runs every member's data in every step (flad_vehicle.fhdp.fanin:
+    # each member a replica of the raw-input layers on its own data, one shared trunk), local_steps steps of
+    # members x batch_size samples -- the rotation's samples per round. Not with U-shaped pipelines, HDP
+    # (rotate: false) or quick recovery.
+    cluster_schedule: str = "rotation"
     # how the edge combines its clients' updates (FedAvg by default) and screens them first: a poisoned
     # vehicle's cluster update is rejected rather than averaged in (flad_edge.fl.aggregation)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
@@ -42,6 +51,12 @@ class FhdpConfig:
             raise ValueError("need 1 <= n_micro <= batch_size")
         if not isinstance(self.u_shaped, bool):
             raise ValueError(f"u_shaped must be true or false, got {self.u_shaped!r}")
+        if self.cluster_schedule not in CLUSTER_SCHEDULES:
+            raise ValueError(f"cluster_schedule must be one of {', '.join(CLUSTER_SCHEDULES)}, got "
+                             f"{self.cluster_schedule!r}")
+        if self.cluster_schedule == "fanin" and (self.u_shaped or not self.rotate):
+            raise ValueError("cluster_schedule fanin trains every member's data with labels-forward pipelines: it "
+                             "cannot be combined with u_shaped: true or rotate: false")
         try:
             self.aggregation.validate()
         except ConfigError as exc:

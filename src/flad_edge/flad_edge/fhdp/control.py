@@ -118,8 +118,10 @@ class PipelineControl:
         return f"r{rnd}-{client_id}-{first}-{uuid.uuid4().hex[:6]}"
 
     def assignment(self, client_id: str, members: Sequence[str], pipeline: Pipeline, owners: Sequence[str],
-                   rnd: int, steps: int, *, pipeline_id: str = "", attempt: int | None = None) -> Assignment:
-        """An assignment for `pipeline`, with its own fresh range of step numbers."""
+                   rnd: int, steps: int, *, pipeline_id: str = "", attempt: int | None = None,
+                   fanin_sources: Sequence[str] = ()) -> Assignment:
+        """An assignment for `pipeline` (with `fanin_sources`: the fan-in trunk), with its own fresh range of step
+        numbers."""
         pid = pipeline_id or self.pipeline_base(rnd, client_id, pipeline.first)
         if attempt is not None:
             pid = attempt_id(pid, attempt)
@@ -129,13 +131,14 @@ class PipelineControl:
             inboxes=[self.fleet.vehicle(v).data for v in pipeline.members], layer_owner=list(owners),
             schedule=self.cfg.schedule, codec=self.cfg.codec, n_micro=self.cfg.n_micro,
             batch_size=self.cfg.batch_size, steps=steps, first_step=self.steps.take(steps),
-            time_scale=self.cfg.time_scale, u_shaped=self.cfg.u_shaped)
+            time_scale=self.cfg.time_scale, u_shaped=self.cfg.u_shaped, fanin_sources=list(fanin_sources),
+            fanin_inboxes=[self.fleet.vehicle(v).data for v in fanin_sources])
 
     def send(self, service: str, a: Assignment, vehicles: Sequence[str] | None = None,
              before_each: Callable[[], None] | None = None) -> None:
-        """Request `service` with `a` from every vehicle of its pipeline (or `vehicles`)."""
+        """Request `service` with `a` from every vehicle that takes part in it (or `vehicles`)."""
         msg = a.to_msg()
-        for v in vehicles if vehicles is not None else a.pipeline.members:
+        for v in vehicles if vehicles is not None else a.participants:
             if before_each is not None:
                 before_each()
             self.bus.request(service, msg, "flad_msgs/msg/Ack", address=self.control_address(v))

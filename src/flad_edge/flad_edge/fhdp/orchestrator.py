@@ -23,18 +23,20 @@ import torch
 from flad_core.fleet import FleetConfig
 from flad_core.protocol import SERVICE_EDGE_LAYERS
 from flad_core.runs import RunDir
-from flad_edge.fhdp.client import ClientStats, Failure, RotationClient, SoloClient
+from flad_edge.fhdp.client import ClientStats, Failure, FanInClient, RotationClient, SoloClient
 from flad_edge.fhdp.config import FhdpConfig
 from flad_edge.fhdp.control import PipelineControl
 from flad_edge.fl.aggregation import DistanceHistory, RoundCollector, Update
 from flad_edge.fl.edge_server import EdgeServer
 from flad_edge.swift import Cluster, Vehicle, plan
+from flad_edge.swift.fanin import Device, plan_from_profile
 from flad_edge.swift.model import load_profile
 from flad_vehicle.encoder.config import get_config
 from flad_vehicle.encoder.model import VisionEncoder, batch_to_torch
 from flad_vehicle.encoder.partition import Partitioner
 from flad_vehicle.encoder.profile import profile_model
 from flad_vehicle.encoder.synthetic import synthetic_batches
+from flad_vehicle.fhdp.fanin import FanInPlan
 from flad_vehicle.fhdp.layerstore import LayerStore
 from flad_vehicle.fhdp.pipeline import Pipeline
 from flad_vehicle.fhdp.ushape import head_start, u_profile
@@ -85,9 +87,23 @@ class FhdpEdge:
         return out
 
     def cluster_client(self, members: list[str], client_id: str) -> RotationClient:
-        """One cluster client over `members`, its essential pipelines planned by SWIFT."""
+        """One cluster client over `members`: its essential pipelines planned by SWIFT, or with
+        `cluster_schedule: fanin` SWIFT's fan-in plan (every member's data in every step)."""
+        if self.cfg.cluster_schedule == "fanin" and len(members) > 1:
+            return FanInClient(client_id, members, self.fanin_plan(members), self.control, self.cfg)
         return RotationClient(client_id, members, self.essential_pipelines(members), self.control, self.cfg,
                               self.heads)
+
+    def fanin_plan(self, members: list[str]) -> FanInPlan:
+        """SWIFT's fan-in plan for `members` (`swift.fanin.plan_from_profile`: every member a source, the cut and
+        trunk of the best predicted step under the paper's FLOP model at each device's TFLOPS and link rate)."""
+        profiles = self.fleet.all_profiles()
+        devices = [Device(m, profiles[self.fleet.vehicle(m).profile].tflops,
+                          profiles[self.fleet.vehicle(m).profile].link_mbps) for m in members]
+        best = plan_from_profile(devices, self.layer_profile(), self.cfg.batch_size, self.cfg.n_micro, self.cfg.codec)
+        plan = FanInPlan.of(best.sources, best.trunk)
+        log.info("fan-in plan for %s: %s (predicted %.3f s a step)", members, plan.describe(), best.step_s)
+        return plan
 
     def swift_cluster(self, members: list[str]) -> Cluster:
         profiles = self.fleet.all_profiles()

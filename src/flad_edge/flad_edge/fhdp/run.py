@@ -168,6 +168,9 @@ def run_training(fleet: FleetConfig, cfg: FhdpConfig, run: RunDir | None, consol
     picked up (the module docstring). Returns the summaries of every committed round, resumed ones included."""
     if recovery and cfg.u_shaped:
         raise ValueError("quick recovery does not support U-shaped pipelines yet (set u_shaped: false)")
+    if recovery and cfg.cluster_schedule != "rotation":
+        raise ValueError(f"quick recovery re-plans the rotation's pipelines; cluster_schedule "
+                         f"{cfg.cluster_schedule!r} is not supported with it (use rotation)")
     fhdp = RecoveringFhdpEdge(fleet, cfg, run=run, edge=edge) if recovery else FhdpEdge(fleet, cfg, run, edge=edge)
     # step numbers above any an earlier run of this edge handed out: a vehicle never takes a frame left over
     # from a pipeline of a crashed edge for one of ours (it drops frames below each assignment's first step)

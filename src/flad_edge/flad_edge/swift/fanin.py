@@ -147,3 +147,32 @@ def plan_fanin(devices: Sequence[Device], layer_s: Sequence[float], ref_tflops: 
                         out.append(FanInCandidate(srcs, trunk, codec, step, why))
     out.sort(key=lambda c: c.step_s / c.samples_per_step)
     return out
+
+
+def codec_byte_ratio(codec: str, numel: int = 65536) -> float:
+    """Wire bytes of `codec` over fp32 bytes for a dense activation-like tensor (tensorcodec's own packing, scales
+    included): what the edge's fan-in plan scales its profile's fp32 cut bytes by."""
+    import torch
+
+    from flad_core import tensorcodec
+
+    x = {"x": torch.randn(numel, generator=torch.Generator().manual_seed(0))}
+    return tensorcodec.wire_bytes(tensorcodec.encode(x, codec)) / tensorcodec.wire_bytes(tensorcodec.encode(x, "fp32"))
+
+
+def plan_from_profile(devices: Sequence[Device], profile: Mapping[str, Any], batch: int, n_micro: int,
+                      codec: str = "fp32") -> FanInCandidate:
+    """The edge's fan-in plan: `plan_fanin` on the paper's FLOP model, with the encoder profile's per-sample cut
+    bytes (`profile_model`: live tensors after each layer, labels included) and parameter bytes (the replica
+    reduction carries the gradients of layers [0, cut)), both scaled to `codec`. Raises when nothing fits."""
+    rows = profile["layers"]
+    ratio = codec_byte_ratio(codec)
+    traffic = {codec: {c: {"forward": rows[c - 1]["activation_bytes"] * ratio,
+                           "backward": rows[c - 1]["activation_bytes"] * ratio} for c in range(1, len(rows))}}
+    replica = list(itertools.accumulate((r["param_bytes"] * ratio for r in rows), initial=0.0))
+    layer_s, ref = flop_layer_seconds([r["flops"] for r in rows])
+    cands = plan_fanin(devices, layer_s, ref, traffic, replica, int(profile["min_first_stage_end"]), batch, n_micro,
+                       codecs=(codec,))
+    if not cands:
+        raise ValueError(f"no fan-in plan for {[d.id for d in devices]} ({len(rows)} layers, codec {codec})")
+    return cands[0]

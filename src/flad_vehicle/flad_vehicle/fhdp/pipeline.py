@@ -8,7 +8,7 @@ to vehicles inside `flad_msgs/PipelineAssignment`, quick recovery diffs them; al
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, NamedTuple, overload
 
@@ -171,6 +171,26 @@ class Assignment:
     link_timeout_s: float = 0.0
     publish_progress: bool = False
     u_shaped: bool = False
+    fanin_sources: list[str] = field(default_factory=list)     # the fan-in schedule's sources (empty: none)
+    fanin_inboxes: list[str] = field(default_factory=list)     # their tensor-frame inboxes (same order)
+
+    @property
+    def is_fanin(self) -> bool:
+        """Every source's data in every step (`fhdp.fanin`); the pipeline is then the trunk."""
+        return bool(self.fanin_sources)
+
+    @property
+    def participants(self) -> list[str]:
+        """The vehicles that take part: the pipeline's stages, and with fan-in its sources first."""
+        return list(dict.fromkeys([*self.fanin_sources, *self.pipeline.members]))
+
+    def inbox_of(self, vehicle: str) -> str:
+        """The tensor-frame inbox address of a participant."""
+        by_vehicle = dict(zip(self.fanin_sources, self.fanin_inboxes, strict=True))
+        by_vehicle.update(zip(self.pipeline.members, self.inboxes, strict=True))
+        if vehicle not in by_vehicle:
+            raise PipelineError(f"{vehicle} takes no part in {self.pipeline_id}")
+        return by_vehicle[vehicle]
 
     @property
     def loss_stage(self) -> int:
@@ -190,7 +210,8 @@ class Assignment:
             stage_inbox_addresses=list(self.inboxes), layer_owner=list(self.layer_owner), schedule=self.schedule,
             codec=self.codec, n_micro=self.n_micro, batch_size=self.batch_size, steps=self.steps,
             first_step=self.first_step, time_scale=self.time_scale, backup_every=self.backup_every,
-            link_timeout_s=self.link_timeout_s, publish_progress=self.publish_progress, u_shaped=self.u_shaped)
+            link_timeout_s=self.link_timeout_s, publish_progress=self.publish_progress, u_shaped=self.u_shaped,
+            fanin_sources=list(self.fanin_sources), fanin_source_inboxes=list(self.fanin_inboxes))
 
     @classmethod
     def from_msg(cls, msg: Any) -> Assignment:
@@ -202,6 +223,11 @@ class Assignment:
         if len(msg.stage_inbox_addresses) != len(pipeline):
             raise PipelineError(f"{msg.pipeline_id}: {len(pipeline)} stages but "
                                 f"{len(msg.stage_inbox_addresses)} inbox addresses")
+        if len(msg.fanin_sources) != len(msg.fanin_source_inboxes):
+            raise PipelineError(f"{msg.pipeline_id}: {len(msg.fanin_sources)} fan-in sources but "
+                                f"{len(msg.fanin_source_inboxes)} source inbox addresses")
+        if msg.fanin_sources and msg.u_shaped:
+            raise PipelineError(f"{msg.pipeline_id}: the fan-in schedule does not run U-shaped")
         return cls(pipeline_id=msg.pipeline_id, round=int(msg.round), cluster_id=msg.pipeline_template.cluster_id,
                    method=msg.pipeline_template.method, pipeline=pipeline,
                    members=dict(zip(msg.member_ids, msg.member_control_addresses, strict=True)),
@@ -210,4 +236,5 @@ class Assignment:
                    batch_size=int(msg.batch_size), steps=int(msg.steps), first_step=int(msg.first_step),
                    time_scale=float(msg.time_scale) if msg.time_scale > 0 else 1.0,
                    backup_every=int(msg.backup_every), link_timeout_s=float(msg.link_timeout_s),
-                   publish_progress=bool(msg.publish_progress), u_shaped=bool(msg.u_shaped))
+                   publish_progress=bool(msg.publish_progress), u_shaped=bool(msg.u_shaped),
+                   fanin_sources=list(msg.fanin_sources), fanin_inboxes=list(msg.fanin_source_inboxes))

@@ -11,7 +11,9 @@ heads and the loss (`ushape.py`): labels never leave the vehicle; when the rotat
 the data owner, the heads move to it like any other layer whose owner changes.
 Between the phases and afterwards the vehicle serves `vehicle/layers` so peers (and the edge, at the
 end of a round) can fetch the layers it owns. A resource-sufficient vehicle is simply a one-stage
-pipeline of its own.
+pipeline of its own. With `fanin_sources` (the fan-in schedule, `fanin.py`) the template's stages are the trunk
+and every source also runs its own replica of the raw-input layers on its own data, so every source's data
+trains in every step; the sources' replicas stay identical (the hub sums their gradients each step).
 
 Quick recovery (paper §4.2): `vehicle/abort` stops the running pipeline at once (a member left): the
 partial step is dropped, the weights stay as of the last completed optimizer step, and the vehicle waits
@@ -79,6 +81,7 @@ from flad_vehicle.encoder.model import LABEL_INPUTS, VisionEncoder
 from flad_vehicle.encoder.partition import Partitioner
 from flad_vehicle.fhdp.backup import BackupTracker, BackupUploader
 from flad_vehicle.fhdp.data import vehicle_batches
+from flad_vehicle.fhdp.fanin import FanInPlan, FanInRunner
 from flad_vehicle.fhdp.layerstore import LayerStore
 from flad_vehicle.fhdp.links import Inbox, LinkStats, OutLink, StepAbortedError
 from flad_vehicle.fhdp.optim import stage_adamw
@@ -358,11 +361,17 @@ class FhdpVehicle:
 
     # -- phase 1: take the stage, moving only the layers whose owner changes ---------------------------
     def prepare(self, a: Assignment) -> None:
-        index = a.pipeline.stage_of(self.spec.id)
-        me = a.pipeline[index]
-        wanted = self.store.layers_in(me.start, me.end)
-        if a.runs_u_shaped and index == 0:
-            wanted += [h for h in head_layers(self.part.graph) if h not in wanted]   # the heads live with the data
+        plan = None
+        if a.is_fanin:
+            plan, index, wanted = self._fanin_role(a)
+            layer_range = None
+        else:
+            index = a.pipeline.stage_of(self.spec.id)
+            me = a.pipeline[index]
+            layer_range = (me.start, me.end)
+            wanted = self.store.layers_in(me.start, me.end)
+            if a.runs_u_shaped and index == 0:
+                wanted += [h for h in head_layers(self.part.graph) if h not in wanted]   # the heads live with the data
         owners = a.layer_owner
         if len(owners) != len(self.store.layer_names):
             raise ValueError(f"layer_owner lists {len(owners)} layers, the encoder has {len(self.store.layer_names)}")
@@ -388,10 +397,11 @@ class FhdpVehicle:
                                           abort=self._abort)
             self.store.import_(layers, payload)
             fetched += n
-        self._current = {"assignment": a, "stage_index": index, "range": (me.start, me.end),
+        self._current = {"assignment": a, "stage_index": index, "range": layer_range, "fanin": plan,
                          "fetched": fetched, "wanted": wanted}
-        log.info("%s ready for %s: stage %d layers [%d, %d), fetched %d bytes from %s", self.spec.id, a.pipeline_id,
-                 index, me.start, me.end, fetched, sorted(by_source) or "nobody")
+        log.info("%s ready for %s: %s, fetched %d bytes from %s", self.spec.id, a.pipeline_id,
+                 f"stage {index} layers [{layer_range[0]}, {layer_range[1]})" if layer_range else
+                 f"fan-in {plan.describe()}", fetched, sorted(by_source) or "nobody")
         self._report(a, service=SERVICE_EDGE_READY, fetched=fetched, stage_index=index)
 
     # -- phase 2: run the steps ------------------------------------------------------------------------
@@ -401,6 +411,9 @@ class FhdpVehicle:
             raise ValueError(f"start for {a.pipeline_id} before it was prepared")
         # layers that moved to other stages are no longer ours (their new owners fetched them in phase 1)
         self.store.release([layer for layer in list(self.store.owned) if layer not in cur["wanted"]])
+        if cur["fanin"] is not None:
+            self._train_fanin(a, cur)
+            return
         index, n_stages = cur["stage_index"], len(a.pipeline)
         u = a.runs_u_shaped
         head = None
@@ -479,6 +492,94 @@ class FhdpVehicle:
                     lk.close()
             self.agent.state = "idle"
         loss = totals["loss"] / totals["losses"] if index == loss_stage and totals["losses"] else None
+        self._write_audit()
+        self._report(a, service=SERVICE_EDGE_REPORT, steps=done, loss=loss, wall=totals["wall"],
+                     compute=totals["compute"], emulated=totals["emulated"], wait=totals["wait"],
+                     bytes_sent=int(totals["bytes"]), fetched=cur["fetched"], stage_index=index, error=aborted,
+                     dropped=int(totals["dropped"]))
+
+    # -- the fan-in schedule -------------------------------------------------------------------------------
+    def _fanin_role(self, a: Assignment) -> tuple[FanInPlan, int, list[str]]:
+        """(plan, this vehicle's index among the participants, the layers it holds: its replica of [0, cut) if a
+        source, its trunk stage's range if in the trunk)."""
+        plan = FanInPlan.of(a.fanin_sources, a.pipeline)
+        plan.check_model(len(self.store.layer_names), self.part.graph.min_first_end)
+        me = self.spec.id
+        if me not in plan.members:
+            raise ValueError(f"{me} takes no part in {a.pipeline_id}: {plan.describe()}")
+        wanted = self.store.layers_in(0, plan.cut) if me in plan.sources else []
+        if me in plan.trunk.members:
+            st = plan.trunk[plan.trunk.stage_of(me)]
+            wanted += self.store.layers_in(st.start, st.end)
+        return plan, plan.members.index(me), wanted
+
+    def _train_fanin(self, a: Assignment, cur: dict) -> None:
+        """Run the assignment's steps in this vehicle's fan-in roles: a source (its replica on its own data), a
+        trunk stage, or both (the hub); every participant's frames share this vehicle's radio."""
+        plan: FanInPlan = cur["fanin"]
+        me, index = self.spec.id, cur["stage_index"]
+        replica = self.part.stage((0, plan.cut)) if me in plan.sources else None
+        trunk_stage = None
+        if me in plan.trunk.members:
+            st = plan.trunk[plan.trunk.stage_of(me)]
+            trunk_stage = self.part.stage((st.start, st.end))
+        trained = torch.nn.ModuleList([m for m in (replica, trunk_stage) if m is not None])
+        optimizer = stage_adamw(trained, self.model) if any(True for _ in trained.parameters()) else None
+        if optimizer is not None:
+            self.store.attach(optimizer)
+        # key names: the fleet entry whose data address a participant's inbox is (see stage_key_names)
+        by_inbox = {v.data: v.id for v in self.fleet.vehicles if v.data}
+        keys = {p: by_inbox.get(a.inbox_of(p), p) for p in plan.members}
+        self.inbox.allow(keys[p] for p in plan.members if p != me)
+        radio = Radio(self.profile.link_mbps, a.time_scale)
+        self.inbox.bucket = radio.recv_bucket
+        is_last = me == plan.trunk.members[-1]
+        totals = dict.fromkeys(("loss", "losses", "dropped", "wall", "compute", "emulated", "wait", "bytes"), 0.0)
+        done = 0
+        aborted = ""
+        links: dict[str, OutLink] = {}
+        runner = None
+        try:
+            for p in plan.members:
+                if p != me:
+                    links[p] = OutLink(self.ctx, p, a.inbox_of(p), index, codec=a.codec, bucket=radio.send_bucket,
+                                       stats=self.link_stats, security=self.security, identity=self.key_name,
+                                       server_key=keys[p])
+            runner = FanInRunner(me, plan, inbox=self.inbox, links=links, replica=replica, trunk_stage=trunk_stage,
+                                 optimizer=optimizer, batch_size=a.batch_size, schedule=a.schedule,
+                                 n_micro=a.n_micro, grad_clip=5.0, label_names=LABEL_INPUTS,
+                                 dilation=ComputeDilation(self.profile.tflops, a.time_scale),
+                                 memory=MemoryGuard(self.profile.mem_bytes, self.spec.profile),
+                                 timeout_s=a.link_timeout_s if a.link_timeout_s > 0 else DEFAULT_LINK_TIMEOUT_S,
+                                 abort=self._abort, sync_codec=a.codec)
+            self.agent.state = "training"
+            stale = self.inbox.drop_steps_below(a.first_step)
+            if stale:
+                log.info("%s: dropped %d stale frame group(s) before step %d", me, stale, a.first_step)
+            batches = self._batches_for(a) if replica is not None else None
+            for i in range(a.steps):
+                batch = None
+                if batches is not None:
+                    full = next(batches)
+                    batch = {n: full[n] for n in runner.batch_inputs}
+                res = runner.run_step(a.first_step + i, batch)
+                done = i + 1
+                loss = _tally(totals, res)
+                if a.publish_progress and is_last:
+                    self._publish_progress(a, index, done, loss)
+        except StepAbortedError as exc:
+            if runner is not None:
+                runner.discard_partial_step()
+            self.inbox.drop_steps_below(a.first_step + a.steps)
+            aborted = f"{ABORTED} after {done} of {a.steps} steps: {exc}"
+            log.info("%s: %s", me, aborted)
+        finally:
+            if optimizer is not None:
+                self.store.detach(optimizer)
+            for lk in links.values():
+                lk.close()
+            self.agent.state = "idle"
+        loss = totals["loss"] / totals["losses"] if is_last and totals["losses"] else None
         self._write_audit()
         self._report(a, service=SERVICE_EDGE_REPORT, steps=done, loss=loss, wall=totals["wall"],
                      compute=totals["compute"], emulated=totals["emulated"], wait=totals["wait"],

@@ -151,6 +151,9 @@ class RecoveringFhdpEdge(FhdpEdge):
     # -- planning ------------------------------------------------------------------------------------------
     def cluster_client(self, members: list[str], client_id: str) -> RotationClient:
         """One cluster client over `members` (SWIFT essential pipelines), with its templates started."""
+        if self.cfg.cluster_schedule != "rotation":
+            raise ValueError(f"quick recovery re-plans the rotation's pipelines; cluster_schedule "
+                             f"{self.cfg.cluster_schedule!r} is not supported with it (use rotation)")
         pipelines = self.essential_pipelines(members)
         swift = (self.swift_cluster(members), load_profile(self.layer_profile()))
         templates = None

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -28,12 +28,17 @@ from flad_edge.fhdp.recovery.edge import RecoveringFhdpEdge
 from flad_edge.fhdp.recovery.records import RecoveryConfig
 
 
-def small_fleet(ids: list[str], port_base: int, profile: str = "jetson_nano", heartbeat_interval_s: float = 0.1,
-                heartbeat_timeout_s: float = 1.0) -> FleetConfig:
-    """The repository's fleet file with `ids` as its vehicles (one profile), renumbered from `port_base`."""
+def small_fleet(ids: list[str], port_base: int, profile: str | Sequence[str] = "jetson_nano",
+                heartbeat_interval_s: float = 0.1, heartbeat_timeout_s: float = 1.0) -> FleetConfig:
+    """The repository's fleet file with `ids` as its vehicles, renumbered from `port_base`; `profile` is one
+    device profile for all of them or one per vehicle."""
     base = load_fleet(default_fleet_path())
-    vehicles = [VehicleSpec(id=v, profile=profile, predicted_dwell_s=900, control=f"tcp://127.0.0.1:{7200 + 2 * i}",
-                            data=f"tcp://127.0.0.1:{7201 + 2 * i}") for i, v in enumerate(ids)]
+    profiles = [profile] * len(ids) if isinstance(profile, str) else list(profile)
+    if len(profiles) != len(ids):
+        raise ValueError(f"{len(profiles)} device profiles for {len(ids)} vehicles ({ids})")
+    vehicles = [VehicleSpec(id=v, profile=p, predicted_dwell_s=900, control=f"tcp://127.0.0.1:{7200 + 2 * i}",
+                            data=f"tcp://127.0.0.1:{7201 + 2 * i}")
+                for i, (v, p) in enumerate(zip(ids, profiles, strict=True))]
     fleet = dataclasses.replace(base, vehicles=vehicles, heartbeat=HeartbeatConfig(interval_s=heartbeat_interval_s,
                                                                                    timeout_s=heartbeat_timeout_s))
     return with_port_base(fleet, port_base)
@@ -43,11 +48,12 @@ class LiveFleet:
     """Edge (in process) + vehicle processes; helpers to hurt vehicles and to act on training progress."""
 
     def __init__(self, workdir: Path, ids: list[str], cfg: FhdpConfig | None = None,
-                 rcfg: RecoveryConfig | None = None, heartbeat_timeout_s: float = 1.0) -> None:
+                 rcfg: RecoveryConfig | None = None, heartbeat_timeout_s: float = 1.0,
+                 profiles: str | Sequence[str] = "jetson_nano") -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ids = list(ids)
-        self.fleet = small_fleet(ids, free_port_base(4 + 2 * len(ids) + 8),
+        self.fleet = small_fleet(ids, free_port_base(4 + 2 * len(ids) + 8), profiles,
                                  heartbeat_interval_s=min(0.1, heartbeat_timeout_s / 4),
                                  heartbeat_timeout_s=heartbeat_timeout_s)
         self.fleet_file = self.workdir / "fleet.yaml"
