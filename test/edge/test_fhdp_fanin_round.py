@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
+from _fhdp_audit import LABELS, RAW_SENSORS, audits, sent_digests
 
 from flad_core.config import to_dict
 from flad_core.fleet import load_fleet, with_port_base
@@ -25,6 +27,7 @@ from flad_edge.fhdp.client import FanInClient
 from flad_edge.fhdp.config import FhdpConfig
 from flad_edge.fhdp.orchestrator import FhdpEdge, wait_for_vehicles
 from flad_vehicle.fhdp.data import vehicle_batches
+from flad_vehicle.fhdp.links import tensor_digest
 
 from flad_testing import REPO, free_port_base, reference_step
 
@@ -50,7 +53,7 @@ def fanin_edge(tmp_path_factory):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for v in IDS]
     try:
         wait_for_vehicles(fhdp.edge, list(IDS), timeout_s=180)
-        yield fhdp, fleet
+        yield fhdp, fleet, tmp
     finally:
         fhdp.close()
         for p in procs:
@@ -63,7 +66,7 @@ def fanin_edge(tmp_path_factory):
 
 
 def test_a_fanin_round_trains_every_members_data_in_one_step_equal_to_one_process(fanin_edge):
-    fhdp, fleet = fanin_edge
+    fhdp, fleet, _ = fanin_edge
     (client,) = fhdp.clients()
     assert isinstance(client, FanInClient)
     plan = client.fanin
@@ -88,13 +91,36 @@ def test_a_fanin_round_trains_every_members_data_in_one_step_equal_to_one_proces
 
 
 def test_a_second_fanin_round_starts_from_the_gathered_model_and_counts_once(fanin_edge):
-    fhdp, _ = fanin_edge
+    fhdp, _, _ = fanin_edge
     (client,) = fhdp.clients()
     start = {k: v.clone() for k, v in fhdp.model.state_dict().items()}
     summary = fhdp.run_round(1, [client])
     assert summary["errors"] == {} and summary["accepted"] == 1 and summary["samples"] == len(IDS) * BATCH
     moved = [k for k, v in fhdp.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, start[k])]
     assert moved, "the round changed nothing"
+
+
+def test_no_raw_sensor_tensor_left_a_vehicle(fanin_edge):
+    """The audit of every frame and layer payload the members sent in the two rounds: no raw sensor tensor by name,
+    and by content no micro-batch slice of any member's raw sensor batches (the labels do travel, labels-forward,
+    which shows the content check finds a tensor that leaves)."""
+    fhdp, fleet, tmp = fanin_edge
+    records = audits(tmp)
+    assert set(records) == set(IDS)
+    assert sum(rec.get("kind") == 0 for recs in records.values() for rec in recs) > 0   # activations were sent
+    assert not {n for recs in records.values() for rec in recs for n in rec["names"]} & set(RAW_SENSORS)
+    sent = sent_digests(records)
+
+    def digests(names):
+        out = set()
+        for v in IDS:
+            for batch in itertools.islice(vehicle_batches("synthetic", v, BATCH, seed=fleet.seed), 2):
+                for name in names:
+                    out.update(tensor_digest(c) for c in torch.tensor_split(batch[name], fhdp.cfg.n_micro))
+        return out
+
+    assert not digests(RAW_SENSORS) & sent
+    assert digests(LABELS) & sent
 
 
 def test_fanin_is_refused_where_it_cannot_run():
