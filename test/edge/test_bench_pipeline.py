@@ -362,3 +362,24 @@ def test_pipeline_floor_needs_a_standalone_figure_and_two_vehicles():
     assert "error" in pipeline_floor(BenchConfig().cluster, ("fp32",), traffic, profile, standalone_sps=0.0)
     alone = BenchConfig(codecs=("fp32",), cluster=(("agx", "jetson_agx"),))
     assert "one-vehicle" in pipeline_floor(alone.cluster, alone.codecs, traffic, profile, standalone_sps=10.0)["error"]
+
+
+def test_failure_curve_segments_merge_into_one_setting():
+    from flad_bench.pipeline_failures import FailureCurveConfig, merge_segments
+
+    def seg(seconds, samples, kills, recoveries, p50):
+        return {"interval_s": 60.0, "failures": len(kills), "seconds": seconds, "rounds": 2, "samples": samples,
+                "samples_per_s": samples / seconds, "recoveries": recoveries, "steps_lost": recoveries,
+                "recovery_s_p50": p50, "rounds_failed": 0, "errors": [], "kills": kills, "round_samples": [1, 2],
+                "final_train_loss": 0.5}
+
+    m = merge_segments([seg(80.0, 400, [{"at_s": 30.0}], 1, 0.6), seg(90.0, 450, [{"at_s": 90.0}], 1, 0.8),
+                        seg(70.0, 300, [], 0, None)])
+    assert m["seconds"] == 240.0 and m["samples"] == 1150 and m["samples_per_s"] == pytest.approx(1150 / 240)
+    assert m["failures"] == 2 and m["recoveries"] == 2 and m["segments"] == 3
+    assert [k["at_s"] for k in m["kills"]] == [30.0, 90.0] and m["round_samples"] == [1, 2] * 3
+    assert m["recovery_s_p50_of_segments"] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="cycles"):
+        FailureCurveConfig(cycles=0)
+    with pytest.raises(ValueError, match="intervals"):
+        FailureCurveConfig(intervals_s=(60.0, 0.0))

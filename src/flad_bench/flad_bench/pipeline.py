@@ -767,7 +767,7 @@ def run_failures(args: argparse.Namespace, cfg: BenchConfig) -> dict[str, Any]:
     fc = FailureCurveConfig(cluster=cfg.cluster, encoder=cfg.encoder, seed=cfg.seed, batch_size=cfg.batch_size)
     if args.quick:
         fc = FailureCurveConfig(cluster=cfg.cluster, encoder=cfg.encoder, seed=cfg.seed, intervals_s=(10.0,),
-                                duration_s=20.0, local_steps=4, extra={"quick": "smoke run: numbers are not "
+                                duration_s=20.0, local_steps=4, cycles=1, extra={"quick": "smoke run: numbers are not "
                                                                                  "meaningful"})
     if args.failure_intervals:
         fc.intervals_s = tuple(args.failure_intervals)

@@ -5,13 +5,15 @@ The cluster is `flad bench pipeline`'s (2 Jetson Nano + 1 AGX, emulated), here a
 FL worker, `flad_vehicle.fhdp.worker`) under a recovering edge in this process (`RecoveringFhdpEdge`, loopback
 ZeroMQ): every round the edge rotates through the cluster's essential pipelines, so every member's data is used.
 
-One setting = train for `duration_s`, round after round; with a failure interval T a random live member is
-SIGKILLed at T/2, 3T/2, 5T/2, ... after the start (so the run has duration/T failures), detected by its dropped
+One setting = train for `duration_s`, round after round, in `cycles` segments: the settings take turns (one
+segment each, the order reversed every other cycle) so that a change in the host's load weighs on all alike. With a
+failure interval T a random live member is SIGKILLed at T/2, 3T/2, 5T/2, ... of the setting's own training time
+(so it has duration/T failures; the schedule goes on across its segments), detected by its dropped
 connection and recovered in the running round (abort, pre-generated template, layer moves, the departed
 member's layers from the edge backup). The killed vehicle's process is started again at once and re-admitted at
 the next round (a vehicle that rejoins the cluster). Throughput = samples of the rounds' accepted updates (net of
-the steps recovery threw away) / the time from the start to the end of the last round, which is the first round
-to end after `duration_s`; the failure-free run is the same loop with no kills.
+the steps recovery threw away) / the setting's time (each segment from its start to the end of its last round, the
+first to end after the segment's share of `duration_s`); the failure-free setting is the same loop with no kills.
 
 The clock: failure intervals and throughput are in emulated seconds. The curve runs at time_scale 1, where the
 emulated clock is the wall clock: links run at their real rates (Table 1), detection, re-planning and process
@@ -45,7 +47,8 @@ class FailureCurveConfig:
 
     cluster: tuple[tuple[str, str], ...] = (("n1", "jetson_nano"), ("n2", "jetson_nano"), ("agx", "jetson_agx"))
     intervals_s: tuple[float, ...] = DEFAULT_INTERVALS_S
-    duration_s: float = 360.0          # training time per setting (the last round runs to its end)
+    duration_s: float = 360.0          # training time per setting, over all its segments
+    cycles: int = 4                    # segments per setting: the settings take turns, one segment each
     local_steps: int = 20              # steps per pipeline per round
     batch_size: int = 4
     n_micro: int = 2
@@ -58,9 +61,9 @@ class FailureCurveConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.duration_s <= 0 or self.local_steps < 1 or self.batch_size < 1:
-            raise ValueError(f"duration_s, local_steps and batch_size must be positive (got {self.duration_s}, "
-                             f"{self.local_steps}, {self.batch_size})")
+        if self.duration_s <= 0 or self.local_steps < 1 or self.batch_size < 1 or self.cycles < 1:
+            raise ValueError(f"duration_s, local_steps, batch_size and cycles must be positive (got "
+                             f"{self.duration_s}, {self.local_steps}, {self.batch_size}, {self.cycles})")
         bad = [t for t in self.intervals_s if not t > 0]
         if bad:
             raise ValueError(f"failure intervals must be > 0 s, got {bad}")
@@ -83,8 +86,9 @@ def _bring_back(live, ids: list[str]) -> None:
 
 
 def run_setting(live, client, ids: list[str], interval_s: float | None, duration_s: float, rnd0: int,
-                rng: random.Random) -> dict[str, Any]:
-    """Train for `duration_s` (rounds from `rnd0`) with a failure every `interval_s` (None: none)."""
+                rng: random.Random, offset_s: float = 0.0) -> dict[str, Any]:
+    """Train for `duration_s` (rounds from `rnd0`) with a failure every `interval_s` (None: none). `offset_s`: how
+    long this setting has already trained in earlier segments, so its failure schedule goes on where it was."""
     _bring_back(live, ids)
     rounds: list[dict[str, Any]] = []
     errors: list[str] = []
@@ -113,18 +117,19 @@ def run_setting(live, client, ids: list[str], interval_s: float | None, duration
     trainer.start()
     kills: list[dict[str, Any]] = []
     # the kills go on past duration_s while the last round runs, so the rate holds to the end
-    schedule = failure_times(interval_s, 10 * duration_s) if interval_s else []
+    schedule = [t - offset_s for t in failure_times(interval_s, offset_s + 10 * duration_s) if t >= offset_s] \
+        if interval_s else []
     while not done.wait(0.02):
         if schedule and time.time() - t0 >= schedule[0]:
             schedule.pop(0)
             alive = [v for v in ids if live.alive(v)]
             if len(alive) < 2:        # never the last survivor: the cluster would have nobody to recover onto
-                kills.append({"at_s": round(time.time() - t0, 2), "skipped": "fewer than 2 members alive"})
+                kills.append({"at_s": round(time.time() - t0 + offset_s, 2), "skipped": "fewer than 2 members alive"})
                 continue
             victim = rng.choice(alive)
             t_kill = live.kill(victim)
             live.restart(victim)      # the vehicle comes back; it rejoins training at the next round
-            kills.append({"at_s": round(t_kill - t0, 2), "vehicle": victim,
+            kills.append({"at_s": round(t_kill - t0 + offset_s, 2), "vehicle": victim,
                           "restarted_after_s": round(time.time() - t_kill, 2)})
     trainer.join()
     t_end = rounds[-1]["t_end"] if rounds else time.time() - t0
@@ -141,6 +146,23 @@ def run_setting(live, client, ids: list[str], interval_s: float | None, duration
         "round_samples": [r["samples"] for r in rounds],
         "final_train_loss": next((r["train_loss"] for r in reversed(rounds) if r["train_loss"] is not None), None),
     }
+
+
+def merge_segments(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setting's figures from its segments (`run_setting` rows, in order)."""
+    seconds = sum(r["seconds"] for r in rows)
+    samples = sum(r["samples"] for r in rows)
+    p50 = [r["recovery_s_p50"] for r in rows if r["recovery_s_p50"] is not None]
+    return {"interval_s": rows[0]["interval_s"], "segments": len(rows),
+            "failures": sum(r["failures"] for r in rows), "seconds": round(seconds, 2),
+            "rounds": sum(r["rounds"] for r in rows), "samples": samples,
+            "samples_per_s": samples / seconds if seconds > 0 else None,
+            "recoveries": sum(r["recoveries"] for r in rows), "steps_lost": sum(r["steps_lost"] for r in rows),
+            "recovery_s_p50_of_segments": _median(p50), "rounds_failed": sum(r["rounds_failed"] for r in rows),
+            "errors": [e for r in rows for e in r["errors"]][:5], "kills": [k for r in rows for k in r["kills"]],
+            "round_samples": [n for r in rows for n in r["round_samples"]],
+            "segment_samples_per_s": [r["samples_per_s"] for r in rows],
+            "final_train_loss": rows[-1]["final_train_loss"]}
 
 
 def _median(xs: list[float]) -> float | None:
@@ -177,12 +199,20 @@ def run_failure_curve(cfg: FailureCurveConfig) -> dict[str, Any]:
         templates_ready = live.edge.templates["c1"].wait(120)
         live.edge.run_round(0, [client])          # warm-up: layers deployed, processes warm (not timed)
         rnd = 1
-        for interval in (None, *cfg.intervals_s):
-            row = run_setting(live, client, ids, interval, cfg.duration_s, rnd, rng)
-            rnd += row["rounds"]
-            settings.append(row)
-            log.info("failure interval %s s: %.2f samples/s, %d failures, %d recoveries", interval,
-                     row["samples_per_s"] or 0.0, row["failures"], row["recoveries"])
+        order: list[float | None] = [None, *cfg.intervals_s]
+        segments: dict[float | None, list[dict[str, Any]]] = {s: [] for s in order}
+        # the settings take turns in short segments (the order reversed every other cycle), so a change in the
+        # host's load over the run weighs on every setting alike
+        for cycle in range(cfg.cycles):
+            for interval in order if cycle % 2 == 0 else order[::-1]:
+                done = segments[interval]
+                row = run_setting(live, client, ids, interval, cfg.duration_s / cfg.cycles, rnd, rng,
+                                  offset_s=sum(r["seconds"] for r in done))
+                rnd += row["rounds"]
+                done.append(row)
+                log.info("cycle %d, failure interval %s s: %.2f samples/s, %d failures, %d recoveries", cycle,
+                         interval, row["samples_per_s"] or 0.0, row["failures"], row["recoveries"])
+        settings = [merge_segments(segments[s]) for s in order]
     finally:
         live.close()
     base = settings[0]["samples_per_s"]
