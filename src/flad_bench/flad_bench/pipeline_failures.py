@@ -144,6 +144,8 @@ def run_setting(live, client, ids: list[str], interval_s: float | None, duration
         "recovery_s_p50": _median([rec["recovery_s"] for rec in recoveries if rec.get("recovery_s") is not None]),
         "rounds_failed": len(errors), "errors": errors[:5], "kills": kills,
         "round_samples": [r["samples"] for r in rounds],
+        "round_seconds": [round(r["t_end"] - start, 2)
+                          for start, r in zip([0.0, *(r["t_end"] for r in rounds[:-1])], rounds, strict=True)],
         "final_train_loss": next((r["train_loss"] for r in reversed(rounds) if r["train_loss"] is not None), None),
     }
 
@@ -161,6 +163,7 @@ def merge_segments(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "recovery_s_p50_of_segments": _median(p50), "rounds_failed": sum(r["rounds_failed"] for r in rows),
             "errors": [e for r in rows for e in r["errors"]][:5], "kills": [k for r in rows for k in r["kills"]],
             "round_samples": [n for r in rows for n in r["round_samples"]],
+            "round_seconds": [x for r in rows for x in r.get("round_seconds", [])],
             "segment_samples_per_s": [r["samples_per_s"] for r in rows],
             "final_train_loss": rows[-1]["final_train_loss"]}
 
