@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flad_bench import pipeline as bp
+from flad_bench.pipeline_common import summarize
 from flad_core import tensorcodec, tensorframe
 from flad_edge.swift.bounds import ideal_step_s
 
@@ -78,7 +79,7 @@ def test_summarize_turns_step_records_into_emulated_throughput():
                            "wait_s": 0.0, "bytes_sent": 100} for t0 in t0s]}
 
     results = [rec(1, "b", [0.1, 1.1, 2.1], loss=2.0), rec(0, "a", [0.0, 1.0, 2.0]), {"idle": True}]
-    out = bp.summarize(results, batch_size=8, warmup=1, time_scale=2.0)
+    out = summarize(results, batch_size=8, warmup=1, time_scale=2.0)
     # timed steps 1..2: wall from 1.0 to 3.1 = 2.1 s -> 1.05 emulated s for 16 samples
     assert out["samples_per_s"] == pytest.approx(16 / 1.05)
     assert out["stages"] == [["a", 0, 1], ["b", 1, 2]]
@@ -133,7 +134,7 @@ def test_summarize_takes_the_loss_from_the_data_owner_of_a_u_shaped_pipeline():
 
     results = [rec(0, [3.0, 2.0], {"next": 5.0, "turn": 2.0, "turn_to": 1}),
                rec(1, [None, None], {"prev": 4.0, "turn": 2.0, "turn_to": 0})]
-    out = bp.summarize(results, batch_size=2, warmup=0, time_scale=1.0)
+    out = summarize(results, batch_size=2, warmup=0, time_scale=1.0)
     assert out["losses"] == [3.0, 2.0] and out["final_loss"] == pytest.approx(2.5)
     assert sorted(out["link_bytes_per_step"]) == [[0, 1, 2.0], [0, 1, 5.0], [1, 0, 2.0], [1, 0, 4.0]]
 

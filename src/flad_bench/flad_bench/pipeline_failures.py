@@ -25,6 +25,7 @@ slower, so every step, failure-free or not, takes longer than on the real device
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import random
@@ -141,7 +142,9 @@ def run_setting(live, client, ids: list[str], interval_s: float | None, duration
         "samples_per_s": samples / t_end if t_end > 0 else None,
         "recoveries": len(recoveries),
         "steps_lost": sum(rec.get("steps_lost", 0) or 0 for rec in recoveries),
-        "recovery_s_p50": _median([rec["recovery_s"] for rec in recoveries if rec.get("recovery_s") is not None]),
+        # a recovery that ended its pipeline (the data owner left) never resumes: no time to count
+        "recovery_s_p50": _median([rec["recovery_s"] for rec in recoveries
+                                   if rec.get("recovery_s") is not None and math.isfinite(rec["recovery_s"])]),
         "rounds_failed": len(errors), "errors": errors[:5], "kills": kills,
         "round_samples": [r["samples"] for r in rounds],
         "round_seconds": [round(r["t_end"] - start, 2)
