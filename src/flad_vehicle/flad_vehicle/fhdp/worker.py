@@ -411,7 +411,7 @@ class FhdpVehicle:
             raise ValueError(f"start for {a.pipeline_id} before it was prepared")
         # layers that moved to other stages are no longer ours (their new owners fetched them in phase 1)
         self.store.release([layer for layer in list(self.store.owned) if layer not in cur["wanted"]])
-        if cur["fanin"] is not None:
+        if cur.get("fanin") is not None:
             self._train_fanin(a, cur)
             return
         index, n_stages = cur["stage_index"], len(a.pipeline)
