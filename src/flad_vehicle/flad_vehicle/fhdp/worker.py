@@ -147,8 +147,13 @@ def stage_key_names(fleet, a: Assignment) -> list[str]:
     That is the fleet entry whose data address the stage's inbox is: a pooled slot plays vehicles under its
     own (slot) key at its own address, and the slots are the vehicles of its fleet file. A stage at an
     address no entry has is named by its member id (the one-process-per-vehicle fleet: the two agree)."""
+    return inbox_key_names(fleet, a.pipeline.members, a.inboxes)
+
+
+def inbox_key_names(fleet, vehicles: list[str], inboxes: list[str]) -> list[str]:
+    """The CURVE key name of the process behind each (vehicle, inbox address) pair (see `stage_key_names`)."""
     by_inbox = {v.data: v.id for v in fleet.vehicles if v.data}
-    return [by_inbox.get(address, vid) for vid, address in zip(a.pipeline.members, a.inboxes, strict=True)]
+    return [by_inbox.get(address, vid) for vid, address in zip(vehicles, inboxes, strict=True)]
 
 
 class LayerServer:
@@ -527,9 +532,8 @@ class FhdpVehicle:
         optimizer = stage_adamw(trained, self.model) if any(True for _ in trained.parameters()) else None
         if optimizer is not None:
             self.store.attach(optimizer)
-        # key names: the fleet entry whose data address a participant's inbox is (see stage_key_names)
-        by_inbox = {v.data: v.id for v in self.fleet.vehicles if v.data}
-        keys = {p: by_inbox.get(a.inbox_of(p), p) for p in plan.members}
+        keys = dict(zip(plan.members, inbox_key_names(self.fleet, plan.members,
+                                                      [a.inbox_of(p) for p in plan.members]), strict=True))
         self.inbox.allow(keys[p] for p in plan.members if p != me)
         radio = Radio(self.profile.link_mbps, a.time_scale)
         self.inbox.bucket = radio.recv_bucket
