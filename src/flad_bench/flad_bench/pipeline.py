@@ -112,6 +112,7 @@ class BenchConfig:
     agx_factor: float = 2.0
     rotation: bool = True
     every_member: bool = True           # the fan-in schedule: every member's data at once (flad_vehicle.fhdp.fanin)
+    fanin_budget_s: float = 1200.0      # a fan-in codec run predicted to take longer (wall s) is skipped, and said so
     link_setting: str = "table1"        # flad_core.fleet.LINK_SETTINGS: table1 (50/100 Mb/s) or measured (14-22)
     radio: str = "device"               # device: all of a vehicle's links share its radio; link: each its own rate
     torch_pipelining: bool = True
@@ -285,6 +286,7 @@ def run_every_member(cfg: BenchConfig, fleet: BenchFleet, profile: dict, host_tf
     plans = plan_every_member(cfg, profile, host_tflops)
     runs: dict[str, Any] = {}
     failed: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     # the predicted best codec first: a link-bound fp32 plan can take long enough to be cut off
     order = sorted(plans["best_by_codec"], key=lambda c: c != plans["best_codec"])
     for codec in order:
@@ -293,6 +295,13 @@ def run_every_member(cfg: BenchConfig, fleet: BenchFleet, profile: dict, host_tf
             continue
         log.info("fan-in plan (%s): %s => %s, predicted %.3f emulated s a step", codec, cand["sources"], cand["trunk"],
                  cand["predicted_step_s"])
+        wall_s = fanin_wall_seconds(cand["predicted_step_s"], cfg.steps + cfg.warmup, fleet.time_scale)
+        if wall_s > cfg.fanin_budget_s:
+            skipped[codec] = (f"predicted {wall_s:.0f} s of wall time ({cfg.steps + cfg.warmup} steps of "
+                              f"{cand['predicted_step_s']:.3f} emulated s at time_scale {fleet.time_scale:.3g}) "
+                              f"> --fanin-budget {cfg.fanin_budget_s:.0f} s")
+            log.warning("fan-in run (%s) skipped: %s", codec, skipped[codec])
+            continue
         try:
             r = fleet.run_fanin(cand["sources"], cand["trunk"], steps=cfg.steps, codec=codec)
         except (TimeoutError, RuntimeError) as exc:
@@ -305,7 +314,12 @@ def run_every_member(cfg: BenchConfig, fleet: BenchFleet, profile: dict, host_tf
         r["prediction_rel_error"] = abs(cand["predicted_step_s"] - r["step_s"]) / r["step_s"]
         r["flop_model_prediction_rel_error"] = abs(cand["flop_model_predicted_step_s"] - r["step_s"]) / r["step_s"]
         runs[codec] = r
-    return {"plans": plans, "runs": runs, "failed": failed}
+    return {"plans": plans, "runs": runs, "failed": failed, "skipped": skipped}
+
+
+def fanin_wall_seconds(predicted_step_s: float, steps: int, time_scale: float) -> float:
+    """Wall seconds a fan-in run is predicted to take (emulated time = wall time / time_scale)."""
+    return predicted_step_s * steps * time_scale
 
 
 def every_member_goals(em: dict[str, Any], standalone_sps: float, rotation_sps: float | None, encoder: str
@@ -652,7 +666,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     if args.modes:
         cfg.modes = tuple(args.modes)
     for name in ("steps", "time_scale", "agx_factor", "batch_size", "n_micro", "codec_steps", "random_draws",
-                 "random_steps", "seed",
+                 "random_steps", "seed", "fanin_budget_s",
                  "data", "schedule", "encoder"):
         v = getattr(args, name, None)
         if v is not None:
@@ -678,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds-minutes, numbers meaningless)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per throughput configuration")
     parser.add_argument("--codec-steps", type=int, default=None, help="steps per codec run (loss after N steps)")
+    parser.add_argument("--fanin-budget", dest="fanin_budget_s", type=float, default=None, metavar="SECONDS",
+                        help="skip (and report) a fan-in codec run whose predicted wall time exceeds SECONDS "
+                             "(default 1200; a link-bound fp32 plan of the paper encoder needs hours)")
     parser.add_argument("--time-scale", type=float, default=None, help="emulation time scale (default: auto)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--n-micro", type=int, default=None)
