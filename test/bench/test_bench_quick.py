@@ -68,6 +68,8 @@ def _check_encoder(d: dict) -> None:
     assert d["bench"] == "encoder" and d["models"]["tiny"]["params"] > 0
     assert "paper" not in d["models"]                       # --quick skips the paper-size figures
     assert d["tiny_training_speed"]["samples_per_s"] > 0
+    assert d["conditions"]["device"]["device"] == d["tiny_training_speed"]["device"]    # says which device ran
+    assert d["training_speed_by_device"]["tiny"]["cpu"]["samples_per_s"] > 0
     tr = d["training"]
     assert tr["steps"] >= 1 and _num(tr["first_loss"]) and _num(tr["eval_heldout"]["tl_accuracy"])
     # fresh clone: no data/fleet-200, so synthetic data, and the JSON says which command makes the real one
@@ -103,6 +105,7 @@ def _check_llm(d: dict) -> None:
         assert _num(d["open_loop_held_out"][name]["wp_l1"]), name
     assert d["latency_batch1_inprocess"]["adm"]["p50_ms"] > 0
     assert d["service"]["adm_batch1_one_client"]["requests"] > 0 and d["service"]["batching_speedup"] > 0
+    assert d["conditions"]["device"]["type"] in ("cpu", "cuda") and _num(d["service"]["service_p50_ms_batch1"])
     assert set(d["closed_loop"]["agents"]) == {"expert", "encoder_head", "ad_llm", "adm_via_service", "constant"}
     assert all(a["n_routes"] == 1 for a in d["closed_loop"]["agents"].values())
     for a in d["closed_loop"]["agents"].values():      # one route: the interval is the point itself

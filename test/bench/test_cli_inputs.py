@@ -196,3 +196,30 @@ def test_bench_llm_from_a_fresh_clone_names_missing_inputs_as_a_user_sees_it(tmp
     assert r.returncode == 2 and r.stdout == ""
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("flad bench llm: no fleet dataset at data/fleet-x")
+
+
+@pytest.mark.parametrize("argv", [
+    ["vehicle", "train", "--synthetic", "--steps", "1", "--device", "gpu"],
+    ["vehicle", "profile", "--device", "gpu", "--out", "p.json"],
+    ["run", "quick", "--device", "gpu"],
+    ["bench", "encoder", "--", "--quick", "--device", "gpu"],
+    ["bench", "pipeline", "--", "--quick", "--device", "gpu"],
+])
+def test_a_bad_device_is_one_line(capsys, fresh, argv):
+    rc, err = _flad(capsys, *argv)
+    assert rc == 2
+    _one_line(err, "'gpu'")
+    assert not (fresh / "runs").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the answer on a host without CUDA")
+@pytest.mark.parametrize("argv", [
+    ["vehicle", "train", "--synthetic", "--steps", "1", "--device", "cuda"],
+    ["run", "quick", "--device", "cuda:0"],
+    ["bench", "encoder", "--", "--quick", "--device", "cuda"],
+])
+def test_cuda_on_a_cpu_host_is_one_line_not_a_cpu_run(capsys, fresh, argv):
+    rc, err = _flad(capsys, *argv)
+    assert rc == 2
+    _one_line(err, "sees no CUDA device")
+    assert not (fresh / "runs").exists()

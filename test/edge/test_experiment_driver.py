@@ -205,6 +205,8 @@ def test_disabled_driver_does_nothing(fleet: str, random_state: dict, tmp_path: 
     ({"closed_loop": "carla"}, "closed_loop"),
     ({"baselines": ["oracle"]}, "baselines"),
     ({"plan_every": 0}, "plan_every"),
+    ({"device": "gpu"}, "device"),
+    ({"precision": "fp8"}, "precision"),
 ])
 def test_bad_driver_config_names_the_field(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as exc:

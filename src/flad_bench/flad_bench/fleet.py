@@ -31,8 +31,10 @@ PLANNING_TOWN = "Town03"
 
 
 def conditions() -> dict[str, Any]:
+    from flad_core.device import device_info
+
     return {"host": platform.node(), "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(), "device": "cpu",
+            "python": platform.python_version(), "device": device_info("auto"),
             "emulated": "Jetson compute/memory/links (Table 1) by time_scale; vehicles are pooled processes"}
 
 
@@ -70,7 +72,7 @@ def planning_at(n: int, seed: int = 0) -> dict[str, Any]:
     t = time.perf_counter()
     pipelines = 0
     for members in p.clusters:
-        cluster = Cluster([Vehicle(m, profiles[m].mem_bytes, profiles[m].tflops, profiles[m].link_mbps, 1.0)
+        cluster = Cluster([Vehicle(m, profiles[m].stage_mem_bytes, profiles[m].tflops, profiles[m].link_mbps, 1.0)
                            for m in members], n_batch=4)
         # one SWIFT call plans the cluster's pipeline and every member's essential pipeline (§4.1.3)
         planned = plan(cluster, prof_train, sw.method, objective="bottleneck")

@@ -5,7 +5,10 @@ constant trajectory), parameter counts, LoRA trainable fraction, latency p50/p99
 through the waypoint service over loopback ZeroMQ), service throughput with 8 concurrent vehicles with and
 without dynamic batching, and closed-loop RC/IS/DS on held-out embedded-world routes for the expert, the
 encoder head, the AD-LLM, the ADM (through the waypoint service) and the constant baseline.
-Everything is CPU, 1 torch thread per process; timings depend on host load, which is reported.
+Models run on `--device` (flad_core.device; `auto`: CUDA when present), 1 torch thread per process; timings
+depend on host load, which is reported. `conditions.device` says which device ran; `service` always has
+`service_p50_ms_batch1`, and on CUDA also `service_samples_per_s_batch32` (32 vehicles, batches of up to 32)
+and `conditions.peak_memory_bytes` (this process's peak CUDA memory: training, open loop, service).
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ import numpy as np
 import torch
 
 from flad_bench.driving import AGENTS
+from flad_core.device import (
+    DeviceError,
+    add_device_argument,
+    add_precision_argument,
+    device_info,
+    peak_memory_bytes,
+    reset_peak_memory,
+    resolve_device,
+    to_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,24 +129,35 @@ def _client_process(addr: str, n_clients: int, seconds: float, feats: np.ndarray
              "load_generator": "one thread, one DEALER socket per vehicle, one request in flight each"})
 
 
-def _service_block(model: Any, data: Any, seconds: float, repeats: int = 3) -> dict[str, Any]:
-    """Batch-1 latency with one client, and 8 concurrent vehicles with and without dynamic batching.
+def _service_block(model: Any, data: Any, seconds: float, repeats: int = 3, device: str = "cpu",
+                   dtype: str = "auto") -> dict[str, Any]:
+    """Batch-1 latency with one client, and 8 concurrent vehicles with and without dynamic batching; on CUDA
+    also 32 vehicles batched up to 32 (the GPU's default batch). The service runs on `device` in `dtype`.
 
     The two 8-vehicle modes alternate `repeats` times (seconds / repeats each) and the speedup is the median
     of the per-pair ratios, so a burst of load from elsewhere on a shared host hits both sides of a pair.
     """
-    one = _service_load(model, data, 1, seconds / 2, 16, 2.0)
+    place = {"device": device, "dtype": dtype}
+    one = _service_load(model, data, 1, seconds / 2, 16, 2.0, **place)
     pairs = []
     for _ in range(repeats):
-        nobatch = _service_load(model, data, 8, seconds / repeats, 1, 0.0)
-        batched = _service_load(model, data, 8, seconds / repeats, 16, 2.0)
+        nobatch = _service_load(model, data, 8, seconds / repeats, 1, 0.0, **place)
+        batched = _service_load(model, data, 8, seconds / repeats, 16, 2.0, **place)
         pairs.append((nobatch, batched))
     ratios = [b["throughput_rps"] / max(n["throughput_rps"], 1e-9) for n, b in pairs]
     mid = sorted(range(repeats), key=lambda i: ratios[i])[repeats // 2]
-    return {"adm_batch1_one_client": one, "adm_8_clients_no_batching": pairs[mid][0],
-            "adm_8_clients_dynamic_batching": pairs[mid][1],
-            "batching_speedup": round(ratios[mid], 2), "batching_speedup_per_pair": [round(r, 2) for r in ratios],
-            "note": "the two 8-client rows are the median pair of alternating runs"}
+    out: dict[str, Any] = {
+        "adm_batch1_one_client": one, "adm_8_clients_no_batching": pairs[mid][0],
+        "adm_8_clients_dynamic_batching": pairs[mid][1],
+        "batching_speedup": round(ratios[mid], 2), "batching_speedup_per_pair": [round(r, 2) for r in ratios],
+        "note": "the two 8-client rows are the median pair of alternating runs",
+        "service_p50_ms_batch1": one["p50_ms"], "service_samples_per_s_batch32": None,
+        "device": one["service"]["device"], "dtype": one["service"]["dtype"]}
+    if resolve_device(device).type == "cuda":
+        b32 = _service_load(model, data, 32, seconds / 2, 32, 2.0, **place)
+        out["adm_32_clients_batch32"] = b32
+        out["service_samples_per_s_batch32"] = b32["throughput_rps"]
+    return out
 
 
 class _SyntheticRequests:
@@ -151,22 +175,26 @@ class _SyntheticRequests:
 def _service_only(args: argparse.Namespace) -> int:
     from flad_edge.celladapt.model import ADLLM
 
-    model = ADLLM.from_pretrained(args.service_only).eval()
+    dev = resolve_device(args.device)
+    reset_peak_memory(dev)
+    model = ADLLM.from_pretrained(args.service_only, device=dev, dtype=args.dtype).eval()
     load0 = os.getloadavg()
-    service = _service_block(model, _SyntheticRequests(model), args.load_seconds, repeats=args.service_repeats)
+    service = _service_block(model, _SyntheticRequests(model), args.load_seconds, repeats=args.service_repeats,
+                             device=str(dev), dtype=args.dtype)
     result = {"bench": "llm", "mode": "service-only", "model_dir": args.service_only, "service": service,
               "goals": {"service_p50_le_30ms_batch1": service["adm_batch1_one_client"]["p50_ms"] <= 30.0,
                         "batching_ge_3x_throughput_8_clients": service["batching_speedup"] >= 3.0},
               "conditions": {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": 1,
                              "loadavg_start": [round(x, 2) for x in load0],
                              "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                             "features": "synthetic, the model's shape"}}
+                             "features": "synthetic, the model's shape", "device": device_info(dev),
+                             "peak_memory_bytes": peak_memory_bytes(dev)}}
     print(json.dumps(result, default=float))
     return 0
 
 
-def _service_load(model: Any, data: Any, n_clients: int, seconds: float, max_batch: int, wait_ms: float
-                  ) -> dict[str, Any]:
+def _service_load(model: Any, data: Any, n_clients: int, seconds: float, max_batch: int, wait_ms: float,
+                  device: str = "cpu", dtype: str = "auto") -> dict[str, Any]:
     from flad_edge.celladapt.service import ServiceConfig, WaypointService, free_tcp_address
 
     addr = free_tcp_address()
@@ -175,7 +203,7 @@ def _service_load(model: Any, data: Any, n_clients: int, seconds: float, max_bat
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with WaypointService.for_model(model, ServiceConfig(address=addr, max_batch=max_batch, max_wait_ms=wait_ms,
-                                                        default_timeout_s=5.0)) as svc:
+                                                        default_timeout_s=5.0, device=device, dtype=dtype)) as svc:
         p = ctx.Process(target=_client_process, args=(addr, n_clients, seconds, feats, instr, q))
         p.start()
         r = q.get(timeout=seconds + 120)
@@ -183,7 +211,7 @@ def _service_load(model: Any, data: Any, n_clients: int, seconds: float, max_bat
         stats = svc.stats.to_dict()
     r["throughput_rps"] = round(r["requests"] / r["wall_s"], 1)
     r["p50_ms"], r["p99_ms"] = round(r["p50_ms"], 3), round(r["p99_ms"], 3)
-    r["service"] = {k: stats[k] for k in ("ok", "errors", "timeouts", "batches", "mean_batch")}
+    r["service"] = {k: stats[k] for k in ("ok", "errors", "timeouts", "batches", "mean_batch", "device", "dtype")}
     r.update({"clients": n_clients, "max_batch": max_batch, "max_wait_ms": wait_ms, "seconds": seconds})
     return r
 
@@ -193,15 +221,18 @@ def _service_load(model: Any, data: Any, n_clients: int, seconds: float, max_bat
 _W: dict[str, Any] = {}
 
 
-def _worker_init(encoder_ckpt: str, model_dir: str, constant_wp: list) -> None:
+def _worker_init(encoder_ckpt: str, model_dir: str, constant_wp: list, device: str = "cpu", dtype: str = "auto"
+                 ) -> None:
+    """A closed-loop worker's models, on `device` (the ADM behind its service in the serving `dtype`)."""
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     from flad_edge.celladapt.model import ADLLM
     from flad_vehicle.control.learners import shared_encoder
 
-    _W["encoder"] = shared_encoder(encoder_ckpt)
-    _W["ad_llm"] = ADLLM.from_pretrained(Path(model_dir) / "ad_llm")
-    _W["adm"] = ADLLM.from_pretrained(Path(model_dir) / "adm")
+    _W["device"], _W["dtype"] = device, dtype
+    _W["encoder"] = shared_encoder(encoder_ckpt, device)
+    _W["ad_llm"] = ADLLM.from_pretrained(Path(model_dir) / "ad_llm", device=device)
+    _W["adm"] = ADLLM.from_pretrained(Path(model_dir) / "adm", device=device)
     _W["constant"] = np.asarray(constant_wp, np.float64)
 
 
@@ -211,8 +242,8 @@ def _adm_service_source() -> Any:
         from flad_edge.celladapt.service import ServiceConfig, WaypointClient, WaypointService, free_tcp_address
 
         addr = free_tcp_address()
-        _W["adm_service"] = WaypointService.for_model(_W["adm"], ServiceConfig(address=addr, max_wait_ms=0.5,
-                                                                               default_timeout_s=5.0)).start()
+        _W["adm_service"] = WaypointService.for_model(_W["adm"], ServiceConfig(
+            address=addr, max_wait_ms=0.5, default_timeout_s=5.0, device=_W["device"], dtype=_W["dtype"])).start()
         _W["bus"] = ZmqBus(f"bench-{os.getpid()}", BusConfig())
         _W["adm_client"] = WaypointClient(_W["bus"], addr, timeout_s=5.0)
     client = _W["adm_client"]
@@ -251,12 +282,12 @@ def _route_worker(job: tuple, init: tuple, bag_dir: str, sensors: bool, plan_eve
 
 def _closed_loop(encoder_ckpt: str, model_dir: Path, constant_wp: np.ndarray, towns: list[str], per_town: int,
                  lo: float, hi: float, plan_every: int, workers: int, agents: tuple[str, ...], bag_dir: str,
-                 sensors: bool) -> dict[str, Any]:
+                 sensors: bool, device: str = "cpu", dtype: str = "auto") -> dict[str, Any]:
     from functools import partial
 
     from flad_bench.driving import evaluate_agents
 
-    init = (encoder_ckpt, str(model_dir), constant_wp.tolist())
+    init = (encoder_ckpt, str(model_dir), constant_wp.tolist(), device, dtype)
     worker = partial(_route_worker, init=init, bag_dir=bag_dir, sensors=sensors, plan_every=plan_every, lo=lo,
                      hi=hi, per_town=per_town)
     out = evaluate_agents(worker, agents, towns, per_town, lo, hi, workers, progress=sys.stderr.isatty())
@@ -280,10 +311,11 @@ FULL = {"encoder_minutes": 5.0, "steps_scale": 1.0, "routes_per_town": 15, "rout
 
 
 def _encoder(args: argparse.Namespace, run_path: Path) -> tuple[Any, str, dict[str, Any]]:
+    """The encoder of `--encoder`, or one trained here for `--encoder-minutes`, on `--device`."""
     from flad_vehicle.encoder.checkpoint import load_checkpoint
 
     if args.encoder:
-        enc, meta = load_checkpoint(args.encoder)
+        enc, meta = load_checkpoint(args.encoder, device=args.device)
         tcfg = (meta.get("extra") or meta).get("train") or {}
         step = meta.get("step")
         return enc.eval(), args.encoder, {"checkpoint": args.encoder, "steps": step,
@@ -295,7 +327,7 @@ def _encoder(args: argparse.Namespace, run_path: Path) -> tuple[Any, str, dict[s
 
     ckpt = run_path / "encoder.safetensors"
     tc = TrainConfig(data=args.data, holdout_towns=args.holdout_towns, steps=10**6, minutes=args.encoder_minutes,
-                     progress=False)
+                     progress=False, device=args.device, precision=args.precision)
     r = train(tc, checkpoint=ckpt)
     return r["model"].eval(), str(ckpt), {"checkpoint": str(ckpt), "minutes": args.encoder_minutes,
                                           "steps": r["steps"], "batch_size": tc.batch_size, "data": args.data,
@@ -310,11 +342,12 @@ def _encoder_held_out(encoder: Any, root: str, towns: list[str], max_samples: in
 
     names = tuple(needed_fields(encoder))
     shards = FleetDataset.open(root).select(towns=towns)
+    dev = next(encoder.parameters()).device
     m, n, counts = Metrics(), 0, {}
     with torch.no_grad():
         for b in iter_batches(shards, 32, shuffle=True, seed=0, fields=list(names)):
             tb = batch_to_torch(b, names)
-            out = encoder.forward_train(tb)
+            out = {k: v.float().cpu() for k, v in encoder.forward_train(to_device(tb, dev)).items()}
             m.add(out["pred.tl"].argmax(-1), out["pred.waypoints"], out["pred.bev"] > 0, tb)
             for v in tb["tl_state"].reshape(-1).tolist():
                 counts[v] = counts.get(v, 0) + 1
@@ -328,6 +361,8 @@ def _encoder_held_out(encoder: Any, root: str, towns: list[str], max_samples: in
 
 
 def _parser() -> argparse.ArgumentParser:
+    from flad_edge.celladapt.model import SERVE_DTYPES
+
     ap = argparse.ArgumentParser(prog="flad bench llm", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object (always on; kept for symmetry)")
     ap.add_argument("--data", default=None,
@@ -374,6 +409,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs-dir", default=None)
     ap.add_argument("--cache-dir", default=None,
                     help="feature cache [~/.cache/flad/celladapt; --quick: the run folder]")
+    add_device_argument(ap, what="every model (training, open loop, service, closed-loop workers)")
+    add_precision_argument(ap)
+    ap.add_argument("--dtype", default="auto", choices=SERVE_DTYPES,
+                    help="the waypoint service's model dtype (default auto: fp16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run in well under a minute (tiny data, seconds of training, one short route per "
                          "agent): every figure is there, none is meaningful")
@@ -389,6 +428,10 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
             setattr(args, key, value)
     if args.cache_dir is None and not args.quick:
         args.cache_dir = str(Path.home() / ".cache" / "flad" / "celladapt")
+    try:
+        args.device = str(resolve_device(args.device))
+    except DeviceError as exc:
+        return args, f"--device: {exc}"
     if args.service_only and not (Path(args.service_only) / "celladapt.json").is_file():
         return args, (f"--service-only {args.service_only}: not a saved AD-LLM/ADM (no celladapt.json); "
                       "`flad llm train` writes them to runs/<id>/models/adm")
@@ -520,6 +563,8 @@ def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -
     from flad_edge.celladapt.train import evaluate, waypoint_metrics
 
     load0 = os.getloadavg()
+    dev = torch.device(args.device)
+    reset_peak_memory(dev)
     encoder, ckpt, enc_info = _encoder(args, run.path)
     data = cached_features(encoder, args.data, ckpt, args.cache_dir)
     expert_data = data                    # the ablation trains on expert frames only, whatever --extra-data adds
@@ -531,7 +576,8 @@ def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -
     s = args.steps_scale
     pcfg = PipelineConfig(holdout_towns=args.holdout_towns, general=args.general,
                           general_steps=max(1, int(300 * s)), distill_steps=max(1, int(300 * s)),
-                          lora_steps=max(1, int(150 * s)), adm_steps=max(1, int(600 * s)))
+                          lora_steps=max(1, int(150 * s)), adm_steps=max(1, int(600 * s)), device=args.device,
+                          precision=args.precision)
     if args.train_batch:
         pcfg.batch_size = args.train_batch
     towns = sorted(set(data.towns))
@@ -553,7 +599,8 @@ def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -
         p.pop("trainable", None)
     lat = {name: _latency(models[name], held, args.latency_n) for name in ("ad_llm", "adm")}
     lat["general"] = _latency(models["general"], held, max(1, args.latency_n // 4))
-    service = _service_block(models["adm"], held, args.load_seconds, repeats=args.service_repeats)
+    service = _service_block(models["adm"], held, args.load_seconds, repeats=args.service_repeats,
+                             device=args.device, dtype=args.dtype)
     one = service["adm_batch1_one_client"]
     tl, sl = open_loop["ad_llm"]["wp_l1"], open_loop["adm"]["wp_l1"]
     data_info: dict[str, Any] = {"root": args.data, "towns": towns, "held_out_towns": pcfg.holdout_towns,
@@ -568,7 +615,8 @@ def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -
         "conditions": {
             "host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": 1, "loadavg_start": [round(x, 2) for x in load0],
-            "device": "cpu", "emulated": False, "data": data_info,
+            "device": device_info(dev), "precision": args.precision, "serve_dtype": service["dtype"],
+            "emulated": False, "data": data_info,
             "encoder": enc_info, "general_llm": args.general, "steps_scale": s,
         },
         "open_loop_held_out": open_loop,
@@ -596,7 +644,7 @@ def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -
         result["closed_loop"] = _closed_loop(ckpt, run.path / "models", const_wp.numpy(), cl_towns,
                                              args.routes_per_town, args.route_min_m, args.route_max_m,
                                              args.plan_every, args.workers, tuple(args.agents), bags,
-                                             args.bag_sensors)
+                                             args.bag_sensors, args.device, args.dtype)
         for a in result["closed_loop"]["agents"]:     # the encoder whose features/head each agent drives with
             if a not in ("expert", "constant"):
                 result["closed_loop"]["agents"][a]["encoder_tl_accuracy_held_out"] = enc_info["held_out"][
@@ -615,6 +663,7 @@ def _run(args: argparse.Namespace, run: Any, collected: dict[str, Any] | None) -
         **_driving_goals(result.get("closed_loop", {}).get("agents", {})),
     }
     result["conditions"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["conditions"]["peak_memory_bytes"] = peak_memory_bytes(dev)
     return result
 
 

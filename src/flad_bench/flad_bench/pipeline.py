@@ -62,6 +62,7 @@ from typing import Any
 
 from flad_bench.pipeline_fleet import BenchFleet
 from flad_bench.pipeline_worker import link_codec
+from flad_core.device import DeviceError, device_info, resolve_device
 from flad_edge.swift.bounds import CODECS, cut_traffic, ideal_step_s, link_floor, pipeline_floor
 from flad_vehicle.fhdp.pipeline import Pipeline, PipelineError
 
@@ -113,6 +114,7 @@ class BenchConfig:
     rotation: bool = True
     every_member: bool = True           # the fan-in schedule: every member's data at once (flad_vehicle.fhdp.fanin)
     fanin_budget_s: float = 1200.0      # a fan-in codec run predicted to take longer (wall s) is skipped, and said so
+    device: str = "cpu"                 # where every worker's stages run (flad_core.device)
     link_setting: str = "table1"        # flad_core.fleet.LINK_SETTINGS: table1 (50/100 Mb/s) or measured (14-22)
     radio: str = "device"               # device: all of a vehicle's links share its radio; link: each its own rate
     torch_pipelining: bool = True
@@ -466,7 +468,11 @@ def conditions(cfg: BenchConfig, host_tflops: float, time_scale: float) -> dict[
         "n_micro": cfg.n_micro, "schedule": cfg.schedule, "steps": cfg.steps, "warmup": cfg.warmup,
         "codec_steps": cfg.codec_steps, "random_draws": cfg.random_draws, "random_steps": cfg.random_steps,
         "random_warmup": 0, "seed": cfg.seed,
-        "threads_per_process": 1, "grad_clip": 5.0, **cfg.extra,
+        "threads_per_process": 1, "grad_clip": 5.0,
+        "device": device_info(cfg.device),
+        **({"device_note": "stages ran on a GPU; compute dilation still references the CPU host's measured TFLOPS, "
+                           "so the emulated device speeds are not Table 1's"} if cfg.device != "cpu" else {}),
+        **cfg.extra,
     }
 
 
@@ -678,6 +684,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     if args.no_every_member:
         cfg.every_member = False
     cfg.link_setting, cfg.radio = args.link_setting, args.radio
+    cfg.device = str(resolve_device(args.device))
     if cfg.data != "synthetic" and not (Path(cfg.data) / "manifest.json").exists():
         log.warning("no fleet dataset at %s: using synthetic data (make one with `flad sim collect --out %s`)",
                     cfg.data, cfg.data)
@@ -692,6 +699,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds-minutes, numbers meaningless)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per throughput configuration")
     parser.add_argument("--codec-steps", type=int, default=None, help="steps per codec run (loss after N steps)")
+    parser.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:N]",
+                        help="where every emulated vehicle's stages run (default cpu: the emulation's compute "
+                             "dilation is calibrated against this host's CPU)")
     parser.add_argument("--fanin-budget", dest="fanin_budget_s", type=float, default=None, metavar="SECONDS",
                         help="skip (and report) a fan-in codec run whose predicted wall time exceeds SECONDS "
                              "(default 1200; a link-bound fp32 plan of the paper encoder needs hours)")
@@ -751,7 +761,11 @@ def main(argv: list[str] | None = None) -> int:
               f"`flad sim collect --out {args.data}`, or leave out --data to collect the default one)",
               file=sys.stderr)
         return 2
-    cfg = build_config(args)
+    try:
+        cfg = build_config(args)
+    except DeviceError as exc:
+        print(f"flad bench pipeline: {exc}", file=sys.stderr)
+        return 2
     out: dict[str, Any] = {"bench": "pipeline"}
     if args.quick:
         out["quick"] = "smoke run: numbers are not meaningful"

@@ -44,6 +44,7 @@ class BenchFleet:
         from flad_core.fleet import PAPER_PROFILES, link_mbps
 
         self.cfg, self.host_tflops, self.time_scale = cfg, host_tflops, time_scale
+        self.device = getattr(cfg, "device", "cpu")     # where every worker's stages run (flad_core.device)
         self.profiles = {v: PAPER_PROFILES[p] for v, p in cfg.cluster}
         self.link_mbps = {v: link_mbps(p, cfg.link_setting) for v, p in cfg.cluster}
         ctx = mp.get_context("spawn")
@@ -79,9 +80,10 @@ class BenchFleet:
                "schedule": cfg.schedule, "n_micro": n_micro or cfg.n_micro, "batch_size": cfg.batch_size,
                "time_scale": self.time_scale, "host_tflops": self.host_tflops, "data": cfg.data,
                "data_owner": cfg.data_owner, "u_shaped": u_shaped, "link_mbps": self.link_mbps,
-               "radio": cfg.radio}
+               "radio": cfg.radio, "device": self.device}
         results = self._dispatch(cmd, str(pipeline))
         out = summarize(results, cfg.batch_size, warmup, self.time_scale)
+        out["devices"] = sorted({r["device"] for r in results if not r.get("idle") and "device" in r})
         log.info("... %.1f emulated samples/s (%.0f s wall for the configuration)", out["samples_per_s"],
                  time.monotonic() - t0)
         out["codec"] = codec
@@ -118,7 +120,7 @@ class BenchFleet:
                "seed": cfg.seed, "encoder": cfg.encoder, "schedule": cfg.schedule, "n_micro": cfg.n_micro,
                "batch_size": cfg.batch_size, "time_scale": self.time_scale, "host_tflops": self.host_tflops,
                "data": cfg.data, "source_data": {v: f"v{i:03d}" for i, v in enumerate(sources)},
-               "link_mbps": self.link_mbps}
+               "link_mbps": self.link_mbps, "device": self.device}
         results = self._dispatch(cmd, what, timeout_s=1800.0)
         out = summarize(results, cfg.batch_size * len(sources), warmup, self.time_scale)
         out.update({"codec": codec, "sources": list(sources), "trunk": [list(t) for t in trunk],

@@ -8,8 +8,11 @@ FHDP stage (dict in, dict out) into a tensor-tuple module with a fixed input/out
 * compute dilation: each stage's forward and backward run inside one autograd function whose forward and
   backward time themselves and sleep to the profile's speed (`ComputeDilation`, same host reference);
 * link shaping: after a forward (backward) the stage blocks for its output activations' (input gradients')
-  bytes at its profile's link rate (`TokenBucket`, like `OutLink.send` blocks the FHDP sender), with one
-  bucket per neighbour as FHDP has one per `OutLink`.
+  bytes at its profile's link rate (`TokenBucket`, like `OutLink.send` blocks the FHDP sender) under the same
+  link setting. With `--radio device` (the bench's default, as FHDP's) a rank has one bucket for everything
+  it sends and receives, half duplex: it also blocks for the activations (gradients) it received before its
+  forward (backward), as FHDP's inbox takes received frames through its vehicle's radio; with `--radio link`
+  one bucket per neighbour, as FHDP has one per `OutLink`.
 
 Differences, stated rather than hidden: the labels do not travel through the pipeline here (the last rank
 reads them from the same seeded batch stream as `target`), so torch sends fewer bytes; the loss layer runs in
@@ -44,6 +47,8 @@ def _make_dilated_fn():
         @staticmethod
         def forward(ctx, emu, dummy, *inputs):
             leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+            if emu.inbound and emu.send_backward and emu.enabled:     # received from the previous rank
+                emu.bucket_prev.consume(_tensor_bytes(inputs))
             t0 = time.perf_counter()
             with torch.enable_grad():
                 outs = emu.body(*leaves)
@@ -59,6 +64,8 @@ def _make_dilated_fn():
         def backward(ctx, *grads):
             emu = ctx.emu
             pairs = [(o, g) for o, g in zip(ctx.outs, grads, strict=True) if g is not None and o.requires_grad]
+            if emu.inbound and emu.send_forward and emu.enabled:      # received from the next rank
+                emu.bucket_next.consume(_tensor_bytes([g for _, g in pairs]))
             t0 = time.perf_counter()
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
@@ -73,9 +80,12 @@ def _make_dilated_fn():
 
 
 class _Emu:
-    def __init__(self, body, dilation, bucket_next, bucket_prev, send_forward: bool, send_backward: bool) -> None:
+    def __init__(self, body, dilation, bucket_next, bucket_prev, send_forward: bool, send_backward: bool,
+                 inbound: bool = False) -> None:
         self.body, self.dilation = body, dilation
-        self.bucket_next, self.bucket_prev = bucket_next, bucket_prev   # one per neighbour, as FHDP's OutLinks
+        # one per neighbour, as FHDP's OutLinks; the same object twice for a per-device radio
+        self.bucket_next, self.bucket_prev = bucket_next, bucket_prev
+        self.inbound = inbound       # received bytes also take the (shared, half-duplex) radio
         self.send_forward, self.send_backward = send_forward, send_backward
         self.emulated_s = 0.0
         self.enabled = True          # off for the untimed priming step: no dilation, no link shaping
@@ -162,13 +172,15 @@ def _rank_layout(rank: int, world: int, cmd: dict[str, Any]) -> _RankLayout:
 
 
 def _rank_emu(body, rank: int, cmd: dict[str, Any], lay: _RankLayout) -> _Emu:
-    """The rank's emulation: its profile's compute dilation and one link bucket per neighbour."""
+    """The rank's emulation: its profile's compute dilation and its radio (one bucket for all it sends and
+    receives) or, with `radio: link`, one send bucket per neighbour."""
     from flad_core.emulation import ComputeDilation, TokenBucket
 
-    return _Emu(body, ComputeDilation(cmd["tflops"][rank], cmd["time_scale"], cmd["host_tflops"]),
-                TokenBucket.from_mbps(cmd["link_mbps"][rank], cmd["time_scale"]),
-                TokenBucket.from_mbps(cmd["link_mbps"][rank], cmd["time_scale"]),
-                send_forward=not lay.is_last, send_backward=not lay.is_first)
+    shared = cmd.get("radio", "device") == "device"
+    nxt = TokenBucket.from_mbps(cmd["link_mbps"][rank], cmd["time_scale"])
+    prev = nxt if shared else TokenBucket.from_mbps(cmd["link_mbps"][rank], cmd["time_scale"])
+    return _Emu(body, ComputeDilation(cmd["tflops"][rank], cmd["time_scale"], cmd["host_tflops"]), nxt, prev,
+                send_forward=not lay.is_last, send_backward=not lay.is_first, inbound=shared)
 
 
 def _dilated_module(mod, emu: _Emu):
@@ -344,14 +356,15 @@ def run_torch_pipelining(cfg, pipeline: Pipeline, host_tflops: float, time_scale
     import torch
 
     from flad_bench.pipeline_common import free_ports, summarize
-    from flad_core.fleet import PAPER_PROFILES
+    from flad_core.fleet import PAPER_PROFILES, link_mbps
 
     profiles = dict(cfg.cluster)
     world = len(pipeline)
     cmd = {"init_method": f"tcp://127.0.0.1:{free_ports(1)[0]}", "seed": cfg.seed, "encoder": cfg.encoder,
            "pipeline": [list(p) for p in pipeline], "time_scale": time_scale, "host_tflops": host_tflops,
            "tflops": [PAPER_PROFILES[profiles[v]].tflops for v, _, _ in pipeline],
-           "link_mbps": [PAPER_PROFILES[profiles[v]].link_mbps for v, _, _ in pipeline],
+           "link_mbps": [link_mbps(profiles[v], cfg.link_setting) for v, _, _ in pipeline],
+           "radio": cfg.radio,
            "schedule": cfg.schedule, "n_micro": cfg.n_micro, "batch_size": cfg.batch_size, "data": cfg.data,
            "data_owner": cfg.data_owner, "warmup": cfg.warmup, "steps": cfg.steps,
            "debug_dump_s": cfg.extra.get("debug_dump_s")}
@@ -381,8 +394,10 @@ def run_torch_pipelining(cfg, pipeline: Pipeline, host_tflops: float, time_scale
     out = summarize(results, cfg.batch_size, cfg.warmup, time_scale)
     out.update({"works": True, "backend": "gloo", "torch": torch.__version__, "schedule": cfg.schedule,
                 "n_micro": cfg.n_micro,
+                "radio": cfg.radio, "link_setting": cfg.link_setting,
                 "notes": "same partition, micro-batches, optimizer, clipping and emulation (dilation inside an "
-                         "autograd function; link shaping by blocking for the sent bytes); labels are given to "
+                         "autograd function; link shaping by blocking for the sent bytes, and with the per-device "
+                         "radio for the received bytes too); labels are given to "
                          "the last rank as `target` instead of travelling through the pipeline; bytes not counted"})
     out.pop("bytes_per_sample", None)
     return out

@@ -93,7 +93,8 @@ def run_stage(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float
     runner = StageRunner(stage, index, k, inbox=inbox, prev=prev, next=nxt, optimizer=optimizer,
                          u_shaped=u, head=head, turn=turn,
                          schedule=cmd["schedule"], n_micro=cmd["n_micro"], grad_clip=5.0, label_names=LABEL_INPUTS,
-                         dilation=ComputeDilation(tflops, ts, host_tflops_ref=cmd["host_tflops"]), timeout_s=300.0)
+                         dilation=ComputeDilation(tflops, ts, host_tflops_ref=cmd["host_tflops"]), timeout_s=300.0,
+                         device=cmd.get("device", "cpu"))
     batches = _batches(cmd["data"], cmd["data_owner"], cmd["batch_size"], cmd["seed"]) if index == 0 else None
     try:
         steps = _run_steps(runner, batches, cmd["warmup"] + cmd["steps"])
@@ -105,7 +106,7 @@ def run_stage(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float
                   "turn": turn.stats.bytes / n if turn else 0.0,
                   "turn_to": (k - 1 if index == 0 else 0) if turn else None}
     return {"idle": False, "vehicle": vehicle, "index": index, "range": [pipeline[index][1], pipeline[index][2]],
-            "steps": steps, "link_bytes_per_step": link_bytes}
+            "steps": steps, "link_bytes_per_step": link_bytes, "device": str(runner.device)}
 
 
 def run_fanin(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float, ctx) -> dict[str, Any]:
@@ -149,7 +150,7 @@ def run_fanin(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float
                          optimizer=optimizer, batch_size=cmd["batch_size"], schedule=cmd["schedule"],
                          n_micro=cmd["n_micro"], grad_clip=5.0, label_names=LABEL_INPUTS,
                          dilation=ComputeDilation(tflops, ts, host_tflops_ref=cmd["host_tflops"]), timeout_s=300.0,
-                         sync_codec=codec)
+                         sync_codec=codec, device=cmd.get("device", "cpu"))
     batches = _batches(cmd["data"], cmd["source_data"][vehicle], cmd["batch_size"], cmd["seed"]) \
         if replica is not None else None
     try:
@@ -164,6 +165,7 @@ def run_fanin(cmd: dict[str, Any], vehicle: str, tflops: float, link_mbps: float
     if trunk_stage is not None:
         roles.append(f"trunk [{trunk_stage.start},{trunk_stage.end})")
     return {"idle": False, "vehicle": vehicle, "index": index, "range": [" + ".join(roles)], "steps": steps,
+            "device": str(runner.device),
             "link_bytes_per_step": {"peers": {p: ln.stats.bytes / n for p, ln in links.items()}},
             "radio_wait_s_per_step": (radio.send_bucket.waited_s
                                       + (radio.recv_bucket.waited_s if radio.duplex == "full" else 0.0)) / n}

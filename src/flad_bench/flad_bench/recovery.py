@@ -301,6 +301,7 @@ def torchrun_trial(workdir: Path, tag: str, last_call_s: int | None, ckpt_every:
 
 # -- the run -------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from flad_core.device import device_info
     from flad_edge.fhdp.config import FhdpConfig
     from flad_edge.fhdp.recovery.live import LiveFleet
     from flad_edge.fhdp.recovery.records import RecoveryConfig
@@ -372,6 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["goals"] = goals
     out["conditions"] = {"host": platform.node(), "cpus": os.cpu_count(), "load_avg_before": load_before,
                          "load_avg_after": os.getloadavg(), "python": platform.python_version(),
+                         "device": device_info("auto"),
                          "model": f"tiny vision encoder ({n_layers} layers)",
                          "fleet": "3 x jetson_nano (emulated, time_scale 0.02), one cluster, SWIFT 3-stage "
                                   "essential pipelines", "steps_per_pipeline": args.steps,

@@ -161,9 +161,11 @@ def _conditions(transports: list[str]) -> dict[str, Any]:
     import torch
     import zmq
 
+    from flad_core.device import device_info
+
     cond: dict[str, Any] = {
         "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "device": device_info("auto"),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch": torch.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
         "loopback": True, "models": "encoder: tiny, randomly initialised (seed 0); waypoint: CELLAdapt student (ADM), "

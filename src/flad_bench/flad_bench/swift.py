@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from flad_core.device import device_info
 from flad_edge.swift.cost import CostModel
 from flad_edge.swift.model import (
     DEVICE_MIX,
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "conditions": {
             "host": platform.node(), "platform": platform.platform(), "python": sys.version.split()[0],
             "cpus": os.cpu_count(), "loadavg_1_5_15": load, "torch": torch.__version__, "numpy": np.__version__,
-            "torch_threads_for_dqn": 1,
+            "torch_threads_for_dqn": 1, "device": device_info("cpu"),
             "devices": DEVICES, "device_mix": DEVICE_MIX, "mem_fraction": args.mem_fraction,
             "mu": args.mu, "nu": args.nu, "n_batch": args.n_batch, "sizes": sizes, "footprints_gb": fps,
             "trials_per_cell": args.trials, "synthetic_layers": args.n_layers, "seed": args.seed,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flad_core.bus import BusConfig
 from flad_core.config import ConfigError, from_dict, load_yaml
+from flad_core.device import DeviceError, check_device_spec
 from flad_core.security import SecurityConfig
 
 GB = 1024**3
@@ -25,15 +26,30 @@ class DeviceProfile:
     mem_gb: float
     tflops: float
     link_mbps: float = 50.0
+    #: Jetson-style unified memory: the GPU and the CPU share `mem_gb`, so a stage's model, its activations and
+    #: the host-side buffers (pinned staging, data) all count against that one budget. A discrete GPU
+    #: (`unified_memory: false`) has `gpu_mem_gb` of its own for the stage's tensors.
+    unified_memory: bool = True
+    gpu_mem_gb: float = 0.0
 
     def validate(self) -> None:
         for name in ("mem_gb", "tflops", "link_mbps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
+        if not self.unified_memory and self.gpu_mem_gb <= 0:
+            raise ConfigError("gpu_mem_gb", "a discrete-GPU profile (unified_memory: false) needs its GPU memory")
+        if self.gpu_mem_gb < 0:
+            raise ConfigError("gpu_mem_gb", f"must not be negative, got {self.gpu_mem_gb}")
 
     @property
     def mem_bytes(self) -> int:
         return int(self.mem_gb * GB)
+
+    @property
+    def stage_mem_bytes(self) -> int:
+        """The budget a training stage's tensors (weights, gradients, optimizer state, activations) must fit:
+        the shared memory on a unified-memory device, the GPU's own memory on a discrete one."""
+        return int((self.mem_gb if self.unified_memory else self.gpu_mem_gb) * GB)
 
 
 #: Jetson devices of the paper's prototype (Table 1); link rates are our assumption (802.11ac-class V2V)
@@ -73,12 +89,17 @@ class VehicleSpec:
     predicted_dwell_s: float = 600.0
     control: str = ""    # tcp address where this vehicle serves edge requests (FHDP training)
     data: str = ""       # tcp address of its pipeline inbox (tensor frames)
+    device: str = "auto"  # where its models run: auto | cpu | cuda[:N] (flad_core.device)
 
     def validate(self) -> None:
         for key in ("control", "data"):
             value = getattr(self, key)
             if value and not re.fullmatch(r"tcp://[^:/]+:\d+", value):
                 raise ConfigError(key, f"bad ZeroMQ address {value!r} (expected e.g. tcp://127.0.0.1:7200)")
+        try:
+            check_device_spec(self.device)
+        except DeviceError as exc:
+            raise ConfigError("device", str(exc)) from exc
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]{0,63}", self.id):
             raise ConfigError("id", f"vehicle id {self.id!r} must start with a letter and use [A-Za-z0-9_-]")
 

@@ -132,8 +132,9 @@ class VehicleAgent:
         self._rng = random.Random(f"{fleet.seed}-{vehicle_id}")
 
     def status_msg(self, state: str = "idle"):
-        profile = codec.new("flad_msgs/msg/DeviceProfile", name=self.spec.profile, mem_bytes=self.profile.mem_bytes,
-                            tflops=self.profile.tflops, link_mbps=self.profile.link_mbps, emulated=True)
+        profile = codec.new("flad_msgs/msg/DeviceProfile", name=self.spec.profile,
+                            mem_bytes=self.profile.stage_mem_bytes, tflops=self.profile.tflops,
+                            link_mbps=self.profile.link_mbps, emulated=True)
         # Pose and speed stay zero until the vehicle drives in a world (embedded or CARLA).
         return codec.new("flad_msgs/msg/VehicleStatus", header=codec.header(), vehicle_id=self.spec.id, profile=profile,
                          speed_mps=0.0, predicted_dwell_s=self.spec.predicted_dwell_s, state=state,

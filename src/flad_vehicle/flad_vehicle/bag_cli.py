@@ -94,13 +94,18 @@ class EncoderTap:
         self.sensor_inputs = encoder.sensor_inputs
         self.last: dict[str, Any] | None = None
 
+    @property
+    def device(self) -> Any:
+        """The wrapped encoder's device: the agent puts its batch there."""
+        return self.encoder.device
+
     def eval(self) -> EncoderTap:
         self.encoder.eval()
         return self
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = self.encoder(batch)
-        self.last = out
+        self.last = {k: v.detach().float().cpu() for k, v in out.items()}    # the recorder reads host tensors
         return out
 
 

@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def register_encoder_commands(sub: argparse._SubParsersAction) -> None:
     """`train`, `eval` and `profile` for the vision encoder."""
+    from flad_core.device import add_device_argument, add_precision_argument
     from flad_vehicle.encoder.train import DEFAULT_DATA, TrainConfig
 
     d = TrainConfig()
@@ -55,6 +56,8 @@ def register_encoder_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-eval", action="store_true", help="skip held-out evaluation at the end")
     t.add_argument("--no-augment", action="store_true", help="no photometric camera augmentation")
     t.add_argument("--no-progress", action="store_true")
+    add_device_argument(t, what="training")
+    add_precision_argument(t)
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="open-loop evaluation of an encoder checkpoint",
@@ -66,6 +69,7 @@ def register_encoder_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--holdout-towns", nargs="*", default=[])
     e.add_argument("--max-batches", type=int, default=0)
     e.add_argument("--threads", type=int, default=1)
+    add_device_argument(e, what="the encoder")
     e.set_defaults(func=_eval)
 
     p = sub.add_parser("profile", help="per-layer profile JSON (the model profile SWIFT reads)",
@@ -78,11 +82,13 @@ def register_encoder_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-measure", action="store_true", help="skip measured peaks (faster)")
     p.add_argument("--no-loss", action="store_true", help="profile the inference sequence (no loss layer)")
     p.add_argument("--threads", type=int, default=1)
+    add_device_argument(p, what="the profiled forward/backward passes")
     p.set_defaults(func=_profile)
 
 
 def _train(args: argparse.Namespace) -> int:
     from flad_core.config import ConfigError
+    from flad_core.device import resolve_device
     from flad_core.runs import RunDir
     from flad_sim.dataset import ShardError
     from flad_vehicle.encoder.checkpoint import CheckpointError
@@ -93,12 +99,14 @@ def _train(args: argparse.Namespace) -> int:
                           holdout_towns=list(args.holdout_towns), batch_size=args.batch_size, steps=args.steps,
                           minutes=args.minutes, lr=args.lr, backbone_lr=args.backbone_lr, threads=args.threads,
                           seed=args.seed, ckpt_every=args.ckpt_every, resume=args.resume,
-                          progress=not args.no_progress, augment=not args.no_augment)
+                          progress=not args.no_progress, augment=not args.no_augment, device=args.device,
+                          precision=args.precision)
         cfg.validate()
+        resolve_device(cfg.device)
         from flad_vehicle.encoder.model import VisionEncoder
 
         source = DataSource(cfg, needed_fields(VisionEncoder(cfg.encoder)))
-    except (ConfigError, ShardError, ValueError) as exc:
+    except (ConfigError, ShardError, ValueError) as exc:    # DeviceError is a ValueError
         print(f"flad vehicle train: {exc}", file=sys.stderr)
         return 2
     run = RunDir.create("train", cfg, root=Path(args.runs_dir) if args.runs_dir else None)
@@ -120,19 +128,21 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from flad_core.device import device_info, resolve_device
     from flad_sim.dataset import ShardError
     from flad_vehicle.encoder.checkpoint import CheckpointError, load_checkpoint
     from flad_vehicle.encoder.train import DataSource, TrainConfig, baseline_metrics, evaluate, needed_fields
 
     torch.set_num_threads(args.threads)
     try:
-        model, meta = load_checkpoint(args.checkpoint)
+        model, meta = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
         cfg = TrainConfig(data=args.data, synthetic=args.synthetic, holdout_towns=list(args.holdout_towns))
         source = DataSource(cfg, needed_fields(model))
     except (CheckpointError, ShardError, ValueError) as exc:
         print(f"flad vehicle eval: {exc}", file=sys.stderr)
         return 2
     res = {"checkpoint": args.checkpoint, "step": meta["step"], "data": source.describe(),
+           "device": device_info(model.device),
            "eval": evaluate(model, source.eval_batches(args.max_batches)),
            "baseline": baseline_metrics(source.train_epoch(), source.eval_batches(args.max_batches))}
     print(json.dumps(res, indent=2, default=str))
@@ -144,6 +154,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     from flad_core.atomic import atomic_write_json
     from flad_core.config import ConfigError
+    from flad_core.device import DeviceError, resolve_device
     from flad_vehicle.encoder.checkpoint import CheckpointError, load_checkpoint
     from flad_vehicle.encoder.model import VisionEncoder, batch_to_torch
     from flad_vehicle.encoder.profile import profile_model
@@ -152,11 +163,12 @@ def _profile(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     try:
+        dev = resolve_device(args.device)
         if args.config.endswith(".safetensors"):
-            model, _ = load_checkpoint(args.config)
+            model, _ = load_checkpoint(args.config, device=dev)
         else:
-            model = VisionEncoder(args.config)
-    except (ConfigError, CheckpointError) as exc:
+            model = VisionEncoder(args.config, device=dev)
+    except (ConfigError, CheckpointError, DeviceError) as exc:
         print(f"flad vehicle profile: {exc}", file=sys.stderr)
         return 2
     cams = model.cfg.cameras
@@ -165,7 +177,7 @@ def _profile(args: argparse.Namespace) -> int:
     prof = profile_model(model, batch, include_loss=not args.no_loss, measure=not args.no_measure)
     atomic_write_json(args.out, prof)
     t = prof["totals"]
-    print(f"{args.out}: {len(prof['layers'])} layers, {t['params']:,} parameters, "
+    print(f"{args.out}: {len(prof['layers'])} layers on {prof['device']['device']}, {t['params']:,} parameters, "
           f"{t['flops'] / 1e9:.3f} GFLOPs/sample forward, training memory ≈ {t['mem_bytes'] / 2**20:.1f} MiB "
           f"at batch {prof['batch_size']}")
     return 0

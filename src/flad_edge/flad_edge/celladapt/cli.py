@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from flad_core.device import add_device_argument, add_precision_argument
+    from flad_edge.celladapt.model import SERVE_DTYPES
+
     parser = subparsers.add_parser("llm", help="CELLAdapt: AD-LLM / ADM training, waypoint service, SmolLM2")
     sub = parser.add_subparsers(dest="llm_command", required=True)
 
@@ -27,15 +30,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--steps-scale", type=float, default=1.0)
     t.add_argument("--runs-dir", default=None)
     t.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "flad" / "celladapt"))
+    add_device_argument(t, what="feature extraction and every training phase")
+    add_precision_argument(t)
     t.set_defaults(func=_train)
 
     s = sub.add_parser("serve", help="run the waypoint service for a saved AD-LLM/ADM until interrupted")
     s.add_argument("--model", required=True, help="directory written by save_pretrained (e.g. runs/<id>/models/adm)")
     s.add_argument("--address", default="tcp://127.0.0.1:7210")
-    s.add_argument("--max-batch", type=int, default=16)
+    s.add_argument("--max-batch", type=int, default=0,
+                   help="most requests per forward pass (default 0: 16 on the CPU, 32 on CUDA)")
     s.add_argument("--max-wait-ms", type=float, default=2.0)
     s.add_argument("--timeout-s", type=float, default=1.0)
     s.add_argument("--threads", type=int, default=1)
+    add_device_argument(s, what="the served model")
+    s.add_argument("--dtype", default="auto", choices=SERVE_DTYPES,
+                   help="the served model's dtype (default auto: fp16 on CUDA, fp32 on the CPU; half: fp16 on CUDA, "
+                        "bf16 on the CPU)")
     s.add_argument("--identity", default=None,
                    help="CURVE key name to serve with (default: the fleet's edge id); with `security.curve: true` "
                         "in the fleet file the service is a CURVE server behind the fleet's allow-list")
@@ -50,12 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
+    from flad_core.device import resolve_device
     from flad_core.runs import RunDir, seed_everything
     from flad_edge.celladapt.data import cached_features
     from flad_edge.celladapt.pipeline import PipelineConfig, run_pipeline
     from flad_vehicle.encoder.checkpoint import load_checkpoint
 
-    error = _train_inputs(args)
+    error = _device_error(args.device) or _train_inputs(args)
     if error:
         print(f"flad llm train: {error}", file=sys.stderr)
         return 2
@@ -63,11 +74,13 @@ def _train(args: argparse.Namespace) -> int:
     seed_everything(0)
     run = RunDir.create("llm-train", vars(args) | {"func": None},
                         root=Path(args.runs_dir) if args.runs_dir else None)
-    encoder = load_checkpoint(args.encoder)[0].eval()
+    dev = resolve_device(args.device)
+    encoder = load_checkpoint(args.encoder, device=dev)[0].eval()
     data = cached_features(encoder, args.data, args.encoder, args.cache_dir)
     s = args.steps_scale
     cfg = PipelineConfig(holdout_towns=args.holdout_towns, general=args.general, general_steps=int(300 * s),
-                         distill_steps=int(300 * s), lora_steps=int(150 * s), adm_steps=int(400 * s))
+                         distill_steps=int(300 * s), lora_steps=int(150 * s), adm_steps=int(400 * s),
+                         device=str(dev), precision=args.precision)
     res = run_pipeline(data, cfg, out_dir=run.path / "models", on_log=run.log_metrics)
     res.pop("models")
     run.write_json("result.json", res)
@@ -92,6 +105,17 @@ def _train_inputs(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _device_error(device: str) -> str | None:
+    """What is wrong with `--device` on this host (None: nothing)."""
+    from flad_core.device import DeviceError, resolve_device
+
+    try:
+        resolve_device(device)
+    except DeviceError as exc:
+        return f"--device: {exc}"
+    return None
+
+
 def _model_dir_error(path: str) -> str | None:
     if not (Path(path) / "celladapt.json").is_file():
         return (f"--model {path}: not a saved AD-LLM/ADM (no celladapt.json); `flad llm train` writes them to "
@@ -104,10 +128,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     import torch
 
+    from flad_core.device import resolve_device
     from flad_edge.celladapt.model import ADLLM
     from flad_edge.celladapt.service import ServiceConfig, WaypointService
 
-    error = _model_dir_error(args.model)
+    error = _device_error(args.device) or _model_dir_error(args.model)
     if error:
         print(f"flad llm serve: {error}", file=sys.stderr)
         return 2
@@ -119,10 +144,12 @@ def _serve(args: argparse.Namespace) -> int:
     setup_role_logging(args, "waypoints")
     security = security_for(fleet, args.identity or fleet.edge.id)
     torch.set_num_threads(args.threads)
-    model = ADLLM.from_pretrained(args.model)
+    dev = resolve_device(args.device)
+    model = ADLLM.from_pretrained(args.model, device=dev, dtype=args.dtype)
     svc = WaypointService.for_model(model, ServiceConfig(address=args.address, max_batch=args.max_batch,
                                                          max_wait_ms=args.max_wait_ms,
-                                                         default_timeout_s=args.timeout_s),
+                                                         default_timeout_s=args.timeout_s, device=str(dev),
+                                                         dtype=args.dtype),
                                     security=security)
     log.info("waypoint service: %s", f"CURVE with key {security.identity!r}, allow-list {security.allow_dir}"
              if security.curve else "plain TCP (the fleet's security.curve is false)")

@@ -152,11 +152,14 @@ def concat_feature_sets(sets: Sequence[FeatureSet]) -> FeatureSet:
 
 @torch.no_grad()
 def extract_features(encoder, root: str | Path, batch_size: int = 32) -> FeatureSet:
-    """Runs `encoder.encode_features` over every shard of the fleet dataset at `root`."""
+    """Runs `encoder.encode_features` over every shard of the fleet dataset at `root`, on the encoder's device;
+    the features are kept on the CPU in fp32."""
+    from flad_core.device import to_device
     from flad_sim.dataset import FleetDataset, iter_batches
     from flad_vehicle.encoder import batch_to_torch
 
     encoder.eval()
+    dev = next(encoder.parameters()).device
     ds = FleetDataset.open(root)
     names = list(encoder.input_names)
     feats, wps, ewps, ins, nots, towns, vehs, eois, tps = [], [], [], [], [], [], [], [], []
@@ -166,10 +169,10 @@ def extract_features(encoder, root: str | Path, batch_size: int = 32) -> Feature
         for b in iter_batches(shard, batch_size, shuffle=False,
                               fields=[*names, "waypoints", "instruction", "notice", "command", "target_point"]):
             commands.append(np.asarray(b["command"]).reshape(-1))
-            out = encoder(batch_to_torch(b, tuple(names)))
-            f = out["features"]
-            feats.append(f.float())
-            ewps.append(out["pred.waypoints"].float())
+            out = encoder(to_device(batch_to_torch(b, tuple(names)), dev))
+            f = out["features"].float().cpu()
+            feats.append(f)
+            ewps.append(out["pred.waypoints"].float().cpu())
             wps.append(torch.from_numpy(np.asarray(b["waypoints"], np.float32)))
             tps.append(torch.from_numpy(np.asarray(b["target_point"], np.float32).reshape(-1, 2)))
             ins += list(b["instruction"])

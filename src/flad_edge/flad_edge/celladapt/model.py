@@ -17,6 +17,11 @@ The navigation token is what a driver needs besides the instruction text: the ne
 (ego frame, the same one the vision encoder's waypoint head gets). LMDrive gives its LLM only the
 instruction sequence; with `navigation=False` this model does the same. A request without a target point
 gets the token of "no target point" (a flag input set to 0), so such a model still answers.
+
+Devices: `build` and `from_pretrained` take a `device` (flad_core.device: cpu, cuda[:N], meta, auto) and a
+`dtype` (`SERVE_DTYPES`: fp32 for training, half for serving on a GPU); `place` moves a built model.
+`forward` takes its inputs from wherever they are; `predict` hands back CPU float32 whatever the model runs
+in, since its callers (the waypoint service, agents, replay) put the answer on the wire or into numpy.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch import Tensor, nn
 
 from flad_core.atomic import atomic_write_text
 from flad_core.config import from_dict, to_dict
+from flad_core.device import DeviceError, half_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,30 @@ HEADS_FILE = "adapter_heads.safetensors"
 LLM_DIR = "llm"
 LORA_DIR = "lora"
 TOKENIZER_DIR = "tokenizer"
+
+#: what a model can be loaded as: auto (half on CUDA, fp32 elsewhere), fp32, half (`half_dtype`: fp16 on CUDA,
+#: bf16 on the CPU), or bf16 / fp16 by name
+SERVE_DTYPES = ("auto", "fp32", "half", "bf16", "fp16")
+
+
+def resolve_dtype(spec: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """The torch dtype of `spec` on `device`. `auto` is half only on CUDA, so a CPU run keeps fp32 results."""
+    if isinstance(spec, torch.dtype):
+        return spec
+    text = (spec or "fp32").strip().lower()
+    dev = torch.device(device)
+    if text == "auto":
+        return torch.float16 if dev.type == "cuda" else torch.float32
+    named = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if text == "half":
+        return half_dtype(dev)
+    if text not in named:
+        raise DeviceError(f"dtype {spec!r}: choose one of {', '.join(SERVE_DTYPES)}")
+    return named[text]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 @dataclass
@@ -178,11 +208,22 @@ class ADLLM(nn.Module):
     # ---------------------------------------------------------------------------------------- building
 
     @classmethod
-    def build(cls, cfg: ADLLMConfig | str, tokenizer: Any = None) -> ADLLM:
-        """From a preset name or config: loads `llm_path` (offline) or builds a random tiny LLaMA."""
+    def build(cls, cfg: ADLLMConfig | str, tokenizer: Any = None, device: str | torch.device = "cpu",
+              dtype: str | torch.dtype = "fp32") -> ADLLM:
+        """From a preset name or config: loads `llm_path` (offline) or builds a random tiny LLaMA, on `device` in
+        `dtype`. Weights are drawn on the CPU and then moved, so a seed gives the same model on every device;
+        on `meta` a random model is built there directly (structure only, no memory)."""
         if isinstance(cfg, str):
             cfg = PRESETS[cfg]()
+        dev = resolve_device(device)
         torch.manual_seed(cfg.seed)
+        if dev.type == "meta" and not cfg.llm_path:
+            with torch.device("meta"):
+                return cls._build(cfg, tokenizer).place(dev, dtype)
+        return cls._build(cfg, tokenizer).place(dev, dtype)
+
+    @classmethod
+    def _build(cls, cfg: ADLLMConfig, tokenizer: Any) -> ADLLM:
         if cfg.llm_path:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -204,6 +245,32 @@ class ADLLM(nn.Module):
         model = cls(cfg, llm, tokenizer)
         model.eval()
         return model
+
+    def place(self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32") -> ADLLM:
+        """Moves the model to `device` in `dtype` (`resolve_dtype`), in place; returns it. Floating buffers (the
+        rotary frequencies) stay fp32, as transformers keeps them in a half-precision model: rounding them to
+        half would shift every position's angle."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        if dev == self.device and dt == self.dtype:
+            return self
+        keep = {n: b for n, b in self.named_buffers() if b.is_floating_point() and b.dtype == torch.float32}
+        self.to(device=dev, dtype=dt)
+        if dt != torch.float32:
+            for name, buf in keep.items():
+                owner, _, leaf = name.rpartition(".")
+                self.get_submodule(owner)._buffers[leaf] = buf.to(dev)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (every parameter lives on one device)."""
+        return self.wp_queries.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (fp32 unless placed in half precision for serving)."""
+        return self.wp_queries.dtype
 
     def _base(self) -> nn.Module:
         """The underlying transformers model (unwrapping a peft wrapper)."""
@@ -264,8 +331,10 @@ class ADLLM(nn.Module):
         [B,5,2] m, end_logit [B]."""
         base = self._base()
         emb_layer = base.get_input_embeddings()
+        dev = emb_layer.weight.device
+        input_ids, text_mask = input_ids.to(dev), text_mask.to(dev)
         text_emb = emb_layer(input_ids)
-        vis = self.adapter(features.to(text_emb.dtype), text_emb, text_mask)
+        vis = self.adapter(features.to(device=dev, dtype=text_emb.dtype), text_emb, text_mask)
         B = features.shape[0]
         wq = self.wp_queries.unsqueeze(0).expand(B, -1, -1).to(text_emb.dtype)
         nav = self.navigation_token(target_points, B, text_emb)
@@ -283,9 +352,10 @@ class ADLLM(nn.Module):
     def predict(self, features: Tensor, instructions: Sequence[str], notices: Sequence[str] | None = None,
                 target_points: Tensor | None = None) -> Tensor:
         """Waypoints [B,5,2] for features [B,N,d], one instruction (and notice) per sample and, for a
-        navigation model, the route's target points [B,2] (None: none known)."""
+        navigation model, the route's target points [B,2] (None: none known). Inputs may be on any device;
+        the answer is CPU float32 (a no-op for a CPU fp32 model)."""
         ids, mask = self.encode_text(instructions, notices)
-        return self.forward(features, ids, mask, target_points)["waypoints"]
+        return self.forward(features, ids, mask, target_points)["waypoints"].float().cpu()
 
     # ---------------------------------------------------------------------------------------- parameters
 
@@ -316,7 +386,7 @@ class ADLLM(nn.Module):
             self.llm.save_pretrained(d / LLM_DIR)
         self.tokenizer.save_pretrained(d / TOKENIZER_DIR)
         tmp = d / (HEADS_FILE + ".tmp")
-        save_file({k: v.detach().contiguous() for k, v in self.head_state_dict().items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head_state_dict().items()}, str(tmp))
         tmp.replace(d / HEADS_FILE)
         cfg = to_dict(self.cfg)
         cfg["llm_path"] = ""     # the saved copy is self-contained
@@ -324,8 +394,11 @@ class ADLLM(nn.Module):
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> ADLLM:
-        """Loads what `save_pretrained` wrote, offline."""
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = "fp32") -> ADLLM:
+        """Loads what `save_pretrained` wrote, offline, onto `device` in `dtype` (read on the CPU, then moved)."""
+        dev = resolve_device(device)
+        resolve_dtype(dtype, dev)         # a bad dtype fails before the checkpoint is read
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -346,4 +419,4 @@ class ADLLM(nn.Module):
         if bad:
             raise ValueError(f"{d / HEADS_FILE}: tensor names differ from the model: {bad[:5]}")
         model.eval()
-        return model
+        return model.place(dev, dtype)

@@ -3,7 +3,8 @@
 cloud: general LLM (tiny random LLaMA, or SmolLM2-135M offline) trained on driving features → distilled into
 the AD-LLM (L1 on waypoints, + L1 to ground truth); edge: LoRA fine-tuning of the AD-LLM on its own
 region's vehicles, merged, then distilled into the ADM (teacher L1 + ground-truth L1). Held-out towns are
-never trained on. Models are saved with `save_pretrained` under the run directory.
+never trained on. Models are saved with `save_pretrained` under the run directory. Every model is built on
+`PipelineConfig.device` and every phase trains there (in `precision`); the result records which device ran.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from flad_core.device import check_precision, log_device, resolve_device
 from flad_edge.celladapt.data import FeatureSet
 from flad_edge.celladapt.model import ADLLM, AdapterConfig, ADLLMConfig, general_config, student_config, teacher_config
 from flad_edge.celladapt.train import FitConfig, LoraSettings, apply_lora, evaluate, fit, merge_lora, trainable_fraction
@@ -40,43 +42,52 @@ class PipelineConfig:
     lora_lr: float = 2e-3
     alpha: float = 0.5
     seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda[:N] (flad_core.device)
+    precision: str = "fp32"            # fp32 | bf16 | fp16 autocast while training
 
 
-def _general(cfg: PipelineConfig) -> ADLLM:
+def _general(cfg: PipelineConfig, device: str | torch.device = "cpu") -> ADLLM:
+    """The cloud's general LLM (tiny random, SmolLM2 or a local checkpoint) on `device`."""
     if cfg.general == "tiny":
-        return ADLLM.build(general_config())
+        return ADLLM.build(general_config(), device=device)
     if cfg.general == "smollm2":
         from flad_edge.celladapt.smollm import ensure_smollm2
 
         path = str(ensure_smollm2())
     else:
         path = cfg.general
-    return ADLLM.build(ADLLMConfig(name="general", llm_path=path, adapter=AdapterConfig(d_model=128)))
+    return ADLLM.build(ADLLMConfig(name="general", llm_path=path, adapter=AdapterConfig(d_model=128)), device=device)
 
 
 def run_pipeline(data: FeatureSet, cfg: PipelineConfig, out_dir: Path | None = None,
                  on_log: Any = None) -> dict[str, Any]:
-    """Trains general → AD-LLM → (LoRA) → ADM; returns models, open-loop metrics and phase timings."""
+    """Trains general → AD-LLM → (LoRA) → ADM on `cfg.device`; returns models, open-loop metrics, phase
+    timings and `device` (`device_info`)."""
+    check_precision(cfg.precision)
+    dev = resolve_device(cfg.device)
+    info = log_device("CELLAdapt pipeline", dev)
     torch.manual_seed(cfg.seed)
     held = data.select(towns=cfg.holdout_towns)
     cloud = data.select(towns=cfg.cloud_towns)
     edge = data.select(towns=cfg.edge_towns)
     train_all = data.select(exclude_towns=cfg.holdout_towns)
-    res: dict[str, Any] = {"samples": {"cloud": len(cloud), "edge": len(edge), "held_out": len(held)}, "phases": {}}
+    res: dict[str, Any] = {"samples": {"cloud": len(cloud), "edge": len(edge), "held_out": len(held)}, "phases": {},
+                           "device": info, "precision": cfg.precision}
 
     def phase(name: str, model: ADLLM, d: FeatureSet, steps: int, lr: float, teacher: ADLLM | None = None,
               alpha: float = 0.5) -> None:
         t0 = time.perf_counter()
-        fc = FitConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, alpha=alpha, seed=cfg.seed)
+        fc = FitConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, alpha=alpha, seed=cfg.seed, device=str(dev),
+                       precision=cfg.precision)
         r = fit(model, d, fc, teacher=teacher,
                 on_log=(lambda rec: on_log({"phase": name, **rec})) if on_log else None)
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         res["phases"][name] = r
         log.info("%s: %s", name, r)
 
-    general = _general(cfg)
+    general = _general(cfg, dev)
     phase("general_on_driving_data", general, cloud, cfg.general_steps, cfg.lr)
-    ad_llm = ADLLM.build(teacher_config())
+    ad_llm = ADLLM.build(teacher_config(), device=dev)
     phase("cloud_distill_general_to_ad_llm", ad_llm, cloud, cfg.distill_steps, cfg.lr, teacher=general,
           alpha=cfg.alpha)
     res["ad_llm_before_lora_edge_l1"] = evaluate(ad_llm, edge)["wp_l1"]
@@ -89,7 +100,7 @@ def run_pipeline(data: FeatureSet, cfg: PipelineConfig, out_dir: Path | None = N
     if out_dir is not None:
         ad_llm.save_pretrained(out_dir / "ad_llm_lora")
     merge_lora(ad_llm)
-    adm = ADLLM.build(student_config())
+    adm = ADLLM.build(student_config(), device=dev)
     phase("edge_distill_ad_llm_to_adm", adm, train_all, cfg.adm_steps, cfg.lr, teacher=ad_llm, alpha=cfg.alpha)
     for m in (general, ad_llm, adm):
         m.eval()

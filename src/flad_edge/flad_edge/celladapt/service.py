@@ -10,6 +10,12 @@ that expired while queued, or whose answer came too late, gets an error reply. A
 CDR, wrong type, wrong shape/dtype/size, non-finite values, oversized text) gets an error reply and never
 stops the service. It runs on its own thread (or process, `flad llm serve`), independently of FHDP training.
 
+Devices (`ServiceConfig.device`, `dtype`): `for_model` puts the model on the service's device, by default in
+half precision on CUDA (fp16) and fp32 on the CPU, so CPU answers are unchanged. Each batch's features and
+target points arrive as numpy, go to the device (through reused pinned buffers on CUDA) and the waypoints
+come back as CPU float32 for the wire. A GPU batches more per forward pass: `max_batch` 0 means
+`DEFAULT_MAX_BATCH` of the device (16 on the CPU, 32 on CUDA).
+
 Wire format (as `flad_core.bus`): request [b"", req_id, service, typename, cdr] (DEALER → ROUTER);
 reply [b"", req_id, b"ok" | b"err", typename, cdr | utf-8 error text].
 """
@@ -30,6 +36,7 @@ import zmq
 
 from flad_core import codec
 from flad_core.bus import bind_address
+from flad_core.device import HostStaging, log_device, resolve_device
 from flad_core.protocol import SERVICE_WAYPOINTS
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,13 @@ REQUEST_TYPE = "flad_msgs/msg/WaypointRequest"
 RESPONSE_TYPE = "nav_msgs/msg/Path"
 FEATURE_DTYPES = ("float32", "float16")
 MAX_TEXT_CHARS = 512
+#: requests per forward pass when `max_batch` is 0: a small model's forward pass on a GPU is bound by kernel
+#: launches rather than arithmetic, so a larger batch costs little more per pass (the CPU's default is unchanged)
+DEFAULT_MAX_BATCH = {"cpu": 16, "cuda": 32}
+
+
+def default_max_batch(device: torch.device) -> int:
+    return DEFAULT_MAX_BATCH.get(device.type, DEFAULT_MAX_BATCH["cpu"])
 
 #: (features [B,T,D], instructions, notices) → waypoints [B,5,2]; a navigation predictor (`navigation=True`)
 #: also takes the target points [B,2] (NaN rows: none known)
@@ -51,13 +65,15 @@ class ServiceConfig:
 
     address: str = "tcp://127.0.0.1:7210"
     service: str = SERVICE
-    max_batch: int = 16
+    max_batch: int = 0              # most requests per forward pass (0: DEFAULT_MAX_BATCH of the device)
     max_wait_ms: float = 2.0        # batching window, counted from the oldest queued request
     close_when_all_queued: bool = True   # run as soon as every recently active vehicle has a request queued
     peer_idle_s: float = 1.0        # a vehicle silent this long no longer holds the window open
     default_timeout_s: float = 1.0
     threads: int = 0                # torch threads for the forward pass (0: leave as is)
     max_message_bytes: int = 4 * 1024 * 1024
+    device: str = "auto"            # where the model and the batches are: auto | cpu | cuda[:N] (flad_core.device)
+    dtype: str = "auto"             # the model's dtype under `for_model` (model.SERVE_DTYPES; auto: fp16 on CUDA)
 
 
 @dataclass
@@ -68,12 +84,16 @@ class ServiceStats:
     timeouts: int = 0
     batches: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    device: str = "cpu"             # what served: the device, the model's dtype ("" for a bare predictor), max batch
+    dtype: str = ""
+    max_batch: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         mean = sum(k * v for k, v in self.batch_sizes.items()) / max(1, self.batches)
         return {"requests": self.requests, "ok": self.replies_ok, "errors": self.errors, "timeouts": self.timeouts,
                 "batches": self.batches, "mean_batch": round(mean, 2),
-                "batch_sizes": dict(sorted(self.batch_sizes.items()))}
+                "batch_sizes": dict(sorted(self.batch_sizes.items())), "device": self.device, "dtype": self.dtype,
+                "max_batch": self.max_batch}
 
 
 class BadRequestError(ValueError):
@@ -155,17 +175,27 @@ class _Pending:
 
 
 class WaypointService:
-    """Dynamic-batching waypoint server on a ROUTER socket; `start()` runs it on a daemon thread."""
+    """Dynamic-batching waypoint server on a ROUTER socket; `start()` runs it on a daemon thread.
+
+    `device` (default: `cfg.device`) is where each batch goes before `predict` sees it."""
 
     def __init__(self, predict: Predictor, feature_shape: tuple[int, int], cfg: ServiceConfig | None = None,
-                 context: zmq.Context | None = None, security: Any = None, navigation: bool = False) -> None:
+                 context: zmq.Context | None = None, security: Any = None, navigation: bool = False,
+                 device: str | torch.device | None = None, dtype: str = "") -> None:
         self.predict = predict
         self.navigation = navigation
         self.feature_shape = tuple(feature_shape)
         self.cfg = cfg or ServiceConfig()
+        if self.cfg.max_batch < 0:
+            raise ValueError(f"max_batch must be >= 0 (0: the device's default), got {self.cfg.max_batch}")
+        self.device = resolve_device(self.cfg.device if device is None else device)
+        self.device_info = log_device("waypoint service", self.device)
+        self.max_batch = self.cfg.max_batch or default_max_batch(self.device)
+        # pinned host buffers, reused per batch size, for the copies to the GPU
+        self._staging = HostStaging(self.device) if self.device.type == "cuda" else None
         self.ctx = context or zmq.Context.instance()
         self.security = security
-        self.stats = ServiceStats()
+        self.stats = ServiceStats(device=str(self.device), dtype=dtype, max_batch=self.max_batch)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,9 +205,16 @@ class WaypointService:
 
     @classmethod
     def for_model(cls, model: Any, cfg: ServiceConfig | None = None, **kw: Any) -> WaypointService:
-        """Serves an `ADLLM` (AD-LLM or ADM)."""
+        """Serves an `ADLLM` (AD-LLM or ADM), moved (in place: the service owns what it serves) to `cfg.device`
+        in `cfg.dtype`."""
+        from flad_edge.celladapt.model import dtype_name
+
+        cfg = cfg or ServiceConfig()
         a = model.cfg.adapter
+        model.place(resolve_device(cfg.device), cfg.dtype)
         kw.setdefault("navigation", bool(getattr(model.cfg, "navigation", False)))
+        kw.setdefault("device", model.device)
+        kw.setdefault("dtype", dtype_name(model.dtype))
         return cls(predictor_fn(model), (a.n_feature_tokens, a.d_feature), cfg, **kw)
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -245,8 +282,8 @@ class WaypointService:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self._ready.set()
-        log.info("waypoint service on %s (max batch %d, window %.1f ms)", self.cfg.address, self.cfg.max_batch,
-                 self.cfg.max_wait_ms)
+        log.info("waypoint service on %s (%s%s, max batch %d, window %.1f ms)", self.cfg.address, self.device,
+                 f" {self.stats.dtype}" if self.stats.dtype else "", self.max_batch, self.cfg.max_wait_ms)
         queue: list[_Pending] = []
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -256,8 +293,8 @@ class WaypointService:
                     wait_ms = max(0.0, self.cfg.max_wait_ms - (time.monotonic() - queue[0].arrived) * 1000)
                 else:
                     wait_ms = 100.0
-                if len(queue) < self.cfg.max_batch and poller.poll(wait_ms):
-                    while len(queue) < self.cfg.max_batch:
+                if len(queue) < self.max_batch and poller.poll(wait_ms):
+                    while len(queue) < self.max_batch:
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
@@ -265,13 +302,13 @@ class WaypointService:
                         item = self._accept(sock, frames)
                         if item is not None:
                             queue.append(item)
-                    continue_batching = queue and len(queue) < self.cfg.max_batch and \
+                    continue_batching = queue and len(queue) < self.max_batch and \
                         (time.monotonic() - queue[0].arrived) * 1000 < self.cfg.max_wait_ms and \
                         not self._everyone_queued(queue)
                     if continue_batching:
                         continue
                 if queue:
-                    batch, queue = queue[:self.cfg.max_batch], queue[self.cfg.max_batch:]
+                    batch, queue = queue[:self.max_batch], queue[self.max_batch:]
                     self._run_batch(sock, batch)
         finally:
             sock.close(0)
@@ -288,6 +325,12 @@ class WaypointService:
             del self._peers[peer]
         queued = {(p.peer, p.vehicle_id) for p in queue}
         return all(peer in queued for peer in self._peers)
+
+    def _to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch's CPU tensors on the service's device (unchanged on the CPU)."""
+        if self._staging is not None:
+            return self._staging.to_device(tensors)
+        return {k: v.to(self.device) for k, v in tensors.items()}
 
     def _reply(self, sock: zmq.Socket, peer: bytes, req_id: bytes, ok: bool, payload: bytes, rtype: str = "") -> None:
         sock.send_multipart([peer, b"", req_id, b"ok" if ok else b"err", rtype.encode(), payload])
@@ -346,15 +389,18 @@ class WaypointService:
                 live.append(p)
         if not live:
             return
-        feats = torch.from_numpy(np.stack([p.features for p in live]))
         try:
+            inputs = {"features": torch.from_numpy(np.stack([p.features for p in live]))}
+            if self.navigation:
+                inputs["target_points"] = torch.tensor([p.target_point for p in live], dtype=torch.float32)
+            inputs = self._to_device(inputs)
             texts = ([p.instruction for p in live], [p.notice for p in live])
             with torch.no_grad():
                 if self.navigation:
-                    tps = torch.tensor([p.target_point for p in live], dtype=torch.float32)
-                    wp = self.predict(feats, *texts, tps).float().numpy()
+                    wp = self.predict(inputs["features"], *texts, inputs["target_points"])
                 else:
-                    wp = self.predict(feats, *texts).float().numpy()
+                    wp = self.predict(inputs["features"], *texts)
+                wp = wp.float().cpu().numpy()
         except Exception as exc:     # a model failure answers the batch with errors; the service stays up
             log.exception("waypoint service: prediction failed")
             for p in live:

@@ -8,8 +8,9 @@ up to `max_batch`, runs as one forward pass, as `WaypointService` does for reque
 vehicle's nav_msgs/Path with the features' header stamp (frame id `<vid>/base_link`).
 
 Features are validated as the request/reply service validates them (dtype, shape, size, finite values); a bad
-one is logged and counted, never fatal. The request/reply `WaypointService` (ZeroMQ) is unchanged; both are
-front ends of the same `ADLLM.predict`.
+one is logged and counted, never fatal. The model runs on the node's `device` (in half precision on CUDA by
+default, `dtype`), batches of up to `max_batch` frames (0: 16 on the CPU, 32 on CUDA). The request/reply
+`WaypointService` (ZeroMQ) is unchanged; both are front ends of the same `ADLLM.predict`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 from flad_core.config import ConfigError
-from flad_edge.celladapt.service import BadRequestError, msg_to_features
+from flad_core.device import DeviceError, check_device_spec, log_device, resolve_device
+from flad_edge.celladapt.service import BadRequestError, default_max_batch, msg_to_features
 from flad_sim import bridge as B
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,15 @@ class WaypointNodeConfig:
                 "initialised model of `preset` (tests and plumbing only)"})
     preset: str = field(default="student", metadata={
         "help": "size of the random model when model_dir is empty: student (ADM), teacher or general"})
-    max_batch: int = field(default=16, metadata={"help": "most frames per forward pass"})
+    max_batch: int = field(default=0, metadata={
+        "help": "most frames per forward pass (0: 16 on the CPU, 32 on CUDA)"})
     max_wait_ms: float = field(default=2.0, metadata={
         "help": "batching window, counted from the oldest queued frame (ms)"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    device: str = field(default="auto", metadata={
+        "help": "where the model runs: auto (CUDA when present), cpu, cuda or cuda:N"})
+    dtype: str = field(default="auto", metadata={
+        "help": "the model's dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, half, bf16 or fp16"})
 
     def validate(self) -> None:
         if not self.vehicle_ids or any(not v for v in self.vehicle_ids):
@@ -58,21 +65,31 @@ class WaypointNodeConfig:
 
         if not self.model_dir and self.preset not in PRESETS:
             raise ConfigError("preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.max_batch < 1 or self.threads < 1:
-            raise ConfigError("max_batch", "max_batch and threads must be >= 1")
+        if self.max_batch < 0 or self.threads < 1:
+            raise ConfigError("max_batch", "max_batch must be >= 0 (0: the device's default) and threads >= 1")
+        try:
+            check_device_spec(self.device)
+        except DeviceError as exc:
+            raise ConfigError("device", str(exc)) from exc
+        from flad_edge.celladapt.model import SERVE_DTYPES
+
+        if self.dtype not in SERVE_DTYPES:
+            raise ConfigError("dtype", f"must be one of {', '.join(SERVE_DTYPES)}, got {self.dtype!r}")
         if self.max_wait_ms < 0:
             raise ConfigError("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
 
 
-def load_model(model_dir: str, preset: str = "student") -> Any:
-    """The CELLAdapt model from a `save_pretrained` directory, or a tiny random one (clearly logged)."""
+def load_model(model_dir: str, preset: str = "student", device: str | torch.device = "cpu", dtype: str = "fp32"
+               ) -> Any:
+    """The CELLAdapt model from a `save_pretrained` directory, or a tiny random one (clearly logged), on
+    `device` in `dtype`."""
     from flad_edge.celladapt.model import ADLLM
 
     if model_dir:
-        model = ADLLM.from_pretrained(model_dir)
+        model = ADLLM.from_pretrained(model_dir, device=device, dtype=dtype)
         log.info("waypoint model: %s (%s)", model_dir, model.cfg.name)
     else:
-        model = ADLLM.build(preset)
+        model = ADLLM.build(preset, device=device, dtype=dtype)
         log.warning("waypoint model: NO model_dir given: a tiny RANDOMLY INITIALISED %s model; its waypoints are "
                     "meaningless (tests/plumbing only)", preset)
     return model.eval()
@@ -92,7 +109,11 @@ class WaypointStream:
         self.bus = bus
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
-        self.model = model if model is not None else load_model(cfg.model_dir, cfg.preset)
+        # a model handed in runs where it is; one loaded here goes to cfg.device
+        self.device = resolve_device(cfg.device) if model is None else model.device
+        self.model = model if model is not None else load_model(cfg.model_dir, cfg.preset, self.device, cfg.dtype)
+        self.device_info = log_device("waypoint node", self.device)
+        self.max_batch = cfg.max_batch or default_max_batch(self.device)
         a = self.model.cfg.adapter
         self.feature_shape = (int(a.n_feature_tokens), int(a.d_feature))
         self._queue: list[_Item] = []
@@ -146,12 +167,12 @@ class WaypointStream:
         with self._cond:
             while not self._queue and not self._stop.is_set():
                 self._cond.wait(0.1)
-            while (self._queue and len(self._queue) < self.cfg.max_batch and not self._stop.is_set()):
+            while (self._queue and len(self._queue) < self.max_batch and not self._stop.is_set()):
                 left = self.cfg.max_wait_ms / 1000 - (time.monotonic() - self._queue[0].arrived)
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch, self._queue = self._queue[:self.cfg.max_batch], self._queue[self.cfg.max_batch:]
+            batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
             texts = [self._text(i.vehicle_id, B.stamp_key(i.msg.header)) for i in batch]
         return [(i, t) for i, t in zip(batch, texts, strict=True)]
 
@@ -167,10 +188,10 @@ class WaypointStream:
                 log.warning("/flad/%s/features rejected: %s", item.vehicle_id, exc)
         if not good:
             return
-        with torch.no_grad():
-            wp = self.model.predict(torch.from_numpy(np.stack(feats)), [t[0] for _, t in good],
-                                    [t[1] for _, t in good],
-                                    torch.tensor([t[2] for _, t in good], dtype=torch.float32)).float().numpy()
+        features = torch.from_numpy(np.stack(feats)).to(self.device)
+        targets = torch.tensor([t[2] for _, t in good], dtype=torch.float32).to(self.device)
+        with torch.no_grad():      # predict answers CPU float32 whatever the device
+            wp = self.model.predict(features, [t[0] for _, t in good], [t[1] for _, t in good], targets).numpy()
         self.batch_sizes[len(good)] = self.batch_sizes.get(len(good), 0) + 1
         for (item, _), w in zip(good, wp, strict=True):
             path = B.path_msg(w, 0.0, f"{item.vehicle_id}/base_link")
@@ -192,8 +213,8 @@ class WaypointStream:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="waypoint-stream", daemon=True)
         self._thread.start()
-        log.info("waypoint node: serving %s (max batch %d, window %.1f ms)", ", ".join(self.cfg.vehicle_ids),
-                 self.cfg.max_batch, self.cfg.max_wait_ms)
+        log.info("waypoint node: serving %s on %s (max batch %d, window %.1f ms)", ", ".join(self.cfg.vehicle_ids),
+                 self.device, self.max_batch, self.cfg.max_wait_ms)
 
     def close(self) -> None:
         self._stop.set()

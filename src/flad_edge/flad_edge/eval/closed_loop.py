@@ -10,7 +10,9 @@ Starts the world bridge and, per vehicle, the chain of the chosen waypoint sourc
 
 waits for the world bridge to finish (routes ended or --duration-s simulated seconds), stops the others
 (SIGTERM), and prints one JSON object: the leaderboard scores (RC/IS/DS per ego and their means), the
-transport, every process's exit code, and the run folder (runs/<id>/, with each process's log).
+transport, every process's exit code, and the run folder (runs/<id>/, with each process's log). `--device`
+(flad_core.device) is where the encoder and waypoint nodes run their models; each node's log says which device
+it got.
 Lives in flad_edge because it composes all layers (edge -> vehicle -> sim).
 """
 
@@ -48,8 +50,15 @@ class ClosedLoopRunConfig:
     model_dir: str = ""
     threads: int = 1
     timeout_s: float = 900.0           # wall-clock limit of the whole run
+    device: str = "auto"               # the encoder and waypoint nodes' models: auto | cpu | cuda[:N]
 
     def validate(self) -> None:
+        from flad_core.device import DeviceError, check_device_spec
+
+        try:
+            check_device_spec(self.device)
+        except DeviceError as exc:
+            raise ConfigError("device", str(exc)) from exc
         if self.vehicles < 1:
             raise ConfigError("vehicles", f"must be >= 1, got {self.vehicles}")
         if self.source != "expert" and self.sensors_every < 1:
@@ -86,6 +95,8 @@ def plan_processes(cfg: ClosedLoopRunConfig, result_path: Path, hub: tuple[str, 
                 "--ros-args"]
 
     learned = cfg.source != "expert"
+    # the nodes' own default is auto: a device is passed only when one is chosen
+    device = _p(device=cfg.device) if cfg.device.strip().lower() != "auto" else []
     procs = [("world_bridge", ["flad_sim.nodes.world_bridge", *transport("world_bridge", host=True), *_p(
         town=cfg.town, seed=cfg.seed, roles=roles, route_length_m=float(cfg.route_length_m),
         duration_s=float(cfg.duration_s), sensors_every=cfg.sensors_every if learned else 0,
@@ -93,12 +104,12 @@ def plan_processes(cfg: ClosedLoopRunConfig, result_path: Path, hub: tuple[str, 
         startup_timeout_s=float(cfg.startup_timeout_s), result_path=str(result_path))])]
     if cfg.source == "edge":
         procs.append(("waypoint_node", ["flad_edge.nodes.waypoint_node", *transport("waypoint_node"), *_p(
-            vehicle_ids=vids, threads=cfg.threads), *(_p(model_dir=cfg.model_dir) if cfg.model_dir else [])]))
+            vehicle_ids=vids, threads=cfg.threads), *device, *(_p(model_dir=cfg.model_dir) if cfg.model_dir else [])]))
     period = cfg.sensors_every * 0.05 if learned else 0.05
     for vid, role in zip(vids, roles, strict=True):
         if learned:
             procs.append((f"encoder_{vid}", ["flad_vehicle.nodes.encoder_node", *transport(f"encoder_{vid}"), *_p(
-                vehicle_id=vid, role_name=role, waypoint_source=cfg.source, threads=cfg.threads),
+                vehicle_id=vid, role_name=role, waypoint_source=cfg.source, threads=cfg.threads), *device,
                 *(_p(checkpoint=cfg.encoder_checkpoint) if cfg.encoder_checkpoint else [])]))
         procs.append((f"controller_{vid}", ["flad_vehicle.nodes.controller_node", *transport(f"controller_{vid}"),
                                             *_p(vehicle_id=vid, role_name=role, waypoint_source=cfg.source,
@@ -150,8 +161,13 @@ def run_closed_loop(cfg: ClosedLoopRunConfig, runs_dir: Path | None = None) -> d
 
 def _inputs_error(cfg: ClosedLoopRunConfig) -> str | None:
     """Inputs the node processes would only fail on after start-up (None: all usable)."""
+    from flad_core.device import DeviceError, resolve_device
     from flad_sim.towns import TOWNS
 
+    try:
+        resolve_device(cfg.device)
+    except DeviceError as exc:
+        return f"--device: {exc}"
     if cfg.town not in TOWNS:
         return f"--town {cfg.town}: unknown town; towns: {', '.join(TOWNS)}"
     if cfg.encoder_checkpoint:
@@ -173,7 +189,8 @@ def _cmd(args: argparse.Namespace) -> int:
             "transport": args.transport, "source": args.source, "town": args.town, "seed": args.seed,
             "vehicles": args.vehicles, "route_length_m": args.route_length_m, "duration_s": args.duration_s,
             "sensors_every": args.sensors_every, "tick_timeout_s": args.tick_timeout_s,
-            "encoder_checkpoint": args.encoder_checkpoint, "model_dir": args.model_dir, "timeout_s": args.timeout_s})
+            "encoder_checkpoint": args.encoder_checkpoint, "model_dir": args.model_dir, "timeout_s": args.timeout_s,
+            "device": args.device})
         error = _inputs_error(cfg)
         if error:
             raise ConfigError("", error)
@@ -190,6 +207,8 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def register_closed_loop(esub: argparse._SubParsersAction) -> None:
     """`flad edge closed-loop`."""
+    from flad_core.device import add_device_argument
+
     c = esub.add_parser(
         "closed-loop", help="drive the embedded world with the node processes (ROS 2 topics or ZeroMQ); print RC/IS/DS",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,6 +227,7 @@ def register_closed_loop(esub: argparse._SubParsersAction) -> None:
     c.add_argument("--encoder-checkpoint", default="", help="encoder checkpoint (default: tiny random, logged)")
     c.add_argument("--model-dir", default="", help="CELLAdapt save_pretrained dir (default: tiny random ADM)")
     c.add_argument("--timeout-s", type=float, default=900.0, help="wall-clock limit of the run")
+    add_device_argument(c, what="the encoder and waypoint nodes' models")
     c.add_argument("--runs-dir", default=None, help="where the run folder goes (default: runs/ or $FLAD_RUNS_DIR)")
     c.add_argument("--json", action="store_true", help="(the output is always one JSON object)")
     c.set_defaults(func=_cmd)

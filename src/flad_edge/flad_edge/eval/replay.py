@@ -8,7 +8,8 @@ AD-LLM/ADM (`save_pretrained` folder) predicts waypoints from the encoder featur
 notice. Predictions are scored against the recorded expert waypoints (ADE/FDE, metres) and the recorded
 traffic-light state (accuracy of the encoder's traffic-light head); decode, encoder and ADM latencies are
 reported as p50/p99. Results: JSON (stdout with --json, always runs/<id>/replay.json) and a short markdown
-report with plots in the run folder.
+report with plots in the run folder. The encoder and the ADM run on `--device` (flad_core.device; `auto`: CUDA
+when present), in fp32 so the scores compare across devices; the JSON says which device ran (`device`).
 
 It lives in flad_edge because it needs both the vehicle's encoder and the edge's ADM.
 """
@@ -48,10 +49,16 @@ class ReplayConfig:
     max_frames: int = 0          # 0: every frame
     threads: int = 1
     plot_frames: int = 6
+    device: str = "auto"         # where the encoder and the ADM run: auto | cpu | cuda[:N] (flad_core.device)
 
     def validate(self) -> None:
         from flad_core.config import ConfigError
+        from flad_core.device import DeviceError, check_device_spec
 
+        try:
+            check_device_spec(self.device)
+        except DeviceError as exc:
+            raise ConfigError("device", str(exc)) from exc
         if not self.bag:
             raise ConfigError("bag", "a bag path is required")
         if not self.checkpoint:
@@ -274,24 +281,26 @@ def _lidar_layout(pts: np.ndarray, rays: int, key: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def load_encoder(path: str) -> Any:
+def load_encoder(path: str, device: Any = "cpu") -> Any:
+    """The encoder checkpoint at `path` on `device`, in eval mode (ReplayError when it does not load)."""
     from flad_vehicle.encoder.checkpoint import CheckpointError, load_checkpoint
 
     try:
-        model, _ = load_checkpoint(path)
+        model, _ = load_checkpoint(path, device=device)
     except CheckpointError as exc:
         raise ReplayError(str(exc)) from exc
     return model.eval()
 
 
-def load_adm(path: str, encoder_cfg: Any) -> Any:
+def load_adm(path: str, encoder_cfg: Any, device: Any = "cpu") -> Any:
+    """The CELLAdapt model saved at `path` on `device` (fp32), checked against the encoder's feature shape."""
     from flad_edge.celladapt.model import ADLLM, CONFIG_FILE
 
     d = Path(path)
     if not (d / CONFIG_FILE).is_file():
         raise ReplayError(f"ADM {d}: not a CELLAdapt save_pretrained folder (no {CONFIG_FILE})")
     try:
-        model = ADLLM.from_pretrained(d).eval()
+        model = ADLLM.from_pretrained(d, device=device).eval()
     except Exception as exc:     # transformers/peft/safetensors raise many types for a broken folder
         raise ReplayError(f"ADM {d}: cannot load: {type(exc).__name__}: {exc}") from exc
     a = model.cfg.adapter
@@ -304,23 +313,37 @@ def load_adm(path: str, encoder_cfg: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
+def _device(spec: str) -> Any:
+    """The torch device of `spec` on this host (ReplayError naming it when this host has no such device)."""
+    from flad_core.device import DeviceError, resolve_device
+
+    try:
+        return resolve_device(spec)
+    except DeviceError as exc:
+        raise ReplayError(f"--device: {exc}") from exc
+
+
 def evaluate(cfg: ReplayConfig, run_path: Path | None = None) -> dict[str, Any]:
-    """Replays the bag through the models; returns the result dict (and writes plots/report into `run_path`)."""
+    """Replays the bag through the models on `cfg.device`; returns the result dict (and writes plots/report into
+    `run_path`)."""
     import torch
 
+    from flad_core.device import log_device, synchronize, to_device
     from flad_sim.bag import BagError
 
     cfg.validate()
     bag = Path(cfg.bag)
     torch.set_num_threads(cfg.threads)
-    encoder = load_encoder(cfg.checkpoint)
+    dev = _device(cfg.device)
+    device = log_device("replay", dev)
+    encoder = load_encoder(cfg.checkpoint, dev)
     ecfg = encoder.cfg
     cameras = {c: tuple(ecfg.cameras[c]) for c in encoder.sensor_inputs if c != "lidar"}
     info = check_bag(bag, cfg.role, list(cameras))
     expert_topic = next((t for t in expert_topics(cfg.role) if t in info["topics"]), None)
     if expert_topic is None:
         log.warning("bag %s has no expert waypoints (%s): no ADE/FDE", bag, " or ".join(expert_topics(cfg.role)))
-    adm = load_adm(cfg.adm, ecfg) if cfg.adm else None
+    adm = load_adm(cfg.adm, ecfg, dev) if cfg.adm else None
     times: list[float] = []
     head_wp, adm_wp, expert_wp, recorded_wp = [], [], [], []
     lat: dict[str, list[float]] = {"decode": [], "encoder": [], "adm": []}
@@ -337,8 +360,10 @@ def evaluate(cfg: ReplayConfig, run_path: Path | None = None) -> dict[str, Any]:
             batch["target_point"] = torch.from_numpy(fr.target_point.reshape(1, 2))
             t0 = time.perf_counter()
             with torch.no_grad():
-                out = encoder(batch)
+                out = encoder(to_device(batch, dev))
+            synchronize(dev)         # the GPU's queued work belongs to the encoder's latency
             lat["encoder"].append(time.perf_counter() - t0)
+            out = {k: out[k].float().cpu() for k in ("features", "pred.waypoints", "pred.tl")}
             head = out["pred.waypoints"][0].numpy().astype(np.float64)
             a_wp = None
             if adm is not None:
@@ -383,6 +408,7 @@ def evaluate(cfg: ReplayConfig, run_path: Path | None = None) -> dict[str, Any]:
         "encoder": {"checkpoint": cfg.checkpoint, "config": ecfg.name,
                     "cameras": {k: list(v) for k, v in cameras.items()}, "lidar_rays": ecfg.lidar_rays},
         "adm": cfg.adm or None,
+        "device": device,
         "waypoints": scores,
         "traffic_light": _tl_summary(tl_pred, tl_true),
         "latency_ms": {k: latency_summary(v) for k, v in lat.items() if v},
@@ -529,6 +555,8 @@ def _markdown(r: dict[str, Any], figs: list[str]) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from flad_core.device import add_device_argument
+
     parser = subparsers.add_parser("eval", help="evaluate models on recorded data (replay bags)",
                                    description="Evaluation commands.")
     sub = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
@@ -541,6 +569,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--max-frames", type=int, default=0, help="stop after N frames (0: all)")
     r.add_argument("--threads", type=int, default=1, help="torch threads [%(default)s]")
     r.add_argument("--plot-frames", type=int, default=6, help="frames in the trajectory plot [%(default)s]")
+    add_device_argument(r, what="the encoder and the ADM")
     r.add_argument("--runs-dir", default=None, help="runs root (default $FLAD_RUNS_DIR or runs)")
     r.add_argument("--json", action="store_true", help="print the result as one JSON object")
     r.set_defaults(func=_replay)
@@ -574,8 +603,9 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         cfg = from_dict(ReplayConfig, {"bag": args.bag, "checkpoint": args.checkpoint, "adm": args.adm,
                                        "role": args.role, "max_frames": args.max_frames, "threads": args.threads,
-                                       "plot_frames": args.plot_frames})
-        bag_info(cfg.bag)           # a bad bag, checkpoint or ADM folder is refused before a run folder is made
+                                       "plot_frames": args.plot_frames, "device": args.device})
+        _device(cfg.device)         # a device this host lacks, a bad bag, checkpoint or ADM folder is refused
+        bag_info(cfg.bag)           # before a run folder is made
         _check_model_inputs(cfg)
     except (ConfigError, BagError, ReplayError) as exc:
         print(f"flad eval replay: {exc}", file=sys.stderr)

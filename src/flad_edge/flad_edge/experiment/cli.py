@@ -11,6 +11,7 @@ import yaml
 from rich.console import Console
 
 from flad_core.config import ConfigError, from_dict, to_dict
+from flad_core.device import DeviceError, resolve_device
 from flad_core.runs import RunDir
 from flad_edge.experiment.config import PRESETS, ExperimentConfig, load_experiment
 
@@ -62,9 +63,9 @@ def main_run(args: argparse.Namespace) -> int:
         if not (path / "config.yaml").exists():
             print(f"flad run: no run to resume at {path} (expected {path / 'config.yaml'})", file=sys.stderr)
             return 2
-        if args.experiment or args.set:
-            print("flad run: --resume continues a run with its own config; leave out EXPERIMENT and --set",
-                  file=sys.stderr)
+        if args.experiment or args.set or args.device or args.precision:
+            print("flad run: --resume continues a run with its own config; leave out EXPERIMENT, --set, --device "
+                  "and --precision", file=sys.stderr)
             return 2
         cfg = load_run_config(path)
         run = RunDir(path)
@@ -76,7 +77,18 @@ def main_run(args: argparse.Namespace) -> int:
             print(f"flad run: name an experiment file or a preset ({', '.join(PRESETS)}), or --resume RUN",
                   file=sys.stderr)
             return 2
-        cfg = build_config(args.experiment, args.set)
+        overrides = list(args.set)
+        if args.device:
+            overrides += [f"train.device={args.device}", f"driver.device={args.device}"]
+        if args.precision:
+            overrides.append(f"train.precision={args.precision}")
+        cfg = build_config(args.experiment, overrides)
+        try:      # a device this host lacks stops the run here, before any process starts
+            for where in (cfg.train.device, cfg.driver.device):
+                resolve_device(where)
+        except DeviceError as exc:
+            print(f"flad run: {exc}", file=sys.stderr)
+            return 2
         run = RunDir.create(f"run-{cfg.name}", cfg, root=args.runs_dir)
         write_config(run, cfg)
     console.print(f"FLAD experiment {cfg.name!r}: {cfg.fleet.vehicles} vehicles in {len(cfg.fleet.towns)} towns, "
@@ -102,4 +114,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="override one config value, e.g. --set rounds.rounds=4 (repeatable)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN", help="continue runs/<id> after a crash")
     p.add_argument("--runs-dir", type=Path, default=None, help="where runs/<id>/ goes (default: ./runs)")
+    p.add_argument("--device", default=None, metavar="auto|cpu|cuda[:N]",
+                   help="where the vehicle processes train and the driver trains and drives (sets train.device and "
+                        "driver.device; default: the config's, auto = CUDA when present)")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="stage training precision (sets train.precision; default: the config's, fp32)")
     p.set_defaults(func=main_run)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flad_core import tensorcodec
 from flad_core.config import ConfigError, from_dict, load_yaml
+from flad_core.device import DeviceError, check_device_spec, check_precision
 from flad_core.fleet import DeviceProfile
 from flad_edge.experiment.driver import DriverConfig
 from flad_edge.fl.aggregation import AggregationConfig
@@ -154,8 +155,15 @@ class TrainSection:
     schedule: str = "1f1b"
     codec: str = "fp32"
     time_scale: float = 0.02        # emulated devices run 1/time_scale times faster than Table 1
+    device: str = "auto"            # where the pooled vehicle processes train: auto | cpu | cuda[:N]
+    precision: str = "fp32"         # stage training precision: fp32 | bf16 | fp16 (autocast)
 
     def validate(self) -> None:
+        for name, check in (("device", check_device_spec), ("precision", check_precision)):
+            try:
+                check(getattr(self, name))
+            except DeviceError as exc:
+                raise ConfigError(name, str(exc)) from exc
         if self.encoder not in ("tiny", "paper"):
             raise ConfigError("encoder", f"must be tiny or paper, got {self.encoder!r}")
         if self.batch_size < 1 or self.local_epochs < 1:

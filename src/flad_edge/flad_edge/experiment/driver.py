@@ -26,6 +26,10 @@ default rig, so it needs an encoder trained on default-rig data, and costs a few
 
 Every artifact (encoder checkpoint, cloud AD-LLM, each edge's LoRA adapter and ADM, JSON summaries) goes
 under `out_dir`, and `train_driver`'s result is plain JSON, so the driver can be evaluated again from disk.
+
+`DriverConfig.device` (flad_core.device; `auto`: CUDA when present) is where the feature extraction, every
+CELLAdapt phase (in `precision`) and the in-process closed loop run (the node mode passes it to the nodes);
+both results record it under `device`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import torch
 
 from flad_core.atomic import atomic_write_text
 from flad_core.config import ConfigError, to_dict
+from flad_core.device import DeviceError, check_device_spec, check_precision, log_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +77,14 @@ def encoder_config_for(encoder: Any, data_root: str | Path) -> Any:
     return get_config(base)
 
 
-def build_encoder(state_dict: Mapping[str, torch.Tensor], data_root: str | Path, encoder: Any = "tiny") -> Any:
+def build_encoder(state_dict: Mapping[str, torch.Tensor], data_root: str | Path, encoder: Any = "tiny",
+                  device: str | torch.device | None = None) -> Any:
     """A VisionEncoder for `data_root`'s sensor shapes holding `state_dict` (strict: a state of another
-    config fails here, naming the tensors, rather than evaluating a half-loaded model), in eval mode."""
+    config fails here, naming the tensors, rather than evaluating a half-loaded model), in eval mode, on
+    `device` (None: the CPU)."""
     from flad_vehicle.encoder.model import VisionEncoder
 
-    model = VisionEncoder(encoder_config_for(encoder, data_root))
+    model = VisionEncoder(encoder_config_for(encoder, data_root), device=device)
     model.load_state_dict(dict(state_dict), strict=True)
     return model.eval()
 
@@ -106,13 +113,14 @@ def heldout_split(vehicle_ids: Iterable[str], towns: Mapping[str, str], heldout_
 
 @torch.no_grad()
 def evaluate_encoder(state_dict: Mapping[str, torch.Tensor], data_root: str, vehicles: list[str], encoder: str,
-                     batch_size: int = 8, max_batches: int | None = None) -> dict[str, Any]:
+                     batch_size: int = 8, max_batches: int | None = None, device: str | torch.device | None = None
+                     ) -> dict[str, Any]:
     """Open-loop scores of an encoder state on `vehicles`' frames (in shard order, no augmentation).
 
     Returns `loss` (the encoder's weighted multi-task training loss), `tl_acc` (traffic-light state accuracy,
     0..1), `wp_l1` (mean absolute waypoint error, metres), `frames`, plus `wp_ade`, `wp_fde` (metres) and
     `bev_iou` from the same pass. `max_batches` caps the cost per round (the first batches, so every
-    round sees the same frames)."""
+    round sees the same frames). The encoder runs on `device` (None: the CPU)."""
     from flad_sim.dataset import FleetDataset, iter_batches
     from flad_vehicle.encoder.train import evaluate, needed_fields
 
@@ -127,7 +135,7 @@ def evaluate_encoder(state_dict: Mapping[str, torch.Tensor], data_root: str, veh
     shards = ds.select(vehicles=vehicles)
     if not shards or not sum(len(s) for s in shards):
         raise ValueError(f"no frames to evaluate on: vehicles {vehicles} in {data_root}")
-    model = build_encoder(state_dict, data_root, encoder)
+    model = build_encoder(state_dict, data_root, encoder, device)
     batches = iter_batches(shards, batch_size, shuffle=False, fields=needed_fields(model))
     if max_batches is not None:
         batches = itertools.islice(batches, max_batches)
@@ -167,6 +175,8 @@ class DriverConfig:
     closed_loop: Literal["inprocess", "nodes"] = "inprocess"   # nodes: the deployment's processes (default rig)
     eval_edges: list[str] = field(default_factory=list)   # edges whose ADM drives (empty: every edge)
     baselines: list[str] = field(default_factory=lambda: ["constant"])   # of BASELINES, on the same routes
+    device: str = "auto"               # features, training and closed loop: auto | cpu | cuda[:N] (flad_core.device)
+    precision: str = "fp32"            # CELLAdapt training: fp32 | bf16 | fp16 autocast
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field (`from_dict` calls it and prefixes the section;
@@ -189,6 +199,11 @@ class DriverConfig:
             raise ConfigError("max_route_s", f"must be >= 0 (0: no limit), got {self.max_route_s!r}")
         if not isinstance(self.general, str) or not self.general:
             raise ConfigError("general", "tiny, smollm2 or a local transformers checkpoint folder")
+        for name, check in (("device", check_device_spec), ("precision", check_precision)):
+            try:
+                check(getattr(self, name))
+            except DeviceError as exc:
+                raise ConfigError(name, str(exc)) from exc
         self._validate_lists()
 
     def _validate_lists(self) -> None:
@@ -213,7 +228,8 @@ def _fit_config(cfg: DriverConfig, steps: int, lr: float, seed: int) -> Any:
     from flad_edge.celladapt.train import FitConfig
 
     return FitConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, alpha=cfg.alpha, seed=seed,
-                     warmup_steps=min(10, max(1, steps // 5)), log_every=max(1, steps // 4))
+                     warmup_steps=min(10, max(1, steps // 5)), log_every=max(1, steps // 4), device=cfg.device,
+                     precision=cfg.precision)
 
 
 def _phase(name: str, model: Any, data: Any, fc: Any, teacher: Any = None) -> dict[str, Any]:
@@ -260,7 +276,7 @@ def _edge_driver(eid: str, ad_llm: Any, data: Any, cfg: DriverConfig, out: Path,
     from flad_edge.celladapt.train import LoraSettings, apply_lora, evaluate, merge_lora, trainable_fraction
 
     t0 = time.perf_counter()
-    teacher = copy.deepcopy(ad_llm)
+    teacher = copy.deepcopy(ad_llm)          # on the AD-LLM's device
     for p in teacher.parameters():
         p.requires_grad = True
     before = evaluate(teacher, data)["wp_l1"]
@@ -271,7 +287,7 @@ def _edge_driver(eid: str, ad_llm: Any, data: Any, cfg: DriverConfig, out: Path,
     teacher.llm.save_pretrained(out / "lora")     # the adapter only: its base is the cloud AD-LLM, saved once
     merge_lora(teacher)
     _freeze(teacher)
-    adm = ADLLM.build(student_config())
+    adm = ADLLM.build(student_config(), device=teacher.device)
     phases["adm_distill"] = _phase(f"{eid} ADM", adm, data, _fit_config(cfg, cfg.adm_steps, cfg.lr, seed), teacher)
     _freeze(adm)
     adm.save_pretrained(out / "adm")
@@ -283,26 +299,29 @@ def _edge_driver(eid: str, ad_llm: Any, data: Any, cfg: DriverConfig, out: Path,
             "phases": phases, "wall_s": round(time.perf_counter() - t0, 2), "_adm": adm}
 
 
-def load_edge_ad_llm(trained: Mapping[str, Any], edge_id: str) -> Any:
-    """An edge's AD-LLM as it was before merging: the cloud AD-LLM with that edge's LoRA adapter (frozen)."""
+def load_edge_ad_llm(trained: Mapping[str, Any], edge_id: str, device: str | torch.device = "cpu") -> Any:
+    """An edge's AD-LLM as it was before merging: the cloud AD-LLM with that edge's LoRA adapter (frozen), on
+    `device`."""
     from peft import PeftModel
 
     from flad_edge.celladapt.model import ADLLM
 
     model = ADLLM.from_pretrained(trained["cloud"]["ad_llm"])
     model.llm = PeftModel.from_pretrained(model.llm, trained["edges"][edge_id]["lora"], is_trainable=False)
-    return model.eval()
+    return model.eval().place(device)
 
 
-def _cloud_driver(cloud: Any, cfg: DriverConfig, out: Path, seed: int) -> tuple[Any, dict[str, Any]]:
-    """The cloud, once: the general LLM trained on the fleet's features, distilled into the AD-LLM (saved)."""
+def _cloud_driver(cloud: Any, cfg: DriverConfig, out: Path, seed: int, device: torch.device
+                  ) -> tuple[Any, dict[str, Any]]:
+    """The cloud, once: the general LLM trained on the fleet's features, distilled into the AD-LLM (saved); both
+    built and trained on `device`."""
     from flad_edge.celladapt.model import ADLLM, teacher_config
     from flad_edge.celladapt.pipeline import PipelineConfig, _general
 
-    general = _general(PipelineConfig(general=cfg.general))
+    general = _general(PipelineConfig(general=cfg.general), device)
     phases = {"general_on_driving_data": _phase("general", general, cloud,
                                                 _fit_config(cfg, cfg.general_steps, cfg.lr, seed))}
-    ad_llm = ADLLM.build(teacher_config())
+    ad_llm = ADLLM.build(teacher_config(), device=device)
     phases["cloud_distill_general_to_ad_llm"] = _phase(
         "cloud distillation", ad_llm, cloud, _fit_config(cfg, cfg.distill_steps, cfg.lr, seed), teacher=general)
     _freeze(ad_llm)
@@ -350,8 +369,10 @@ def _train_driver(encoder_state: Mapping[str, torch.Tensor], ds: Any, edge_vehic
     from flad_vehicle.encoder.checkpoint import save_checkpoint
 
     t_start = time.perf_counter()
+    dev = resolve_device(cfg.device)
+    device = log_device("driver (CELLAdapt)", dev)
     data_root = str(ds.root)
-    model = build_encoder(encoder_state, data_root, encoder)
+    model = build_encoder(encoder_state, data_root, encoder, dev)
     ckpt = save_checkpoint(out_dir / "encoder.safetensors", model, extra={"stage": "driver", "data": data_root})
     wall: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -367,7 +388,7 @@ def _train_driver(encoder_state: Mapping[str, torch.Tensor], ds: Any, edge_vehic
     constant_wp = cloud.waypoints.mean(0)
 
     t0 = time.perf_counter()
-    ad_llm, phases = _cloud_driver(cloud, cfg, out_dir / "cloud" / "ad_llm", seed)
+    ad_llm, phases = _cloud_driver(cloud, cfg, out_dir / "cloud" / "ad_llm", seed, dev)
     wall["cloud"] = round(time.perf_counter() - t0, 2)
 
     edges: dict[str, Any] = {}
@@ -400,7 +421,7 @@ def _train_driver(encoder_state: Mapping[str, torch.Tensor], ds: Any, edge_vehic
         "heldout_root": heldout_root,
         "cloud": {"ad_llm": str(out_dir / "cloud" / "ad_llm"), "phases": phases}, "edges": edges,
         "skipped_edges": skipped, "constant_waypoints": constant_wp.tolist(),
-        "open_loop_held_out": open_loop, "wall_s": wall,
+        "open_loop_held_out": open_loop, "wall_s": wall, "device": device, "precision": cfg.precision,
     }
 
 
@@ -474,7 +495,8 @@ def _run_nodes(name: str, source: str, model_dir: str, town: str, world_seed: in
 
     rc = ClosedLoopRunConfig(source=source, town=town, seed=world_seed, route_length_m=cfg.route_length_m,
                              duration_s=cfg.max_route_s, sensors_every=cfg.plan_every,
-                             encoder_checkpoint=encoder_checkpoint if source != "expert" else "", model_dir=model_dir)
+                             encoder_checkpoint=encoder_checkpoint if source != "expert" else "", model_dir=model_dir,
+                             device=cfg.device)
     rc.validate()
     out = run_closed_loop(rc, runs_dir)
     if "error" in out:       # the infrastructure failed: that is no driving score
@@ -501,7 +523,8 @@ def _check_node_rig(encoder: Any) -> None:
 
 
 def _drivers(trained: Mapping[str, Any], cfg: DriverConfig, encoder: Any) -> list[dict[str, Any]]:
-    """What drives: each evaluated edge's ADM, then the baselines; for either mode."""
+    """What drives: each evaluated edge's ADM (in-process: on the encoder's device), then the baselines; for
+    either mode."""
     from flad_edge.celladapt.model import ADLLM
     from flad_sim.expert import ExpertAgent
     from flad_vehicle.control.agent import ConstantWaypointAgent, WaypointAgent
@@ -515,12 +538,12 @@ def _drivers(trained: Mapping[str, Any], cfg: DriverConfig, encoder: Any) -> lis
         path = trained["edges"][eid]["adm"]
         make = None
         if cfg.closed_loop == "inprocess":
-            adm = ADLLM.from_pretrained(path)
+            adm = ADLLM.from_pretrained(path, device=next(encoder.parameters()).device)
 
             def source(f: torch.Tensor, instruction: str, notice: str, target_point: Any = None, m: Any = adm
                        ) -> np.ndarray:
                 tp = None if target_point is None else torch.as_tensor(target_point, dtype=torch.float32)[None]
-                return m.predict(f[None], [instruction], [notice], tp)[0].numpy()
+                return m.predict(f[None], [instruction], [notice], tp)[0].numpy()    # CPU float32
 
             def make(w: Any, s: Any = source) -> Any:
                 return WaypointAgent(encoder, s, plan_every=cfg.plan_every)
@@ -568,7 +591,9 @@ def evaluate_driver(trained: Mapping[str, Any], cfg: DriverConfig, out_dir: Path
     if not cfg.enabled or not trained.get("enabled", False):
         return {"enabled": False}
     t_start = time.perf_counter()
-    encoder = load_checkpoint(trained["encoder_checkpoint"])[0].eval()
+    dev = resolve_device(cfg.device)
+    device = log_device("driver closed loop", dev)
+    encoder = load_checkpoint(trained["encoder_checkpoint"], device=dev)[0].eval()
     if cfg.closed_loop == "nodes":
         _check_node_rig(encoder)
     drivers = _drivers(trained, cfg, encoder)
@@ -601,7 +626,7 @@ def evaluate_driver(trained: Mapping[str, Any], cfg: DriverConfig, out_dir: Path
         "baselines": {b: {**_scores(records[b]), "per_route": rows[b]} for b in cfg.baselines},
         "closed_loop": cfg.closed_loop, "eval_towns": list(cfg.eval_towns), "route_length_m": cfg.route_length_m,
         "max_route_s": cfg.max_route_s, "plan_hz": round(1.0 / (DT * cfg.plan_every), 3), "seed": seed,
-        "eval_towns_seen_in_training": trained.get("eval_towns_seen_in_training", []),
+        "eval_towns_seen_in_training": trained.get("eval_towns_seen_in_training", []), "device": device,
     }
     if "constant" in result["baselines"]:
         c = result["baselines"]["constant"]

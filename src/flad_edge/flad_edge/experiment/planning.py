@@ -313,7 +313,7 @@ def cluster_limited(limited: list[str], tracks: dict[str, np.ndarray], dwell: di
     dwell_steps = {v: int(dwell.get(v, horizon_s) // step_s) for v in ids}
     stb = pair_stability(model, ids, pred, pairs, dwell_steps, v2v_radius_m)
     neighbours = {v: {ids[j] for j in np.flatnonzero(near[index[v]])} for v in ids}
-    members = [Member(v, profiles[v].mem_bytes, profiles[v].tflops, profiles[v].link_mbps, dwell.get(v, 0.0))
+    members = [Member(v, profiles[v].stage_mem_bytes, profiles[v].tflops, profiles[v].link_mbps, dwell.get(v, 0.0))
                for v in ids]
     m_cmp = plan_profile.m_cmp_per_sample * samples_per_epoch
     choices = cluster_fleet(members, stb, neighbours, plan_profile.m_cap, m_cmp, float(epochs), alpha_p,

@@ -113,7 +113,8 @@ class VehiclePool:
     """N slot processes for one edge (its bus / EdgeServer); vehicles are mapped onto slots per round."""
 
     def __init__(self, fleet: FleetConfig, n_slots: int, workdir: Path, data_root: str,
-                 group: ProcessGroup | None = None, encoder: str = "tiny", port_base: int | None = None) -> None:
+                 group: ProcessGroup | None = None, encoder: str = "tiny", port_base: int | None = None,
+                 device: str = "auto") -> None:
         if n_slots < 1:
             raise ValueError(f"a pool needs at least one slot, got {n_slots}")
         self.fleet = fleet
@@ -121,6 +122,7 @@ class VehiclePool:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_root = data_root
         self.encoder = encoder
+        self.device = device            # where every slot process trains its stages (flad_core.device)
         self._own_group = group is None
         self.group = group or ProcessGroup(grace_s=5.0)
         base = free_port_base(2 * n_slots) if port_base is None else port_base   # slot i: base + 2i, base + 2i + 1
@@ -156,7 +158,8 @@ class VehiclePool:
         """Start slot `sid`'s process (spawner thread only)."""
         slot = self._slots[sid]
         cmd = python_module_cmd(WORKER_MODULE, "--slot", sid, "--fleet", str(self.fleet_file),
-                                "--run-dir", str(self.workdir), "--data", self.data_root, "--encoder", self.encoder)
+                                "--run-dir", str(self.workdir), "--data", self.data_root, "--encoder", self.encoder,
+                                "--device", self.device)
         proc = self.group.start(f"{self.fleet.edge.id}/{sid}", cmd, log_path=self.workdir / f"{sid}.stderr",
                                 env={"OMP_NUM_THREADS": "1"})
         with self._cv:
@@ -209,7 +212,7 @@ class VehiclePool:
         if ident is None:
             return codec.new("flad_msgs/msg/VehicleIdentity", header=codec.header())
         prof = self.fleet.all_profiles()[ident.profile]
-        device = codec.new("flad_msgs/msg/DeviceProfile", name=ident.profile, mem_bytes=prof.mem_bytes,
+        device = codec.new("flad_msgs/msg/DeviceProfile", name=ident.profile, mem_bytes=prof.stage_mem_bytes,
                            tflops=prof.tflops, link_mbps=prof.link_mbps, emulated=True)
         return codec.new("flad_msgs/msg/VehicleIdentity", header=codec.header(), vehicle_id=ident.vehicle_id,
                          profile_name=ident.profile, device=device, town=ident.town, data_root=self.data_root,

@@ -70,7 +70,8 @@ def fhdp_config(cfg: ExperimentConfig) -> FhdpConfig:
     return FhdpConfig(rounds=cfg.rounds.rounds, local_steps=cfg.local_steps, batch_size=t.batch_size,
                       n_micro=t.n_micro, schedule=t.schedule, codec=t.codec, time_scale=t.time_scale,
                       round_deadline_s=cfg.rounds.deadline_s, quorum=1, planner=cfg.swift.method, encoder=t.encoder,
-                      seed=cfg.seed, aggregation=dataclasses.replace(cfg.aggregation.edge))
+                      seed=cfg.seed, aggregation=dataclasses.replace(cfg.aggregation.edge),
+                      precision=t.precision)
 
 
 @dataclasses.dataclass
@@ -137,7 +138,8 @@ def start_sites(cfg: ExperimentConfig, edges: list[EdgeSpec], vehicles: list[Veh
             (run_path / "fleets").mkdir(parents=True, exist_ok=True)
             (run_path / "fleets" / f"{spec.id}.yaml").write_text(yaml.safe_dump(to_dict(fleet), sort_keys=False))
             pool = VehiclePool(fleet, cfg.pool.slots_per_edge, run_path / "pool" / spec.id, data_root, group=group,
-                               encoder=cfg.train.encoder, port_base=base + 2 + i * per_edge + 8)
+                               encoder=cfg.train.encoder, port_base=base + 2 + i * per_edge + 8,
+                               device=cfg.train.device)
             # the edge admits the experiment's vehicles and its pool's slots (as themselves, while idle)
             slots = pool.slot_fleet()
             fleet = dataclasses.replace(fleet, vehicles=fleet.vehicles + slots.vehicles,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flad_core.config import ConfigError
+from flad_core.device import PRECISIONS
 from flad_edge.fl.aggregation import AggregationConfig
 
 #: how a cluster covers its members' data each round (FhdpConfig.cluster_schedule)
@@ -43,6 +44,9 @@ class FhdpConfig:
     # how the edge combines its clients' updates (FedAvg by default) and screens them first: a poisoned
     # vehicle's cluster update is rejected rather than averaged in (flad_edge.fl.aggregation)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    # every stage's training precision: fp32, or autocast to bf16 / fp16 (fp16 with the pipeline's loss scale on
+    # CUDA); each vehicle trains on its own device (the fleet file's `device`, or its worker's --device)
+    precision: str = "fp32"
 
     def validate(self) -> None:
         if self.schedule not in ("gpipe", "1f1b"):
@@ -51,6 +55,8 @@ class FhdpConfig:
             raise ValueError("need 1 <= n_micro <= batch_size")
         if not isinstance(self.u_shaped, bool):
             raise ValueError(f"u_shaped must be true or false, got {self.u_shaped!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.cluster_schedule not in CLUSTER_SCHEDULES:
             raise ValueError(f"cluster_schedule must be one of {', '.join(CLUSTER_SCHEDULES)}, got "
                              f"{self.cluster_schedule!r}")

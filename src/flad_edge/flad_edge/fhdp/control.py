@@ -132,7 +132,7 @@ class PipelineControl:
             schedule=self.cfg.schedule, codec=self.cfg.codec, n_micro=self.cfg.n_micro,
             batch_size=self.cfg.batch_size, steps=steps, first_step=self.steps.take(steps),
             time_scale=self.cfg.time_scale, u_shaped=self.cfg.u_shaped, fanin_sources=list(fanin_sources),
-            fanin_inboxes=[self.fleet.vehicle(v).data for v in fanin_sources])
+            fanin_inboxes=[self.fleet.vehicle(v).data for v in fanin_sources], precision=self.cfg.precision)
 
     def send(self, service: str, a: Assignment, vehicles: Sequence[str] | None = None,
              before_each: Callable[[], None] | None = None) -> None:

@@ -108,7 +108,7 @@ class FhdpEdge:
     def swift_cluster(self, members: list[str]) -> Cluster:
         profiles = self.fleet.all_profiles()
         prof = {m: profiles[self.fleet.vehicle(m).profile] for m in members}
-        return Cluster([Vehicle(m, prof[m].mem_bytes, prof[m].tflops, prof[m].link_mbps, 1.0) for m in members],
+        return Cluster([Vehicle(m, prof[m].stage_mem_bytes, prof[m].tflops, prof[m].link_mbps, 1.0) for m in members],
                        n_batch=self.cfg.batch_size)
 
     def essential_pipelines(self, members: list[str]) -> list[Pipeline]:

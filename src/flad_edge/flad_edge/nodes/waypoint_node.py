@@ -5,6 +5,10 @@
 
 The topic front end of the same predictor the request/reply WaypointService serves
 (flad_edge.celladapt.stream.WaypointStream). Without model_dir: a tiny random ADM, logged as such.
+`device` (auto | cpu | cuda[:N]; auto: CUDA when present) is where the model runs, `dtype` its precision
+(auto: fp16 on CUDA, fp32 on the CPU), `max_batch` 0 the device's default (16 on the CPU, 32 on CUDA):
+
+    ros2 run flad_edge waypoint_node --ros-args -p vehicle_ids:="[v0, v1]" -p device:=cuda:0
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flad_core.device import to_device
 from flad_sim.physics import Control
 from flad_vehicle.control.pid import LMDriveController, PIDConfig
 
@@ -116,7 +117,9 @@ class WaypointAgent:
         tp = labels.get("target_point", np.array([10.0, 0.0], np.float32))
         batch["target_point"] = torch.from_numpy(np.asarray(tp, np.float32).reshape(1, 2))
         self.front_clear = front_box_clear(sensors.get("lidar"))
-        out = self.encoder(batch)
+        out = self.encoder(to_device(batch, self.encoder.device))
+        # the waypoint source and the PID read host tensors whatever device the encoder runs on
+        out = {k: out[k].float().cpu() for k in ("features", "pred.waypoints")}
         if self.source is None:
             wp = out["pred.waypoints"][0].numpy()
         else:

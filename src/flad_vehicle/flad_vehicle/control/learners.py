@@ -12,21 +12,24 @@ from typing import Any
 
 import torch
 
-_ENCODERS: dict[str, Any] = {}     # one copy per process of each checkpoint, shared by its agents
+_ENCODERS: dict[tuple[str, str], Any] = {}   # one copy per process of each checkpoint and device, shared by agents
 
 
-def shared_encoder(checkpoint: str) -> Any:
-    """The encoder of `checkpoint`, loaded once per process."""
+def shared_encoder(checkpoint: str, device: str = "auto") -> Any:
+    """The encoder of `checkpoint` on `device` (flad_core.device), loaded once per process."""
+    from flad_core.device import resolve_device
     from flad_vehicle.encoder.checkpoint import load_checkpoint
 
-    if checkpoint not in _ENCODERS:
-        _ENCODERS[checkpoint] = load_checkpoint(checkpoint)[0].eval()
-    return _ENCODERS[checkpoint]
+    dev = resolve_device(device)
+    key = (checkpoint, str(dev))
+    if key not in _ENCODERS:
+        _ENCODERS[key] = load_checkpoint(checkpoint, device=dev)[0].eval()
+    return _ENCODERS[key]
 
 
-def encoder_head_agent(checkpoint: str, plan_every: int = 10) -> Any:
+def encoder_head_agent(checkpoint: str, plan_every: int = 10, device: str = "auto") -> Any:
     """The encoder's own waypoint head drives (it reads the route's target point)."""
     from flad_vehicle.control.agent import WaypointAgent
 
     torch.set_num_threads(1)
-    return WaypointAgent(shared_encoder(checkpoint), None, plan_every=plan_every, name="encoder_head")
+    return WaypointAgent(shared_encoder(checkpoint, device), None, plan_every=plan_every, name="encoder_head")

@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from flad_core.atomic import atomic_write_bytes
+from flad_core.device import resolve_device
 from flad_vehicle.encoder.config import EncoderConfig, get_config
 from flad_vehicle.encoder.model import VisionEncoder
 
@@ -92,9 +93,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, parsed
 
 
-def load_checkpoint(path: str | Path, model: VisionEncoder | None = None
+def load_checkpoint(path: str | Path, model: VisionEncoder | None = None, device: str | torch.device | None = None
                     ) -> tuple[VisionEncoder, dict[str, Any]]:
-    """Loads into `model` (checking its config matches) or into a new model built from the stored config."""
+    """Loads into `model` (checking its config matches) or into a new model built from the stored config;
+    `device` (flad_core.device) moves the loaded model there (default: where `model` is, or the CPU)."""
     tensors, meta = read_checkpoint(path)
     cfg: EncoderConfig = meta["config"]
     if model is None:
@@ -116,4 +118,6 @@ def load_checkpoint(path: str | Path, model: VisionEncoder | None = None
             raise CheckpointError(path, f"tensor {k!r} has shape {list(tensors[k].shape)}, "
                                         f"model expects {list(v.shape)}")
     model.load_state_dict(tensors)
+    if device is not None:
+        model.to(resolve_device(device))
     return model, meta

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flad_core.device import resolve_device
 from flad_sim.schema import BEV_X_RANGE_M, BEV_Y_RANGE_M
 from flad_vehicle.encoder.config import EncoderConfig, get_config
 from flad_vehicle.encoder.layers import (
@@ -59,7 +60,10 @@ class VisionEncoder(nn.Module):
     """LMDrive-style encoder. `layers` is an ordered ModuleDict of `Layer`s (declaration order is a valid
     topological order); `forward(batch)` runs the prediction layers, `forward_train` adds the loss."""
 
-    def __init__(self, cfg: EncoderConfig | str | dict | None = None) -> None:
+    def __init__(self, cfg: EncoderConfig | str | dict | None = None, device: str | torch.device | None = None
+                 ) -> None:
+        """`device` (flad_core.device: auto|cpu|cuda[:N]|meta; None = the CPU): the weights are initialised on
+        the CPU and then moved, so a seed gives the same model on every device."""
         super().__init__()
         cfg = get_config(cfg if cfg is not None else "tiny")
         self.cfg = cfg
@@ -114,6 +118,13 @@ class VisionEncoder(nn.Module):
         L["features"] = FeatureHead(top, cfg.bev_queries, cfg.feature_pool, cfg.n_waypoints)
         L["loss"] = LossLayer(cfg.w_bev, cfg.w_tl, cfg.w_wp, cfg.bev_pos_weight, cfg.tl_class_weights)
         self.layers = nn.ModuleDict(L)
+        if device is not None:
+            self.to(resolve_device(device))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (every parameter lives on one device)."""
+        return next(self.parameters()).device
 
     # ------------------------------------------------------------------------------------------ structure
 

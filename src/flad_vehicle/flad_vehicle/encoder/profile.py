@@ -13,9 +13,14 @@ Every figure is measured on a real forward pass, not guessed:
 - `mem_bytes`: training-memory estimate for the layer at the profile's `batch_size`:
   4 × param_bytes (weights + grads + Adam m + Adam v) + batch_size × (bytes autograd saves for backward
   per sample, captured with `saved_tensors_hooks`, each storage counted once, parameters excluded).
-- measured peaks (in `layer_details` and `measured`): CPU memory of a real fwd+bwd (per layer) or
-  fwd+bwd+AdamW step (whole model), from the torch profiler's CPU allocation/free events
-  (`profile_memory=True`, timeline-ordered running sum), plus the parameters resident before the step.
+- measured peaks (in `layer_details` and `measured`): memory of a real fwd+bwd (per layer) or
+  fwd+bwd+AdamW step (whole model), plus the parameters resident before the step. On the CPU from the torch
+  profiler's CPU allocation/free events (`profile_memory=True`, timeline-ordered running sum); on a CUDA
+  device from the caching allocator's own counter (`torch.cuda.max_memory_allocated` above what was
+  allocated before the step).
+
+The model profiles where it is (`model.device`): the batch is moved there, and the profile says which device
+ran (`device`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from flad_core.device import device_info, peak_memory_bytes, reset_peak_memory, synchronize, to_device
 from flad_vehicle.encoder.model import VisionEncoder
 from flad_vehicle.encoder.partition import build_graph
 
@@ -71,8 +77,16 @@ class _SavedCounter:
         return t
 
 
-def measure_peak(fn) -> int:
-    """Peak bytes newly allocated on CPU while `fn()` runs (torch profiler memory events)."""
+def measure_peak(fn, device: torch.device | str = "cpu") -> int:
+    """Peak bytes newly allocated on `device` while `fn()` runs: the CUDA allocator's peak counter on a GPU,
+    the torch profiler's CPU memory events on the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        reset_peak_memory(dev)
+        fn()
+        return int((peak_memory_bytes(dev) or 0) - base)
     with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = []
@@ -97,6 +111,7 @@ def profile_model(model: VisionEncoder, batch: Mapping[str, Tensor], include_los
     """Profiles every layer of `model` on `batch` (its batch size is the profile's `batch_size`)."""
     graph = build_graph(model, include_loss)
     layers = dict(model.layer_list(include_loss))
+    batch = to_device(batch, model.device)
     B = int(next(iter(batch.values())).shape[0])
     env: dict[str, Tensor] = {n: batch[n] for n in graph.inputs}
     was_training = model.training
@@ -125,7 +140,8 @@ def profile_model(model: VisionEncoder, batch: Mapping[str, Tensor], include_los
                         "live_after": list(graph.live(i + 1))})
     if measure:
         for d in details:
-            d["measured_peak_bytes"] = _layer_peak(layers[d["name"]], env, graph.nodes[d["index"]].reads)
+            d["measured_peak_bytes"] = _layer_peak(layers[d["name"]], env, graph.nodes[d["index"]].reads,
+                                                   model.device)
     totals = {k: sum(r[k] for r in rows) for k in ("flops", "param_bytes", "mem_bytes")}
     totals["params"] = sum(p.numel() for p in model.parameters())
     totals["saved_activation_bytes"] = int(round(counter.bytes / B))
@@ -137,12 +153,18 @@ def profile_model(model: VisionEncoder, batch: Mapping[str, Tensor], include_los
         "input_bytes": int(round(sum(_nbytes(batch[t]) for t in graph.live(0)) / B)),
         "layers": rows, "layer_details": details, "totals": totals, "whole_model": whole,
         "host": {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "device": device_info(model.device),
     }
     if measure:
+        peak = measure_train_step_peak(model, batch)
+        where = ("torch.cuda.max_memory_allocated" if model.device.type == "cuda"
+                 else "torch.profiler CPU memory events")
         out["measured"] = {
-            "train_step_peak_bytes": measure_train_step_peak(model, batch),
-            "method": "torch.profiler CPU memory events over one fwd+bwd+AdamW step (first step: Adam state "
-                      "allocated inside), plus resident parameter bytes",
+            "train_step_peak_bytes": peak,
+            "estimate_bytes": totals["mem_bytes"],
+            "estimate_rel_error": round((totals["mem_bytes"] - peak) / peak, 4) if peak else None,
+            "method": f"{where} over one fwd+bwd+AdamW step (first step: Adam state allocated inside), plus "
+                      f"resident parameter bytes",
         }
     model.train(was_training)
     return out
@@ -162,7 +184,8 @@ def whole_model_figures(model: VisionEncoder, batch: Mapping[str, Tensor], inclu
             "mem_bytes_estimate": int(round(4 * pbytes + counter.bytes))}
 
 
-def _layer_peak(layer: torch.nn.Module, env: Mapping[str, Tensor], reads: tuple[str, ...]) -> int:
+def _layer_peak(layer: torch.nn.Module, env: Mapping[str, Tensor], reads: tuple[str, ...],
+                device: torch.device | str = "cpu") -> int:
     ins = [env[r].detach().requires_grad_(env[r].is_floating_point()) for r in reads]
 
     def step() -> None:
@@ -171,7 +194,7 @@ def _layer_peak(layer: torch.nn.Module, env: Mapping[str, Tensor], reads: tuple[
         if tensors:
             torch.autograd.backward(tensors, [torch.ones_like(o) for o in tensors])
 
-    peak = measure_peak(step)
+    peak = measure_peak(step, device)
     layer.zero_grad(set_to_none=True)
     return peak + _param_bytes(layer)
 
@@ -182,6 +205,7 @@ def measure_train_step_peak(model: VisionEncoder, batch: Mapping[str, Tensor]) -
 
     m = copy.deepcopy(model)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    batch = to_device(batch, m.device)
 
     def step() -> None:
         out = m.forward_train(batch)
@@ -189,7 +213,7 @@ def measure_train_step_peak(model: VisionEncoder, batch: Mapping[str, Tensor]) -
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return measure_peak(step) + _param_bytes(m)
+    return measure_peak(step, m.device) + _param_bytes(m)
 
 
 def swift_profile(profile: Mapping[str, Any]) -> dict[str, Any]:
@@ -210,6 +234,8 @@ def measure_layer_seconds(model: VisionEncoder, batch: Mapping[str, Tensor], rep
 
     graph = build_graph(model, include_loss)
     layers = dict(model.layer_list(include_loss))
+    batch = to_device(batch, model.device)
+    dev = model.device
     size = int(next(iter(batch.values())).shape[0])
     env: dict[str, Tensor] = {n: batch[n] for n in graph.inputs}
     was_training = model.training
@@ -222,11 +248,13 @@ def measure_layer_seconds(model: VisionEncoder, batch: Mapping[str, Tensor], rep
             outs: tuple = ()
             for i in range(repeats + 1):
                 ins = [env[r].detach().requires_grad_(env[r].is_floating_point()) for r in node.reads]
+                synchronize(dev)
                 t0 = time.perf_counter()
                 outs = layer(*ins)
                 tensors = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
                 if tensors:
                     torch.autograd.backward(tensors, [torch.ones_like(o) for o in tensors])
+                synchronize(dev)
                 if i:
                     times.append(time.perf_counter() - t0)
             layer.zero_grad(set_to_none=True)

@@ -30,6 +30,7 @@ import torch
 
 from flad_core import codec
 from flad_core.config import ConfigError
+from flad_core.device import DeviceError, check_device_spec, log_device, resolve_device, to_device
 from flad_sim import bridge as B
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class EncoderNodeConfig:
                 "own waypoints on /flad/<vehicle_id>/waypoints"})
     seed: int = field(default=0, metadata={"help": "seed of the random encoder (when no checkpoint)"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    device: str = field(default="auto", metadata={
+        "help": "where the encoder runs: auto (CUDA when present), cpu, cuda or cuda:N"})
     frame_timeout_s: float = field(default=5.0, metadata={
         "help": "drop a frame still incomplete this many wall seconds after its first message"})
 
@@ -57,21 +60,26 @@ class EncoderNodeConfig:
             raise ConfigError("vehicle_id", "vehicle_id and role_name must not be empty")
         if self.threads < 1:
             raise ConfigError("threads", f"must be >= 1, got {self.threads}")
+        try:
+            check_device_spec(self.device)
+        except DeviceError as exc:
+            raise ConfigError("device", str(exc)) from exc
         if not self.frame_timeout_s > 0:
             raise ConfigError("frame_timeout_s", f"must be > 0, got {self.frame_timeout_s}")
 
 
-def load_encoder(checkpoint: str, seed: int = 0) -> Any:
-    """The encoder from a checkpoint, or (empty path) a tiny randomly initialised one, clearly logged."""
+def load_encoder(checkpoint: str, seed: int = 0, device: str | torch.device = "cpu") -> Any:
+    """The encoder from a checkpoint, or (empty path) a tiny randomly initialised one, clearly logged, on
+    `device` (flad_core.device)."""
     from flad_vehicle.encoder.checkpoint import load_checkpoint
     from flad_vehicle.encoder.model import VisionEncoder
 
     if checkpoint:
-        model, meta = load_checkpoint(checkpoint)
+        model, meta = load_checkpoint(checkpoint, device=device)
         log.info("encoder: %s (config %s, step %s)", checkpoint, model.cfg.name, meta.get("step"))
     else:
         torch.manual_seed(seed)
-        model = VisionEncoder("tiny")
+        model = VisionEncoder("tiny", device=device)
         log.warning("encoder: NO CHECKPOINT given: a tiny RANDOMLY INITIALISED encoder (seed %d); its features "
                     "and waypoints are meaningless (tests/plumbing only)", seed)
     return model.eval()
@@ -101,7 +109,9 @@ class EncoderLoop:
         self.bus = bus
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
-        self.encoder = encoder if encoder is not None else load_encoder(cfg.checkpoint, cfg.seed)
+        self.device = resolve_device(cfg.device) if encoder is None else encoder.device
+        self.encoder = encoder if encoder is not None else load_encoder(cfg.checkpoint, cfg.seed, self.device)
+        self.device_info = log_device(f"encoder node {cfg.vehicle_id}", self.device)
         self.cameras = [n for n in self.encoder.sensor_inputs if n != "lidar"]
         self.lidar_rays = int(self.encoder.cfg.lidar_rays)
         self.needed = (*self.cameras, "lidar", "odometry", "navigation")
@@ -185,8 +195,9 @@ class EncoderLoop:
         """Encode one complete frame and publish its features (and head waypoints)."""
         t0 = time.perf_counter()
         header = parts["odometry"].header
-        out = self.encoder(self.batch(parts))
-        feats = np.ascontiguousarray(out["features"][0].float().numpy())
+        out = self.encoder(to_device(self.batch(parts), self.device))
+        out = {k: out[k].float().cpu() for k in ("features", "pred.waypoints")}
+        feats = np.ascontiguousarray(out["features"][0].numpy())
         msg = codec.new("flad_msgs/msg/EncodedFeatures", header=header, vehicle_id=self.cfg.vehicle_id,
                         frame=self.encoded, dtype="float32", shape=np.asarray(feats.shape, np.uint32),
                         data=np.frombuffer(feats.tobytes(), np.uint8))

@@ -20,6 +20,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flad_core.device import (
+    autocast,
+    check_precision,
+    grad_scaler,
+    log_device,
+    peak_memory_bytes,
+    reset_peak_memory,
+    resolve_device,
+    synchronize,
+    to_device,
+)
 from flad_core.runs import RunDir, seed_everything
 from flad_vehicle.encoder.checkpoint import load_checkpoint, save_checkpoint
 from flad_vehicle.encoder.config import get_config
@@ -58,10 +69,13 @@ class TrainConfig:
     progress: bool = True
     resume: str = ""                      # checkpoint to start from
     augment: bool = True                  # photometric camera augmentation (towns differ in weather/lighting)
+    device: str = "auto"                  # auto | cpu | cuda[:N] (flad_core.device)
+    precision: str = "fp32"               # fp32 | bf16 | fp16 autocast (fp16 with a gradient scaler)
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.threads < 1:
             raise ValueError("batch_size, steps and threads must be >= 1")
+        check_precision(self.precision)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -228,9 +242,10 @@ def evaluate(model: VisionEncoder, batches: Iterable[dict]) -> dict[str, float]:
     model.eval()
     m = Metrics()
     names = tuple(needed_fields(model))
+    dev = model.device
     for b in batches:
         tb = batch_to_torch(b, names)
-        out = model.forward_train(tb)
+        out = {k: v.float().cpu() for k, v in model.forward_train(to_device(tb, dev)).items()}
         m.add(out["pred.tl"].argmax(-1), out["pred.waypoints"], out["pred.bev"] > 0, tb, float(out["loss"]))
     model.train(was)
     return m.result()
@@ -278,14 +293,19 @@ def train(cfg: TrainConfig, run: RunDir | None = None, checkpoint: str | Path | 
           source: DataSource | None = None, on_step: Callable[[int, dict], None] | None = None
           ) -> dict[str, Any]:
     """Trains until `cfg.steps` or `cfg.minutes`; returns figures (throughput, losses, eval, checkpoint path)."""
+    cfg.validate()
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
+    dev = resolve_device(cfg.device)
+    info = log_device("encoder training", dev)
     if cfg.resume:
-        model, meta = load_checkpoint(cfg.resume)
+        model, meta = load_checkpoint(cfg.resume, device=dev)
         start_step = meta["step"]
     else:
-        model, start_step = VisionEncoder(get_config(cfg.encoder)), 0
+        model, start_step = VisionEncoder(get_config(cfg.encoder), device=dev), 0
     model.train()
+    scaler = grad_scaler(dev, cfg.precision)
+    reset_peak_memory(dev)
     source = source or DataSource(cfg, needed_fields(model))
     opt = make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -310,16 +330,21 @@ def train(cfg: TrainConfig, run: RunDir | None = None, checkpoint: str | Path | 
         b = next(it)
         ts = time.perf_counter()
         tb = batch_to_torch(b, names)
-        if cfg.augment:
+        if cfg.augment:   # on the host, with the seeded CPU generator: the same noise on every device
             tb = augment_cameras(tb, gen, model.cfg.cameras)
+        tb = to_device(tb, dev)
         f = lr_factor(i, cfg, elapsed)
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * f
-        out = model.forward_train(tb)
+        with autocast(dev, cfg.precision):
+            out = model.forward_train(tb)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        scaler.scale(out["loss"]).backward()
+        scaler.unscale_(opt)      # clip the true gradients (a no-op unless fp16)
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
+        synchronize(dev)          # the step's time includes its queued GPU work
         train_time += time.perf_counter() - ts
         step += 1
         samples += len(tb["speed"])
@@ -343,6 +368,7 @@ def train(cfg: TrainConfig, run: RunDir | None = None, checkpoint: str | Path | 
         "first_loss": losses[0] if losses else None,
         "last_loss_mean10": float(np.mean(losses[-10:])) if losses else None,
         "data": source.describe(), "threads": cfg.threads, "batch_size": cfg.batch_size,
+        "device": info, "precision": cfg.precision, "peak_device_memory_bytes": peak_memory_bytes(dev),
     }
     if ckpt_path:
         save_checkpoint(ckpt_path, model, step, {"train": _cfg_dict(cfg)})

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def layer_fingerprint(store: LayerStore, layer: str) -> int:
     crc = 0
     for name in store.params_of([layer]):
-        t = store.params[name].detach().contiguous()
+        t = store.params[name].detach().cpu().contiguous()     # a layer on a GPU: its bytes, read on the host
         crc = zlib.crc32(memoryview(t.numpy()).cast("B"), crc)
     return crc
 

@@ -16,6 +16,10 @@ every replica applies the same update. A source on the hub's own vehicle runs it
 stage: none of its frames crosses a link. A step therefore equals a single-process step on the union of all
 sources' batches (`test/vehicle/test_fhdp_fanin.py`).
 
+Device, precision, host staging and the loss scale work as for a pipeline stage (`runner.py`, `placement.py`):
+the last trunk stage owns the loss and its scale; the hub unscales the global norm and folds 1/scale into the
+clip factor it sends down the trunk and to the sources.
+
 Frame keys (kind, step, micro-batch) never collide on a vehicle with two roles (a source that also runs a trunk
 stage): gradients to a source use micro-batch SOURCE_GRAD_BASE + g, the replica reduction its own indices.
 """
@@ -33,9 +37,11 @@ import torch
 from torch import Tensor, nn
 
 from flad_core import tensorcodec, tensorframe
+from flad_core.device import HostStaging
 from flad_core.emulation import ComputeDilation, MemoryGuard
 from flad_vehicle.fhdp.links import KIND_CONTROL, Inbox, OutLink
 from flad_vehicle.fhdp.pipeline import Pipeline, PipelineError
+from flad_vehicle.fhdp.placement import DeviceMemoryGuard, LossScale
 from flad_vehicle.fhdp.runner import (
     BATCH_KEY,
     CLIP_MB,
@@ -128,17 +134,18 @@ class FanInRunner(StepRunner):
     batch: the loss of a micro-batch is scaled by its share of the whole step's n_sources x batch_size samples.
     `sync_codec` compresses the replica reduction (`tensorcodec`): the hub applies to its own replica exactly
     what it sends the sources (the same encoded sum, decoded), so the replicas stay identical with any codec;
-    fp32 (default) keeps the step exact.
+    fp32 (default) keeps the step exact. `device`, `precision`, `staging` and `loss_scale` as for `StageRunner`.
     """
 
     def __init__(self, vehicle: str, plan: FanInPlan, *, inbox: Inbox, links: Mapping[str, OutLink],
                  replica: nn.Module | None, trunk_stage: nn.Module | None,
                  optimizer: torch.optim.Optimizer | None, batch_size: int, schedule: Schedule = "1f1b",
                  n_micro: int = 4, grad_clip: float | None = None, label_names: Collection[str] = (),
-                 dilation: ComputeDilation | None = None, memory: MemoryGuard | None = None,
+                 dilation: ComputeDilation | None = None, memory: MemoryGuard | DeviceMemoryGuard | None = None,
                  timeout_s: float = 60.0, loss_key: str = "loss", abort: threading.Event | None = None,
                  max_grad_norm: float | None = MAX_GRAD_NORM, explode_factor: float | None = EXPLODE_FACTOR,
-                 sync_codec: str = "fp32") -> None:
+                 sync_codec: str = "fp32", device: str | torch.device = "cpu", precision: str = "fp32",
+                 staging: HostStaging | None = None, loss_scale: LossScale | None = None) -> None:
         self.vehicle, self.plan = vehicle, plan
         self.source_index = plan.sources.index(vehicle) if vehicle in plan.sources else None
         self.trunk_index = plan.trunk.stage_of(vehicle) if vehicle in plan.trunk.members else None
@@ -173,6 +180,7 @@ class FanInRunner(StepRunner):
         needed = [f"link to {p}" for p in self._peers() if p not in self.links]
         if needed:
             raise ValueError(f"{vehicle}: missing {', '.join(needed)}")
+        self._place([replica, trunk_stage], device, precision, staging, loss_scale)
 
     # -- roles --------------------------------------------------------------------------------------------
     @property
@@ -216,18 +224,18 @@ class FanInRunner(StepRunner):
     # -- helpers --------------------------------------------------------------------------------------------
     def _send(self, peer: str, tensors: Mapping[str, Tensor], *, kind: int, step: int, mb: int, res: StepResult,
               compress: bool = True) -> None:
-        res.bytes_sent += self.links[peer].send(tensors, kind=kind, step=step, micro_batch=mb, compress=compress,
-                                                abort=self.abort)
+        res.bytes_sent += self._send_frames(self.links[peer], tensors, kind=kind, step=step, mb=mb, compress=compress)
 
-    def _backward(self, outputs: Mapping[str, Tensor], grads: Mapping[str, Tensor], res: StepResult) -> None:
-        pairs = [(outputs[k], g) for k, g in grads.items() if k in outputs and outputs[k].requires_grad]
+    def _backward(self, outputs: Mapping[str, Tensor], wire_grads: Mapping[str, Tensor], res: StepResult) -> None:
+        """Backward from gradients received off the wire (moved to this vehicle's device first)."""
+        pairs = self._grad_pairs(outputs, self.staging.to_device(wire_grads))
         if pairs:
             self._compute(lambda: torch.autograd.backward([a for a, _ in pairs], [g for _, g in pairs]), res)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def run_step(self, step: int, batch: Mapping[str, Tensor] | None = None) -> StepResult:
         """One cluster step. A source passes its own batch (`batch_inputs`, `batch_size` samples)."""
-        res = StepResult(step)
+        res = self._new_result(step)
         t_start = time.perf_counter()
         st = _FanInState()
         if self.source_index is not None:
@@ -240,6 +248,7 @@ class FanInRunner(StepRunner):
             if size != self.batch_size:
                 raise ValueError(f"{self.vehicle}'s batch has {size} samples; every source must bring "
                                  f"{self.batch_size} (the loss is scaled by the step's total)")
+            batch = self._on_device({k: batch[k] for k in self.batch_inputs})
             st.chunks = {k: torch.tensor_split(batch[k], self.n_micro) for k in self.batch_inputs}
             res.extra["samples"] = size
         # a last trunk stage takes its micro-batches in arrival order: it forwards and back-propagates each at once
@@ -292,13 +301,12 @@ class FanInRunner(StepRunner):
     def _track(self, st: _FanInState) -> None:
         st.in_flight += 1
         st.peak_in_flight = max(st.peak_in_flight, st.in_flight)
-        if self.memory is not None:
-            self.memory.check()
+        self._check_memory()
 
     def _source_forward(self, step: int, m: int, st: _FanInState, res: StepResult) -> None:
         g = self.plan.global_mb(self.source_index, m)
         inputs = {k: st.chunks[k][m] for k in self.batch_inputs}
-        with torch.enable_grad():
+        with torch.enable_grad(), self._autocast():
             outputs = self._compute(lambda: self.replica(inputs), res)
         send = {**outputs, BATCH_KEY: torch.tensor(self.total, dtype=torch.int64)}
         self._send(self.plan.hub, self._finite(send, st), kind=tensorframe.KIND_ACTIVATION, step=step, mb=g, res=res)
@@ -319,7 +327,7 @@ class FanInRunner(StepRunner):
             raw = {k: st.chunks[k][m] for k in self.batch_inputs}
             inputs: dict[str, Tensor] = {}
             total = self.total
-            with torch.enable_grad():
+            with torch.enable_grad(), self._autocast():
                 outputs = self._compute(lambda: self.trunk_stage(self.replica(raw)), res)
         else:
             wire = self._recv(tensorframe.KIND_ACTIVATION, step, g, res)
@@ -327,8 +335,8 @@ class FanInRunner(StepRunner):
             if bk is None:
                 raise ValueError(f"{self.vehicle}: trunk micro-batch {g} came without the step's batch size")
             total = int(bk)
-            inputs = self._received(wire)
-            with torch.enable_grad():
+            inputs = self._received(self.staging.to_device(wire))
+            with torch.enable_grad(), self._autocast():
                 outputs = self._compute(lambda: self.trunk_stage(inputs), res)
         if self.is_last:
             scaled = outputs[self.loss_key] * (_batch_dim(raw if local else inputs) / total)
@@ -344,7 +352,7 @@ class FanInRunner(StepRunner):
     def _trunk_backward(self, step: int, g: int, st: _FanInState, res: StepResult) -> None:
         inputs, outputs = st.trunk_saved.pop(g)
         if self.is_last:
-            self._compute(lambda: torch.autograd.backward([outputs[self.loss_key]]), res)
+            self._compute(lambda: torch.autograd.backward([self._loss_for_backward(outputs[self.loss_key])]), res)
         else:
             self._backward(outputs, self._recv(tensorframe.KIND_GRADIENT, step, g, res), res)
         grads = self._finite(self._grads_to_send(inputs), st)
@@ -383,12 +391,14 @@ class FanInRunner(StepRunner):
             reason = reason or (f"dropped by the hub (global gradient norm {norm:.4g})" if drop else "")
             if not drop:
                 params = list(self.replica.parameters())
+                summed = self.staging.to_device({f"p{i}": down[f"p{i}"] for i in range(len(params)) if f"p{i}" in down})
                 for i, p in enumerate(params):
-                    p.grad = down[f"p{i}"].to(p.dtype).clone() if f"p{i}" in down else None
+                    p.grad = summed[f"p{i}"].to(p.dtype).clone() if f"p{i}" in summed else None
         res.dropped, res.drop_reason = drop, reason
+        self.loss_scale.update(math.isfinite(norm))
         if drop:
             return norm
-        if coef < 1.0:
+        if coef != 1.0:
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad.mul_(coef)
@@ -400,14 +410,19 @@ class FanInRunner(StepRunner):
         trunk_params = list(self.trunk_stage.parameters())
         partial = _sq_norm(trunk_params)
         bad = st.nonfinite or ("" if math.isfinite(float(partial)) else "non-finite gradients")
+        scale = self.loss_scale.scale if self.is_last else 1.0     # the loss stage's scale rides up to the hub
         if not self.is_last:
             got = self._recv(KIND_CONTROL, step, NORM_MB, res)
             partial = partial + got["sq"]
             bad = bad or ("non-finite values in a downstream stage" if bool(got["bad"]) else "")
+            if "scale" in got:
+                scale = float(got["scale"])
         if not self.is_hub:
             prev = self.plan.trunk[self.trunk_index - 1].vehicle
-            self._send(prev, {"sq": partial if not bad else torch.zeros((), dtype=torch.float64),
-                              "bad": torch.tensor(bool(bad))}, mb=NORM_MB, **ctl)
+            up = {"sq": partial if not bad else torch.zeros((), dtype=torch.float64), "bad": torch.tensor(bool(bad))}
+            if scale != 1.0:
+                up["scale"] = torch.tensor(scale, dtype=torch.float64)
+            self._send(prev, up, mb=NORM_MB, **ctl)
             factor = self._recv(KIND_CONTROL, step, CLIP_MB, res)
             finite = bool(factor["finite"])
             norm = float(factor["norm"]) if finite else math.nan
@@ -416,12 +431,13 @@ class FanInRunner(StepRunner):
         else:
             summed, bad = self._sum_replicas(step, res, bad)
             partial = partial + _sq_norm(summed.values())
-            norm = math.nan if bad else math.sqrt(float(partial))
+            norm = math.nan if bad else math.sqrt(float(partial)) / scale
             reason = f"{bad} in the step" if bad else self._drop_reason(norm)
             drop = bool(reason)
             if not drop:
                 self.good_norms.append(norm)
-            coef = 0.0 if drop else 1.0 if self.grad_clip is None else min(1.0, self.grad_clip / (norm + 1e-6))
+            clip = 1.0 if self.grad_clip is None else min(1.0, self.grad_clip / (norm + 1e-6))
+            coef = 0.0 if drop else clip / scale
             verdict = {"norm": torch.tensor(norm if math.isfinite(norm) else 0.0, dtype=torch.float64),
                        "finite": torch.tensor(math.isfinite(norm)), "coef": torch.tensor(coef, dtype=torch.float64),
                        "drop": torch.tensor(drop)}
@@ -447,6 +463,7 @@ class FanInRunner(StepRunner):
             got = self._recv(KIND_CONTROL, step, SYNC_UP_BASE + s, res)
             if bool(got.pop("bad")):
                 bad = bad or f"non-finite gradients at source {source}"
+            got = self.staging.to_device(got)
             for k, g in got.items():
                 summed[k] = summed[k] + g if k in summed else g.clone()
         if not bad and not all(_all_finite(g) for g in summed.values()):
@@ -469,10 +486,11 @@ class _FanInState(_StepState):
 
 
 def _sq_norm(tensors) -> Tensor:
-    """Squared L2 norm of the gradients of parameters (or of gradient tensors), in float64."""
+    """Squared L2 norm of the gradients of parameters (or of gradient tensors), as a float64 CPU scalar (it
+    travels in a control frame)."""
     parts = []
     for t in tensors:
         g = t.grad if isinstance(t, nn.Parameter) else t
         if g is not None:
             parts.append(g.detach().double().pow(2).sum())
-    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
+    return torch.stack(parts).sum().cpu() if parts else torch.zeros((), dtype=torch.float64)

@@ -8,6 +8,11 @@ holds, per parameter `name`: `p/name` (weights) and, when the sender has optimiz
 Each vehicle keeps the whole (tiny) encoder object in memory for simplicity, but *owns* only its
 layers: it trains, serves and reports only those, and the emulated memory accounting counts only
 those.
+
+A layer trains wherever its stage runs (a GPU, `runner.StageRunner`'s `device`); payloads are always CPU
+tensors, so a CPU vehicle and a GPU vehicle exchange layers as they exchange frames. Optimizer state is kept
+here on the CPU and put on its parameter's device when an optimizer is attached; a released layer goes back
+to the CPU, so a GPU holds only the layers its vehicle trains.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class LayerStore:
             raise WeightsError(f"asked for layers this holder does not own: {not_owned[:5]}")
         out: dict[str, Tensor] = {}
         for name in self.params_of(layers):
-            out[f"p/{name}"] = self.params[name].detach().clone()
+            out[f"p/{name}"] = self.params[name].detach().to("cpu", copy=True)
             state = self.opt_state.get(name) if with_optimizer else None
             if state:
                 out[f"m/{name}"] = state["exp_avg"].clone()
@@ -79,10 +84,13 @@ class LayerStore:
         self.owned.update(layers)
 
     def release(self, layers: Iterable[str]) -> None:
+        """Give up `layers` (and their optimizer state); any of them on a GPU moves back to the CPU."""
         for layer in layers:
             self.owned.discard(layer)
             for n in self._by_layer[layer]:
                 self.opt_state.pop(n, None)
+            if any(self.params[n].device.type != "cpu" for n in self._by_layer[layer]):
+                self.model.get_submodule(f"layers.{layer}").to("cpu")
 
     def owned_bytes(self, with_optimizer: bool = True) -> int:
         total = 0
@@ -93,18 +101,21 @@ class LayerStore:
 
     # -- optimizer --------------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Load stored AdamW state into `optimizer` (built over the owned parameters)."""
+        """Load stored AdamW state into `optimizer` (built over the owned parameters), on each parameter's device;
+        the `step` counter stays on the CPU, where AdamW keeps it (as `Optimizer.load_state_dict` does)."""
         by_id = {id(p): n for n, p in self.params.items()}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 state = self.opt_state.get(by_id[id(p)])
                 if state:
-                    optimizer.state[p] = {k: v.clone() for k, v in state.items()}
+                    optimizer.state[p] = {k: v.clone() if k == "step" else v.to(p.device, copy=True)
+                                          for k, v in state.items()}
 
     def detach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep `optimizer`'s per-parameter state (before the optimizer is dropped at a switch)."""
+        """Keep `optimizer`'s per-parameter state (before the optimizer is dropped at a switch), on the CPU."""
         by_id = {id(p): n for n, p in self.params.items()}
         for p, state in optimizer.state.items():
             if state:
-                self.opt_state[by_id[id(p)]] = {k: (v.clone() if isinstance(v, Tensor) else torch.tensor(v))
+                self.opt_state[by_id[id(p)]] = {k: (v.detach().to("cpu", copy=True) if isinstance(v, Tensor)
+                                                    else torch.tensor(v))
                                                 for k, v in state.items()}

@@ -160,7 +160,10 @@ class OutLink:
         self.sock.connect(address)
 
     def send(self, tensors: Mapping[str, torch.Tensor], *, kind: int, step: int, micro_batch: int,
-             compress: bool = True, abort: threading.Event | None = None) -> int:
+             compress: bool = True, abort: threading.Event | None = None, copy: bool = False) -> int:
+        """Send `tensors` as one frame; returns its bytes. Frames alias the tensors and ZeroMQ reads them later, from
+        its I/O thread: `copy` copies them at the call instead, for tensors whose memory is reused right after (host
+        staging buffers, `flad_core.device.HostStaging`)."""
         if not compress:
             payload = dict(tensors)
         elif self.error_feedback and self.codec != "fp32":
@@ -172,14 +175,14 @@ class OutLink:
         if self.bucket is not None:
             self.stats.shaping_wait_s += self.bucket.consume(nbytes)
         if abort is None:
-            self.sock.send_multipart(frames, copy=False)
+            self.sock.send_multipart(frames, copy=copy)
         else:
             # a departed peer stops draining its queue: never block past an abort
             while True:
                 if abort.is_set():
                     raise StepAbortedError(f"send to {self.peer} aborted")
                 try:
-                    self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                    self.sock.send_multipart(frames, copy=copy, flags=zmq.NOBLOCK)
                     break
                 except zmq.Again:
                     self.sock.poll(int(ABORT_POLL_S * 1000), zmq.POLLOUT)

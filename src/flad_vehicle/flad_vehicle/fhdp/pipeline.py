@@ -13,6 +13,7 @@ from itertools import pairwise
 from typing import Any, NamedTuple, overload
 
 from flad_core import codec
+from flad_core.device import PRECISIONS
 
 
 class Stage(NamedTuple):
@@ -173,6 +174,7 @@ class Assignment:
     u_shaped: bool = False
     fanin_sources: list[str] = field(default_factory=list)     # the fan-in schedule's sources (empty: none)
     fanin_inboxes: list[str] = field(default_factory=list)     # their tensor-frame inboxes (same order)
+    precision: str = "fp32"              # every stage's training precision (fp32, bf16, fp16)
 
     @property
     def is_fanin(self) -> bool:
@@ -211,7 +213,8 @@ class Assignment:
             codec=self.codec, n_micro=self.n_micro, batch_size=self.batch_size, steps=self.steps,
             first_step=self.first_step, time_scale=self.time_scale, backup_every=self.backup_every,
             link_timeout_s=self.link_timeout_s, publish_progress=self.publish_progress, u_shaped=self.u_shaped,
-            fanin_sources=list(self.fanin_sources), fanin_source_inboxes=list(self.fanin_inboxes))
+            fanin_sources=list(self.fanin_sources), fanin_source_inboxes=list(self.fanin_inboxes),
+            precision=self.precision)
 
     @classmethod
     def from_msg(cls, msg: Any) -> Assignment:
@@ -228,6 +231,9 @@ class Assignment:
                                 f"{len(msg.fanin_source_inboxes)} source inbox addresses")
         if msg.fanin_sources and msg.u_shaped:
             raise PipelineError(f"{msg.pipeline_id}: the fan-in schedule does not run U-shaped")
+        precision = msg.precision or "fp32"
+        if precision not in PRECISIONS:
+            raise PipelineError(f"{msg.pipeline_id}: precision {precision!r} is none of {', '.join(PRECISIONS)}")
         return cls(pipeline_id=msg.pipeline_id, round=int(msg.round), cluster_id=msg.pipeline_template.cluster_id,
                    method=msg.pipeline_template.method, pipeline=pipeline,
                    members=dict(zip(msg.member_ids, msg.member_control_addresses, strict=True)),
@@ -237,4 +243,5 @@ class Assignment:
                    time_scale=float(msg.time_scale) if msg.time_scale > 0 else 1.0,
                    backup_every=int(msg.backup_every), link_timeout_s=float(msg.link_timeout_s),
                    publish_progress=bool(msg.publish_progress), u_shaped=bool(msg.u_shaped),
-                   fanin_sources=list(msg.fanin_sources), fanin_inboxes=list(msg.fanin_source_inboxes))
+                   fanin_sources=list(msg.fanin_sources), fanin_inboxes=list(msg.fanin_source_inboxes),
+                   precision=precision)

@@ -40,7 +40,7 @@ from flad_core.procs import install_stop_handlers
 from flad_core.protocol import SERVICE_ADOPT
 from flad_core.roles import add_role_args, fleet_from_args, setup_role_logging
 from flad_vehicle.fhdp.poison import Poison
-from flad_vehicle.fhdp.worker import FhdpVehicle, add_poison_arg, run_until_stopped
+from flad_vehicle.fhdp.worker import FhdpVehicle, add_device_arg, add_poison_arg, run_until_stopped
 
 log = logging.getLogger("flad_vehicle.fhdp.pool_worker")  # not __name__: this also runs as __main__
 
@@ -58,11 +58,12 @@ class PooledVehicle(FhdpVehicle):
     """One slot of a vehicle pool: an `FhdpVehicle` that also serves `vehicle/adopt` (module docstring)."""
 
     def __init__(self, fleet: FleetConfig, slot_id: str, data: str = "synthetic", encoder: str = "tiny",
-                 seed: int = 0, threads: int = 1, audit_dir: Path | None = None, poison: Poison | str | None = None
-                 ) -> None:
-        # poison: ATTACK EMULATION (poison.py); it stays with the slot, whichever vehicle the slot plays
+                 seed: int = 0, threads: int = 1, audit_dir: Path | None = None, poison: Poison | str | None = None,
+                 device: str | None = None) -> None:
+        # poison: ATTACK EMULATION (poison.py); it stays with the slot, whichever vehicle the slot plays. So does
+        # `device` (the slot's hardware; None: the slot's fleet entry's `device`)
         super().__init__(fleet, slot_id, data=data, encoder=encoder, seed=seed, threads=threads,
-                         audit_dir=audit_dir, poison=poison)
+                         audit_dir=audit_dir, poison=poison, device=device)
         # the slot's own identity: what it is while idle, and where its sockets are whoever it plays
         self.slot = self.spec
         self.slot_profile = self.profile
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fleet dataset root or 'synthetic', used when an identity names no data root")
     parser.add_argument("--encoder", default="tiny", help="encoder config (tiny or paper); must match the edge's")
     parser.add_argument("--seed", type=int, default=0, help="seed while idle (an identity brings its own)")
+    add_device_arg(parser)
     add_poison_arg(parser)
     add_role_args(parser)
     args = parser.parse_args(argv)
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_role_logging(args, args.slot)
     fleet = fleet_from_args(args)
     worker = PooledVehicle(fleet, args.slot, data=args.data, encoder=args.encoder, seed=args.seed,
-                           audit_dir=args.run_dir, poison=args.poison)
+                           audit_dir=args.run_dir, poison=args.poison, device=args.device)
     install_stop_handlers(worker.agent.stop)
     # a slot is disposable: once told to stop (its pool, or the kernel when the experiment process died), it
     # gets a short grace to say goodbye and is then gone, even if a peer or the edge it waits on is dead

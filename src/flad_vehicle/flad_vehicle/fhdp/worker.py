@@ -26,6 +26,10 @@ thread; with `publish_progress`, the last stage publishes a StepReport per compl
 The work runs on its own threads: bus handlers only enqueue, so vehicles that fetch layers from each
 other at the same time cannot deadlock.
 
+Each vehicle trains on its device (`--device`, else the fleet file's `device` for it; auto: CUDA when present,
+else the CPU) in the precision the edge's assignment names (fp32, bf16, fp16); it logs which device it runs on and
+names it, with the precision, in every report to the edge. Layers travel as CPU tensors whatever the device.
+
 Stage links follow the fleet's security settings: with CURVE, the inbox is a CURVE server with this process's
 key pair and each outbound link a CURVE client of its peer's key; when a pipeline starts, the inbox is told
 to accept frames only from this stage's neighbours in it (previous, next and, U-shaped, the turnaround peer).
@@ -53,7 +57,8 @@ import zmq
 from flad_core import codec
 from flad_core import weights as wts
 from flad_core.bus import BusError, RequestTimeoutError
-from flad_core.emulation import ComputeDilation, MemoryGuard, Radio
+from flad_core.device import log_device, resolve_device
+from flad_core.emulation import ComputeDilation, Radio
 from flad_core.fleet import DeviceProfile, VehicleSpec
 from flad_core.procs import install_stop_handlers
 from flad_core.protocol import (
@@ -86,6 +91,7 @@ from flad_vehicle.fhdp.layerstore import LayerStore
 from flad_vehicle.fhdp.links import Inbox, LinkStats, OutLink, StepAbortedError
 from flad_vehicle.fhdp.optim import stage_adamw
 from flad_vehicle.fhdp.pipeline import Assignment
+from flad_vehicle.fhdp.placement import stage_memory_guard
 from flad_vehicle.fhdp.poison import Poison, PoisonError, parse_poison
 from flad_vehicle.fhdp.runner import StageRunner
 from flad_vehicle.fhdp.ushape import head_layers, u_stages
@@ -202,9 +208,15 @@ class FhdpVehicle:
     register_timeout_s: float = REGISTER_TIMEOUT_S
 
     def __init__(self, fleet, vehicle_id: str, data: str = "synthetic", encoder: str = "tiny", seed: int = 0,
-                 threads: int = 1, audit_dir: Path | None = None, bus=None, poison: Poison | str | None = None) -> None:
+                 threads: int = 1, audit_dir: Path | None = None, bus=None, poison: Poison | str | None = None,
+                 device: str | None = None) -> None:
+        """`device`: where this vehicle's stages train (auto, cpu, cuda[:N]); None takes the fleet file's `device`
+        for the vehicle (auto unless set)."""
         torch.set_num_threads(threads)
         seed_everything(seed)
+        # the process's hardware, checked before any socket opens: it stays when a pooled slot plays another
+        # vehicle (take_identity)
+        self.device = resolve_device(device if device is not None else fleet.vehicle(vehicle_id).device)
         # ATTACK EMULATION (tests, chaos): corrupt the weights the edge gathers from this vehicle (poison.py)
         self.poison = parse_poison(poison)
         self._poison_rng = torch.Generator().manual_seed(seed + 7919)
@@ -213,6 +225,7 @@ class FhdpVehicle:
         self.spec = self.agent.spec
         if not self.spec.control or not self.spec.data:
             raise ValueError(f"vehicle {vehicle_id} needs `control` and `data` addresses in the fleet file")
+        self.device_info = log_device(f"FHDP vehicle {vehicle_id}", self.device)
         self.bus = self.agent.bus
         self.profile = self.agent.profile
         self.data = data
@@ -430,10 +443,12 @@ class FhdpVehicle:
         else:
             stage = self.part.stage(cur["range"])
         trained = torch.nn.ModuleList([stage, head.stage]) if head is not None else stage
+        trained.to(self.device)        # before the optimizer: its state is attached on the parameters' device
         # a parameter-free stage (e.g. only the loss layer) has nothing to optimise
         optimizer = stage_adamw(trained, self.model) if any(True for _ in trained.parameters()) else None
         if optimizer is not None:
             self.store.attach(optimizer)
+        log.info("%s: stage %d of %s on %s in %s", self.spec.id, index, a.pipeline_id, self.device, a.precision)
         stage_ids = a.pipeline.members
         keys = stage_key_names(self.fleet, a)
         scale = a.time_scale
@@ -465,9 +480,9 @@ class FhdpVehicle:
                                  u_shaped=u, head=head, turn=turn,
                                  schedule=a.schedule, n_micro=a.n_micro, grad_clip=5.0,
                                  label_names=LABEL_INPUTS, dilation=ComputeDilation(self.profile.tflops, scale),
-                                 memory=MemoryGuard(self.profile.mem_bytes, self.spec.profile),
+                                 memory=stage_memory_guard(self.device, self.profile, self.spec.profile),
                                  timeout_s=a.link_timeout_s if a.link_timeout_s > 0 else DEFAULT_LINK_TIMEOUT_S,
-                                 abort=self._abort)
+                                 abort=self._abort, device=self.device, precision=a.precision)
             self.agent.state = "training"
             # frames left from an aborted earlier pipeline carry lower step numbers: never take them for ours
             stale = self.inbox.drop_steps_below(a.first_step)
@@ -501,7 +516,7 @@ class FhdpVehicle:
         self._report(a, service=SERVICE_EDGE_REPORT, steps=done, loss=loss, wall=totals["wall"],
                      compute=totals["compute"], emulated=totals["emulated"], wait=totals["wait"],
                      bytes_sent=int(totals["bytes"]), fetched=cur["fetched"], stage_index=index, error=aborted,
-                     dropped=int(totals["dropped"]))
+                     dropped=int(totals["dropped"]), precision=a.precision)
 
     # -- the fan-in schedule -------------------------------------------------------------------------------
     def _fanin_role(self, a: Assignment) -> tuple[FanInPlan, int, list[str]]:
@@ -529,9 +544,11 @@ class FhdpVehicle:
             st = plan.trunk[plan.trunk.stage_of(me)]
             trunk_stage = self.part.stage((st.start, st.end))
         trained = torch.nn.ModuleList([m for m in (replica, trunk_stage) if m is not None])
+        trained.to(self.device)        # before the optimizer: its state is attached on the parameters' device
         optimizer = stage_adamw(trained, self.model) if any(True for _ in trained.parameters()) else None
         if optimizer is not None:
             self.store.attach(optimizer)
+        log.info("%s: fan-in roles in %s on %s in %s", me, a.pipeline_id, self.device, a.precision)
         keys = dict(zip(plan.members, inbox_key_names(self.fleet, plan.members,
                                                       [a.inbox_of(p) for p in plan.members]), strict=True))
         self.inbox.allow(keys[p] for p in plan.members if p != me)
@@ -553,9 +570,9 @@ class FhdpVehicle:
                                  optimizer=optimizer, batch_size=a.batch_size, schedule=a.schedule,
                                  n_micro=a.n_micro, grad_clip=5.0, label_names=LABEL_INPUTS,
                                  dilation=ComputeDilation(self.profile.tflops, a.time_scale),
-                                 memory=MemoryGuard(self.profile.mem_bytes, self.spec.profile),
+                                 memory=stage_memory_guard(self.device, self.profile, self.spec.profile),
                                  timeout_s=a.link_timeout_s if a.link_timeout_s > 0 else DEFAULT_LINK_TIMEOUT_S,
-                                 abort=self._abort, sync_codec=a.codec)
+                                 abort=self._abort, sync_codec=a.codec, device=self.device, precision=a.precision)
             self.agent.state = "training"
             stale = self.inbox.drop_steps_below(a.first_step)
             if stale:
@@ -588,7 +605,7 @@ class FhdpVehicle:
         self._report(a, service=SERVICE_EDGE_REPORT, steps=done, loss=loss, wall=totals["wall"],
                      compute=totals["compute"], emulated=totals["emulated"], wait=totals["wait"],
                      bytes_sent=int(totals["bytes"]), fetched=cur["fetched"], stage_index=index, error=aborted,
-                     dropped=int(totals["dropped"]))
+                     dropped=int(totals["dropped"]), precision=a.precision)
 
     def _batches_for(self, a: Assignment):
         """The data owner's batch stream: fresh per pipeline; a resumed pipeline (id `<base>~<attempt>`, from
@@ -639,7 +656,9 @@ class FhdpVehicle:
 
     def _report(self, a, *, service: str, error: str = "", steps: int = 0, loss: float | None = None,
                 wall: float = 0.0, compute: float = 0.0, emulated: float = 0.0, wait: float = 0.0,
-                bytes_sent: int = 0, fetched: int = 0, stage_index: int = 0, dropped: int = 0) -> None:
+                bytes_sent: int = 0, fetched: int = 0, stage_index: int = 0, dropped: int = 0,
+                precision: str = "") -> None:
+        """Report to the edge; every report names this vehicle's device (and the precision a run trained in)."""
         if dropped:
             log.warning("%s: %d of %d step(s) of %s dropped (non-finite or exploding gradients)", self.spec.id,
                         dropped, steps, a.pipeline_id)
@@ -647,7 +666,8 @@ class FhdpVehicle:
                            pipeline_id=a.pipeline_id, stage_index=stage_index, steps_done=steps, steps_dropped=dropped,
                            has_loss=loss is not None, loss=loss or 0.0,
                            wall_s=wall, compute_s=compute, emulated_compute_s=emulated, wait_s=wait,
-                           bytes_sent=bytes_sent, layer_bytes_fetched=fetched, error=error)
+                           bytes_sent=bytes_sent, layer_bytes_fetched=fetched, error=error,
+                           device=str(self.device), precision=precision)
         self._send_report(service, report)
 
     def _send_report(self, service: str, report, timeout_s: float = 30.0) -> None:
@@ -696,13 +716,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--register-timeout", type=float, default=REGISTER_TIMEOUT_S,
                         help=f"give up when the edge has not admitted this vehicle after this many seconds (default "
                              f"{REGISTER_TIMEOUT_S:.0f}: long enough for a crashed edge to be restarted and resume)")
+    add_device_arg(parser)
     add_poison_arg(parser)
     add_role_args(parser)
     args = parser.parse_args(argv)
     setup_role_logging(args, f"vehicle-{args.id}")
     fleet = fleet_from_args(args)
     vehicle = FhdpVehicle(fleet, args.id, data=args.data, encoder=args.encoder, seed=args.seed,
-                          audit_dir=args.run_dir, poison=args.poison)
+                          audit_dir=args.run_dir, poison=args.poison, device=args.device)
     vehicle.register_timeout_s = args.register_timeout
     install_stop_handlers(vehicle.agent.stop)
     return run_until_stopped(vehicle)
@@ -722,6 +743,13 @@ def _tally(totals: dict[str, float], res) -> float | None:
     totals["wait"] += res.wait_s
     totals["bytes"] += res.bytes_sent
     return loss
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """`--device`: where this process's stages train; without it, the fleet file's `device` for the vehicle."""
+    parser.add_argument("--device", default=None, metavar="auto|cpu|cuda[:N]",
+                        help="where this vehicle's stages train (default: the fleet file's `device` for it, else auto: "
+                             "CUDA when present, else the CPU)")
 
 
 def add_poison_arg(parser: argparse.ArgumentParser) -> None:
@@ -752,5 +780,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ABORTED", "BACKUP_OWNER", "FhdpVehicle", "LayerServer", "edge_service_address", "fetch_layers", "main",
-           "neighbour_stages", "run_until_stopped", "stage_key_names"]
+__all__ = ["ABORTED", "BACKUP_OWNER", "FhdpVehicle", "LayerServer", "add_device_arg", "edge_service_address",
+           "fetch_layers", "main", "neighbour_stages", "run_until_stopped", "stage_key_names"]

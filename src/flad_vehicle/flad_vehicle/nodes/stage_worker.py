@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flad_core.config import ConfigError
+from flad_core.device import DeviceError, check_device_spec
 from flad_core.fleet import FleetConfig
 
 log = logging.getLogger("flad_vehicle.nodes.stage_worker")
@@ -43,6 +44,8 @@ class StageWorkerNodeConfig:
     encoder: str = field(default="tiny", metadata={"help": "encoder config: tiny or paper"})
     seed: int = field(default=0, metadata={"help": "random seed of this vehicle's trainer"})
     threads: int = field(default=1, metadata={"help": "torch threads for stage compute"})
+    device: str = field(default="", metadata={
+        "help": "where its stages run: auto, cpu, cuda or cuda:N (empty: the fleet file's `device` for this vehicle)"})
     register_timeout_s: float = field(default=600.0, metadata={
         "help": "seconds to keep trying to register with the edge (it may start later) before failing"})
 
@@ -55,6 +58,11 @@ class StageWorkerNodeConfig:
             raise ConfigError("register_timeout_s", f"must be positive, got {self.register_timeout_s}")
         if self.threads < 1:
             raise ConfigError("threads", f"must be >= 1, got {self.threads}")
+        if self.device:
+            try:
+                check_device_spec(self.device)
+            except DeviceError as exc:
+                raise ConfigError("device", str(exc)) from exc
         if self.port_base and not 1024 <= self.port_base < 65000:
             raise ConfigError("port_base", f"must be in [1024, 65000), got {self.port_base}")
 
@@ -96,7 +104,7 @@ class StageWorkerJob:
 
             self.vehicle = FhdpVehicle(fleet, cfg.vehicle_id, data=cfg.data, encoder=cfg.encoder, seed=cfg.seed,
                                        threads=cfg.threads, audit_dir=Path(cfg.run_dir) if cfg.run_dir else None,
-                                       bus=bus)
+                                       bus=bus, device=cfg.device or None)
             self.agent = self.vehicle.agent
         else:
             from flad_vehicle.agent import VehicleAgent
