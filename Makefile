@@ -26,7 +26,7 @@ test: test-main test-ros
 
 test-main: lint
 	@echo "== main tier (lint + pytest test/) =="
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=40
 
 # The real-ROS 2 tier (ROS 2 Jazzy wheels in .venv-ros, the workspace built by colcon in .ros-ws; see README).
 # No reruns: the shutdown crashes that once needed them (rc -11 and -6 in 2 of 4 runs) were our shutdown order,

@@ -106,6 +106,9 @@ def _check_llm(d: dict) -> None:
     assert d["latency_batch1_inprocess"]["adm"]["p50_ms"] > 0
     assert d["service"]["adm_batch1_one_client"]["requests"] > 0 and d["service"]["batching_speedup"] > 0
     assert d["conditions"]["device"]["type"] in ("cpu", "cuda") and _num(d["service"]["service_p50_ms_batch1"])
+    if d["conditions"]["device"]["type"] == "cpu":     # the CPU serves fp32, as before; batch-32 figures are CUDA's
+        assert (d["service"]["device"], d["service"]["dtype"]) == ("cpu", "fp32")
+        assert d["service"]["service_samples_per_s_batch32"] is None and d["conditions"]["peak_memory_bytes"] is None
     assert set(d["closed_loop"]["agents"]) == {"expert", "encoder_head", "ad_llm", "adm_via_service", "constant"}
     assert all(a["n_routes"] == 1 for a in d["closed_loop"]["agents"].values())
     for a in d["closed_loop"]["agents"].values():      # one route: the interval is the point itself

@@ -204,6 +204,7 @@ def test_bench_llm_from_a_fresh_clone_names_missing_inputs_as_a_user_sees_it(tmp
     ["run", "quick", "--device", "gpu"],
     ["bench", "encoder", "--", "--quick", "--device", "gpu"],
     ["bench", "pipeline", "--", "--quick", "--device", "gpu"],
+    ["bench", "llm", "--", "--quick", "--device", "gpu"],
 ])
 def test_a_bad_device_is_one_line(capsys, fresh, argv):
     rc, err = _flad(capsys, *argv)
