@@ -77,6 +77,9 @@ def test_a_fanin_round_trains_every_members_data_in_one_step_equal_to_one_proces
     assert summary["errors"] == {} and summary["accepted"] == 1
     assert summary["samples"] == len(IDS) * BATCH               # every member's batch in the one step
     assert summary["per_client"][client.id]["pipelines"] == 1 and summary["steps_dropped"] == 0
+    # every member said where it trained (auto: the CPU here, CUDA on a GPU host) and in which precision
+    devices = summary["per_client"][client.id]["devices"]
+    assert set(devices) == set(IDS) and {d.split()[1] for d in devices.values()} == {"fp32"}
     # the same step in one process, on the union of the members' first batches (each member's own stream)
     batches = [next(vehicle_batches("synthetic", v, BATCH, seed=fleet.seed)) for v in plan.sources]
     union = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}

@@ -69,6 +69,13 @@ class ClientStats:
     handovers: int = 0
     skipped: list[str] = field(default_factory=list)   # data owners whose pipeline could not run
     steps_dropped: int = 0          # steps whose gradients were non-finite or exploding: not applied anywhere
+    devices: dict[str, str] = field(default_factory=dict)   # vehicle -> "device precision" its reports named
+
+    def note_devices(self, reports: dict) -> None:
+        """Which device (and precision) each reporting vehicle trained on: the round summary says so."""
+        for vid, r in reports.items():
+            if getattr(r, "device", ""):
+                self.devices[vid] = f"{r.device} {r.precision or 'fp32'}"
 
     @property
     def loss(self) -> float:
@@ -138,6 +145,7 @@ class RotationClient:
         stats.samples += a.steps * self.cfg.batch_size
         stats.steps += a.steps
         stats.steps_dropped += max(int(r.steps_dropped) for r in reports.values())
+        stats.note_devices(reports)
         stats.pipelines.append(PipelineRun(a.pipeline.first, list(a.pipeline), loss_report.loss, a.steps,
                                            max(r.wall_s for r in reports.values()), moved))
 
@@ -194,6 +202,7 @@ class FanInClient(RotationClient):
         stats.samples += a.steps * self.cfg.batch_size * len(plan.sources)
         stats.steps += a.steps
         stats.steps_dropped += max(int(r.steps_dropped) for r in reports.values())
+        stats.note_devices(reports)
         loss = reports[plan.trunk.members[-1]].loss
         stats.pipelines.append(PipelineRun(plan.hub, list(plan.trunk), loss, a.steps,
                                            max(r.wall_s for r in reports.values()), 0))

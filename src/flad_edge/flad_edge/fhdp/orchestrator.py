@@ -181,7 +181,8 @@ class FhdpEdge:
                    "moved_bytes": int(sum(s.moved_bytes for s in stats.values())),
                    "steps_dropped": int(sum(s.steps_dropped for s in stats.values())),
                    "seconds": round(time.monotonic() - t0, 2), "errors": errors,
-                   "per_client": {k: {"loss": s.loss, "moved_bytes": s.moved_bytes, "pipelines": len(s.pipelines)}
+                   "per_client": {k: {"loss": s.loss, "moved_bytes": s.moved_bytes, "pipelines": len(s.pipelines),
+                                      "devices": dict(s.devices)}
                                   for k, s in stats.items()},
                    "updates": {c: {"update_id": u.update_id, "samples": u.num_samples}
                                for c, u in collector.updates.items()}}

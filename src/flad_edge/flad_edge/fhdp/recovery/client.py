@@ -232,6 +232,7 @@ class RecoveringClient(RotationClient):
         last = pr.reports[pr.pipeline.members[-1]]
         self._count_steps(cr, a, pr.pipeline, last.steps_done)
         cr.stats.steps_dropped += max(int(r.steps_dropped) for r in pr.reports.values())
+        cr.stats.note_devices(pr.reports)
         pr.done += last.steps_done
         pr.remaining -= last.steps_done
         pr.loss_sum += last.loss * last.steps_done
