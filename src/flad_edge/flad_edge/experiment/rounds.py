@@ -27,6 +27,11 @@ from flad_edge.fl.cloud import abstain, upload
 
 log = logging.getLogger(__name__)
 
+#: edge <-> cloud requests of `flad run`: one try waits this long, and tries repeat for CLOUD_RETRY_S while the
+#: cloud process is alive (a busy cloud is waited for; a dead one is noticed within one try)
+CLOUD_TRY_S = 15.0
+CLOUD_RETRY_S = 60.0
+
 
 @dataclass
 class Departure:
@@ -132,8 +137,11 @@ def train_edge_round(site: EdgeSite, rnd: int, clients: list[ClientPlan], identi
         if res.summary is not None:
             res.state = {k: v.detach().clone() for k, v in site.fhdp.model.state_dict().items()}
             res.samples = int(res.summary["samples"])
+            # short tries, retried while the cloud process lives: a dead cloud fails the upload in seconds,
+            # and the run restarts it and redoes the round
             upload(site.fhdp.bus, res.state, sender=site.id, rnd=rnd, samples=res.samples,
-                   update_id=f"{site.id}-r{rnd}-{update_nonce}")
+                   update_id=f"{site.id}-r{rnd}-{update_nonce}", retry_s=CLOUD_RETRY_S,
+                   try_timeout_s=CLOUD_TRY_S, alive=site.cloud_alive)
         else:
             abstain(site.fhdp.bus, sender=site.id, rnd=rnd)
         res.timings["upload_s"] = time.perf_counter() - t3

@@ -46,7 +46,13 @@ from flad_edge.experiment.planning import (
     sample_clients,
     tracks_from_arrays,
 )
-from flad_edge.experiment.rounds import Departure, EdgeRoundResult, identity_for, train_edge_round
+from flad_edge.experiment.rounds import (
+    CLOUD_TRY_S,
+    Departure,
+    EdgeRoundResult,
+    identity_for,
+    train_edge_round,
+)
 from flad_edge.experiment.sites import EdgeSite, start_cloud, start_sites
 from flad_edge.fl.cloud import download
 from flad_edge.swift.model import Profile, load_profile
@@ -169,6 +175,8 @@ class Experiment:
         self.profiles = {v: self.cfg.fleet.devices[d] for v, d in self.devices.items()}
         specs = [VehicleSpec(id=v, profile=self.devices[v], town=self.vehicle_towns[v]) for v in sorted(self.devices)]
         self.sites = start_sites(self.cfg, self.edges, specs, self.run.path, self.data_root, self.group)
+        for site in self.sites:
+            site.cloud_alive = self.cloud_alive
         self.trained_at = {e.id: set() for e in self.edges}
 
     def restore(self, ckpt: dict[str, Any], why: str = "resume") -> None:
@@ -186,6 +194,11 @@ class Experiment:
                 del site.fhdp.progress.steps[key]     # a redone round's departures time on its own steps only
         self.event({"kind": why, "round": self.next_round, "sim_time_s": self.motion.time_s,
                     "detail": f"{why} after round {ckpt['round']}; {len(self.ledger)} committed updates"})
+
+    def cloud_alive(self) -> bool:
+        """Is the cloud process this run started still running (True while there is none to watch)?"""
+        proc = self.group.procs.get("cloud")
+        return proc is None or proc.poll() is None
 
     def restart_cloud(self) -> bool:
         """Start the cloud process again if it died (True). It reloads the rounds it had aggregated
@@ -322,7 +335,8 @@ class Experiment:
         motion_s = time.perf_counter() - t
         results = self.train_round(rnd, plans, departures)
         t = time.perf_counter()
-        state = download(self.sites[0].fhdp.bus, rnd, self.sites[0].id)
+        state = download(self.sites[0].fhdp.bus, rnd, self.sites[0].id, retry=True, try_timeout_s=CLOUD_TRY_S,
+                         alive=self.cloud_alive)
         if state is not None:
             self.global_state = {k: v.detach().clone() for k, v in state.items()}
         elif self.global_state is None:

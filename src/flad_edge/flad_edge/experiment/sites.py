@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -83,6 +84,8 @@ class EdgeSite:
     server: EdgeServer
     fhdp: RecoveringFhdpEdge
     pool: VehiclePool
+    #: is the cloud process (started by the run) still running? Uploads to a dead cloud stop at once
+    cloud_alive: Callable[[], bool] = lambda: True
 
     @property
     def id(self) -> str:

@@ -22,6 +22,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -209,23 +210,30 @@ class CloudServer:
 
 
 def upload(bus, state: dict[str, torch.Tensor], *, sender: str, rnd: int, samples: int, update_id: str,
-           retry_s: float = 0.0, try_timeout_s: float = 60.0) -> str:
+           retry_s: float = 0.0, try_timeout_s: float = 60.0, alive: Callable[[], bool] | None = None) -> str:
     """Send an edge aggregate to the cloud; returns the cloud's final ack message.
 
     With `retry_s`, a cloud that stops answering (it crashed, and its launcher restarts it) is tried again for
     that long, the whole upload from its first chunk: the cloud keeps what it received, so a repeat with the
-    same `update_id` is counted once ("already received" / "already counted")."""
+    same `update_id` is counted once ("already received" / "already counted"). `alive` (where the caller
+    launched the cloud: is its process still running?) ends the retries at once when it says no."""
     chunks = wts.chunk_messages(wts.to_bytes(state), sender=sender, update_id=update_id, round=rnd,
                                 num_samples=samples)
     deadline = time.monotonic() + retry_s
     while True:
+        _check_alive(alive, f"upload {update_id}")
         try:
             return _send_upload(bus, chunks, update_id, try_timeout_s)
         except (RequestTimeoutError, _IncompleteUploadError) as exc:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (alive is not None and not alive()):
                 raise
             log.warning("upload %s to the cloud: %s; sending it again", update_id, exc)
             time.sleep(0.5)
+
+
+def _check_alive(alive: Callable[[], bool] | None, what: str) -> None:
+    if alive is not None and not alive():
+        raise BusError(f"{what}: the cloud process is not running")
 
 
 class _IncompleteUploadError(BusError):
@@ -249,21 +257,23 @@ def abstain(bus, *, sender: str, rnd: int) -> None:
 
 
 def download(bus, rnd: int, requester: str, timeout_s: float = 600.0, *, retry: bool = False,
-             try_timeout_s: float = 30.0) -> dict[str, torch.Tensor] | None:
+             try_timeout_s: float = 30.0, alive: Callable[[], bool] | None = None
+             ) -> dict[str, torch.Tensor] | None:
     """Wait for the cloud's global model of round `rnd` and fetch it (None: every edge abstained).
 
     With `retry`, a cloud that stops answering is asked again (from the first chunk) until `timeout_s`: a
-    restarted cloud serves the rounds it aggregated before, byte for byte."""
+    restarted cloud serves the rounds it aggregated before, byte for byte. `alive` as for `upload`."""
     deadline = time.monotonic() + timeout_s
     asm = wts.ChunkAssembler()
     index = 0
     while True:
         req = codec.new("flad_msgs/msg/LayerRequest", requester=requester, transfer_id=f"round:{rnd}",
                         chunk_index=index)
+        _check_alive(alive, f"global model of round {rnd}")
         try:
             chunk = bus.request(SERVICE_GLOBAL, req, "flad_msgs/msg/WeightChunk", timeout_s=try_timeout_s)
         except RequestTimeoutError as exc:
-            if not retry or time.monotonic() > deadline:
+            if not retry or time.monotonic() > deadline or (alive is not None and not alive()):
                 raise
             log.warning("global model of round %d: %s; asking again", rnd, exc)
             asm, index = wts.ChunkAssembler(), 0
