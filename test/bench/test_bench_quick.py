@@ -96,7 +96,20 @@ def _check_pipeline(d: dict) -> None:
     assert set(d["codec_modes"]["modes"]) == {"labels_forward", "u_shaped"}
     assert d["torch_pipelining"]["works"] is True
     assert set(d["goals"]) >= {"fhdp_vs_standalone", "fhdp_vs_torch_pipelining", "int8_byte_reduction"}
-    assert set(d["pipeline_floor"]["codecs"]["fp32"]) >= {"any"} and "codecs" in d["link_floor"]
+    assert set(d["pipeline_floor"]["codecs"]["fp32"]) >= {"any", "useful"} and "codecs" in d["link_floor"]
+    assert d["codecs"]["int8"]["bytes_per_sample"] < d["codecs"]["fp32"]["bytes_per_sample"]
+    assert set(d["goals"]) >= {"fhdp_vs_random", "fhdp_vs_ideal", "int8_loss_within_2pct", "every_member_vs_standalone",
+                               "every_member_prediction_error"}
+    assert d["conditions"]["device"]["device"] == "cpu"       # the emulation's default: stages on the host CPU
+    # every member's data at once: the fan-in run trained all three members' samples each step
+    em = d["every_member"]
+    fp32 = em["runs"]["fp32"]
+    assert sorted(fp32["sources"]) == ["agx", "n1", "n2"] and fp32["samples_per_step"] == 3 * 6
+    assert fp32["sources"][0] == fp32["trunk"][0][0]       # the hub's own data goes first
+    assert fp32["samples_per_s"] > 0 and fp32["losses"] and fp32["dropped_steps"] == 0
+    assert fp32["predicted_step_s"] > 0 and fp32["flop_model_predicted_step_s"] > 0
+    assert em["plans"]["candidates"] > 10 and len(em["plans"]["layer_seconds_per_sample_host"]) == d["layers"]
+    assert tp["every_member"]["fp32"] == fp32["samples_per_s"] and em["skipped"] == {}
 
 
 def _check_llm(d: dict) -> None:

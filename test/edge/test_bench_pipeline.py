@@ -93,38 +93,6 @@ def test_auto_time_scale_makes_the_fastest_device_slower_than_the_host():
     assert 0.1 / 3.85 * ts == pytest.approx(2.0)
 
 
-def test_quick_run_prints_one_json_object(capsys):
-    code = bp.main(["--quick", "--json", "--no-torch-pipelining", "--codecs", "fp32", "int8",
-                    "--modes", "labels_forward"])
-    out = capsys.readouterr().out.strip()
-    assert code == 0
-    assert out.count("\n") == 0                     # exactly one line: one JSON object
-    data = json.loads(out)
-    for key in ("conditions", "throughput_samples_per_s_emulated", "fhdp_swift", "standalone", "random",
-                "torch_pipelining", "ideal", "codecs", "goals", "link_floor", "pipeline_floor"):
-        assert key in data, key
-    # the no-run estimate of the best partition, of any kind and with every member training
-    assert set(data["pipeline_floor"]["codecs"]["fp32"]) >= {"any", "useful"}
-    assert data["conditions"]["emulated"] is True
-    assert set(data["codecs"]) == {"fp32", "int8"}
-    tp = data["throughput_samples_per_s_emulated"]
-    for key in ("fhdp_swift", "standalone_agx", "random_mean", "ideal_bound"):
-        assert tp[key] > 0, key
-    assert data["codecs"]["int8"]["bytes_per_sample"] < data["codecs"]["fp32"]["bytes_per_sample"]
-    assert set(data["goals"]) >= {"fhdp_vs_standalone", "fhdp_vs_random", "fhdp_vs_ideal", "fhdp_vs_torch_pipelining",
-                                  "int8_byte_reduction", "int8_loss_within_2pct", "every_member_vs_standalone",
-                                  "every_member_prediction_error"}
-    # every member's data at once: the fan-in run trained all three members' samples each step
-    em = data["every_member"]
-    fp32 = em["runs"]["fp32"]
-    assert sorted(fp32["sources"]) == ["agx", "n1", "n2"] and fp32["samples_per_step"] == 3 * 6
-    assert fp32["sources"][0] == fp32["trunk"][0][0]       # the hub's own data goes first
-    assert fp32["samples_per_s"] > 0 and fp32["losses"] and fp32["dropped_steps"] == 0
-    assert fp32["predicted_step_s"] > 0 and fp32["flop_model_predicted_step_s"] > 0
-    assert em["plans"]["candidates"] > 10 and len(em["plans"]["layer_seconds_per_sample_host"]) == data["layers"]
-    assert tp["every_member"]["fp32"] == fp32["samples_per_s"]
-
-
 def test_summarize_takes_the_loss_from_the_data_owner_of_a_u_shaped_pipeline():
     def rec(index, losses, link):
         return {"idle": False, "index": index, "vehicle": f"v{index}", "range": [index, index + 1],

@@ -36,7 +36,7 @@ from flad_testing import REPO, free_port_base
 IDS = ("v000", "v001", "v002")
 STOPPED = "v002"
 STEPS, BATCH = 1, 2
-DEADLINE_S = 30.0   # the two answering clients train 1 step of 2 samples each: seconds, even on a loaded host
+DEADLINE_S = 20.0   # the two answering clients train 1 step of 2 samples each: seconds, even on a loaded host
 
 
 def _state(proc_pid: int) -> str:
