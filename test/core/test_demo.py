@@ -90,3 +90,18 @@ def test_killed_launcher_leaves_no_orphans(tmp_path, port_base):
     proc.kill()                                          # SIGKILL: no chance to clean up
     proc.wait()
     assert wait_gone(str(runs), timeout=15) == []        # the kernel's parent-death signal stopped them
+
+
+def test_the_experiment_demo_is_a_flad_run_command_line(tmp_path):
+    """`flad demo` (no fixed-fleet option) runs `flad run quick` shortened: its arguments parse as that command
+    line, so `main_run` reads every option it knows (a hand-built namespace once lacked `device`)."""
+    from flad_core.cli import build_parser
+    from flad_edge.demo import DEMO_SETS, experiment_demo_argv
+    from flad_edge.experiment.cli import build_config, main_run, run_args
+
+    demo = build_parser().parse_args(["demo", "--rounds", "1", "--runs-dir", str(tmp_path), "--device", "cpu"])
+    ns = run_args(experiment_demo_argv(demo))
+    assert ns.func is main_run and ns.experiment == "quick" and ns.device == "cpu" and ns.precision is None
+    assert ns.set == [*DEMO_SETS, "rounds.rounds=1"] and ns.runs_dir == tmp_path
+    cfg = build_config(ns.experiment, ns.set)
+    assert cfg.rounds.rounds == 1 and cfg.driver.general_steps == 10

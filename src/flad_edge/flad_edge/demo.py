@@ -101,11 +101,21 @@ FIXED_FLEET_OPTIONS = ("fleet", "config", "data", "recovery", "control_plane_onl
 DEFAULT_FHDP_CONFIG = Path(__file__).resolve().parents[3] / "launch" / "fhdp.yaml"
 
 
-def run_experiment_demo(args: argparse.Namespace) -> int:
-    from flad_edge.experiment.cli import main_run
-
+def experiment_demo_argv(args: argparse.Namespace) -> list[str]:
+    """The `flad run` command line the experiment demo is."""
     sets = list(DEMO_SETS) + (["rounds.rounds=" + str(args.rounds)] if args.rounds else [])
-    return main_run(argparse.Namespace(experiment="quick", set=sets, resume=None, runs_dir=args.runs_dir))
+    argv = ["quick", *[x for s in sets for x in ("--set", s)]]
+    if args.runs_dir:
+        argv += ["--runs-dir", str(args.runs_dir)]
+    if getattr(args, "device", None):
+        argv += ["--device", args.device]
+    return argv
+
+
+def run_experiment_demo(args: argparse.Namespace) -> int:
+    from flad_edge.experiment.cli import main_run, run_args
+
+    return main_run(run_args(experiment_demo_argv(args)))
 
 
 def wait_for_edge(sup: Supervisor, timeout: float, poll_s: float = 0.1) -> int | None:
@@ -226,4 +236,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--port-base", type=int, default=None, help="renumber the fleet's TCP ports from this base")
     demo.add_argument("--curve", action="store_true", help="generate keys and run every link with CURVE")
     demo.add_argument("--runs-dir", type=Path, default=None, help="where runs/<id>/ goes (default: ./runs)")
+    demo.add_argument("--device", default=None, metavar="auto|cpu|cuda[:N]",
+                      help="the experiment demo: where the vehicles and the driver train (as `flad run --device`)")
     demo.set_defaults(func=run_demo)

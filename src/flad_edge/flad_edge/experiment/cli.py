@@ -106,6 +106,13 @@ def main_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_args(argv: list[str]) -> argparse.Namespace:
+    """`flad run ARGV` parsed exactly as the command line is (what `flad demo` runs through `main_run`)."""
+    parser = argparse.ArgumentParser(prog="flad")
+    register(parser.add_subparsers())
+    return parser.parse_args(["run", *argv])
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run the FLAD experiment end to end (presets: paper, quick)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
