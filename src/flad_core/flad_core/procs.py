@@ -17,6 +17,7 @@ import faulthandler
 import functools
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -189,24 +190,49 @@ def install_stop_handlers(stop: threading.Event) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+def _range_free(base: int, count: int) -> bool:
+    socks = []
+    try:
+        for port in range(base, base + count):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def free_port_base(count: int = 8) -> int:
-    """A base port such that `base .. base+count-1` are free on 127.0.0.1 right now (tests, benches)."""
+    """A base port such that `base .. base+count-1` are free on 127.0.0.1 right now (tests, benches).
+
+    The range is drawn below the kernel's ephemeral range when there is room: ports are bound seconds after
+    they are chosen, and in between any outgoing connection on the host (ZeroMQ connects included) may be given
+    a free port of the ephemeral range as its local port, which then makes the later bind fail."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    if low - count > 10000:
+        for _ in range(200):
+            base = rng.randrange(10000, low - count)
+            if _range_free(base, count):
+                return base
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             base = s.getsockname()[1]
         if base + count >= 65000:
             continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", port))
-                socks.append(sock)
+        if _range_free(base, count):
             return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
     raise RuntimeError("no free range of loopback ports")
