@@ -25,7 +25,6 @@ import dataclasses
 import io
 import itertools
 import logging
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -58,37 +57,16 @@ class NoniidConfig:
         return self.rounds * len(CLUSTER) * self.local_steps
 
 
-def _port_base(n: int = 40) -> int:
-    """A base port with `n` free consecutive ports after it (checked by binding)."""
-    import random
-
-    rng = random.Random()
-    for _ in range(50):
-        base = rng.randrange(21000, 29000)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range found")
-
-
 def _fleet(cfg: NoniidConfig):
     from flad_core.fleet import VehicleSpec, load_fleet, with_port_base
+    from flad_core.procs import free_port_base
     from flad_core.roles import default_fleet_path
 
     base = load_fleet(default_fleet_path())
     vehicles = [VehicleSpec(id=v, profile=p, control=f"tcp://127.0.0.1:{7200 + 2 * i}",
                             data=f"tcp://127.0.0.1:{7201 + 2 * i}") for i, (v, p) in enumerate(CLUSTER)]
     fleet = dataclasses.replace(base, vehicles=vehicles, seed=cfg.seed)
-    return with_port_base(fleet, _port_base())
+    return with_port_base(fleet, free_port_base(40))
 
 
 def train_pipelined(cfg: NoniidConfig, rotate: bool, workdir: Path, schedule: str = "rotation"):
