@@ -10,12 +10,18 @@
 (c) memory: resident memory of the whole run (experiment process + cloud + pool processes) after setup and
     one planned round at 50 and 200 vehicles; the difference per added vehicle is what an idle vehicle costs.
     Goal: <= 5 MB.
+(d) with --engine ray: the same 200-vehicle experiment (quick preset, driver off) on the local engine and on a
+    two-node Ray cluster on this host (Ray's cluster_utils: a head and a second raylet), the Ray run at 50
+    vehicles too. Per-round wall time Ray vs local (goal <= 1.2x) and the memory an idle vehicle costs under
+    Ray: the peak resident memory of every process of the run (Ray's daemons and workers included) at 200
+    minus at 50 vehicles, per added vehicle (goal <= 5 MB, as (c)).
 Device speeds are emulated (Table 1, time_scale 0.02); the host is shared, so the JSON reports the load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -114,6 +120,83 @@ def run_preset(preset: str, sets: list[str], workdir: Path) -> Path:
     return runs[-1]
 
 
+# -- (d) the Ray engine ----------------------------------------------------------------------------------------
+def tree_rss(root: Any) -> int:
+    """Resident bytes of `root` and every process below it."""
+    import psutil
+
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += proc.memory_info().rss
+    return total
+
+
+def engine_run(engine: str, n: int, rounds: int, workdir: Path, address: str = "", data: str = "") -> dict[str, Any]:
+    """One `flad run quick` of `n` vehicles on `engine`; per-round wall times and the peak memory of every
+    process of this benchmark's tree (the run, and for Ray the cluster's daemons and workers) while it ran."""
+    import threading
+
+    import psutil
+
+    sets = [f"fleet.vehicles={n}", f"rounds.rounds={rounds}", "rounds.eval_frames=8", "driver.enabled=false",
+            "fleet.towns=[Town01,Town02,Town03,Town04,Town05]", *([f"fleet.data={data}"] if data else [])]
+    cmd = [sys.executable, "-m", "flad_core.cli", "run", "quick", "--runs-dir", str(workdir), "--engine", engine,
+           *(["--address", address] if address else [])]
+    for s in sets:
+        cmd += ["--set", s]
+    me, peak, stop = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            peak[0] = max(peak[0], tree_rss(me))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    finally:
+        stop.set()
+        sampler.join()
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"flad run on {engine} failed (rc {proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    run = max((p for p in workdir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    walls = overhead_of(run)
+    totals = [w["total_s"] for w in walls["per_round"]]
+    summary = json.loads((run / "summary.json").read_text())
+    return {"engine": engine, "vehicles": n, "rounds": rounds, "run": str(run), "wall_s": round(wall, 1),
+            "setup_s": round(summary["wall_s"] - sum(totals), 1), "round_total_s": totals,
+            "mean_round_s": round(sum(totals) / len(totals), 3), "overhead_share": walls["overhead_share"],
+            "peak_rss_MB": round(peak[0] / 1e6, 1),
+            "nodes_used": len(summary["engine"].get("nodes_used", [])) if engine == "ray" else 1}
+
+
+def engine_comparison(work: Path, vehicles: int, rounds: int) -> dict[str, Any]:
+    """(d): local vs Ray at `vehicles`, Ray at 50 too, on a two-node Ray cluster of this host."""
+    from ray.cluster_utils import Cluster
+
+    local = engine_run("local", vehicles, rounds, work / "local")
+    data = str(Path(local["run"]) / "data")         # one dataset for every run: the same shards, no re-collection
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=8)
+        cluster.wait_for_nodes()
+        ray_big = engine_run("ray", vehicles, rounds, work / "ray", cluster.address, data)
+        ray_small = engine_run("ray", 50, rounds, work / "ray50", cluster.address, data)
+    finally:
+        cluster.shutdown()
+    ratio = ray_big["mean_round_s"] / max(1e-9, local["mean_round_s"])
+    per = (ray_big["peak_rss_MB"] - ray_small["peak_rss_MB"]) / max(1, vehicles - 50)
+    return {"cluster": "2 nodes on this host (ray.cluster_utils), 8 logical CPUs each; engine shares at defaults",
+            "runs": [local, ray_big, ray_small], "round_wall_ray_vs_local": round(ratio, 3),
+            "ray_per_idle_vehicle_MB": round(per, 3),
+            "memory_scope": "peak resident memory of every process of the benchmark's tree during the run (Ray: "
+                            "GCS, raylets and workers included), at 200 minus at 50 vehicles"}
+
+
 # -- (c) memory -------------------------------------------------------------------------------------------------
 MEMORY_PROBE = """
 import json, sys, psutil
@@ -172,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-run", type=Path, nargs="*", default=[],
                         help="read the round overhead from these finished runs instead of running presets")
     parser.add_argument("--paper-rounds", type=int, default=2, help="rounds of the paper preset for (b)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="ray: also (d), the 200-vehicle experiment on the local engine and on a two-node Ray "
+                             "cluster of this host (needs `pip install '.[ray]'`)")
+    parser.add_argument("--engine-rounds", type=int, default=None,
+                        help="rounds of each (d) run (default 3; 2 with --quick)")
     args = parser.parse_args(argv)
     sizes = args.sizes or ([50, 200] if args.quick else [50, 200, 1000])
     out: dict[str, Any] = {"bench": "fleet", "quick": args.quick, "conditions": conditions()}
@@ -196,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         out["memory"] = {"runs": mem, "per_idle_vehicle_MB": round(per, 3),
                          "scope": "whole run (experiment + cloud + pools)" if not args.quick else mem[0]["scope"]}
         out["goals"]["idle_vehicle_le_5MB"] = {"target_MB": 5.0, "measured_MB": round(per, 3), "met": per <= 5.0}
+        if args.engine == "ray":
+            rounds = args.engine_rounds or (2 if args.quick else 3)
+            d = engine_comparison(work / "engines", 200, rounds)
+            out["engines"] = d
+            out["goals"]["ray_round_wall_le_1p2x_local"] = {"target": 1.2, "measured": d["round_wall_ray_vs_local"],
+                                                            "met": d["round_wall_ray_vs_local"] <= 1.2}
+            out["goals"]["ray_idle_vehicle_le_5MB"] = {"target_MB": 5.0, "measured_MB": d["ray_per_idle_vehicle_MB"],
+                                                       "met": d["ray_per_idle_vehicle_MB"] <= 5.0}
     out["conditions"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(out))
     return 0

@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int | None = None) -> None:  # runs in the child between fork and exec
+def _die_with_parent(parent: int | None = None, sig: int = signal.SIGTERM) -> None:  # in the child, fork to exec
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
     if parent is not None and os.getppid() != parent:
         os._exit(1)     # the parent died between fork and prctl: no signal would ever come
 
@@ -199,13 +199,13 @@ def _ephemeral_range() -> tuple[int, int]:
         return 49152, 65535
 
 
-def _range_free(base: int, count: int) -> bool:
+def _range_free(base: int, count: int, host: str = "127.0.0.1") -> bool:
     socks = []
     try:
         for port in range(base, base + count):
             sock = socket.socket()
             socks.append(sock)
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         return True
     except OSError:
         return False
@@ -214,8 +214,8 @@ def _range_free(base: int, count: int) -> bool:
             sock.close()
 
 
-def free_port_base(count: int = 8) -> int:
-    """A base port such that `base .. base+count-1` are free on 127.0.0.1 right now (tests, benches).
+def free_port_base(count: int = 8, host: str = "127.0.0.1") -> int:
+    """A base port such that `base .. base+count-1` are free on `host` (an address of this machine) right now.
 
     The range is drawn below the kernel's ephemeral range when there is room: ports are bound seconds after
     they are chosen, and in between any outgoing connection on the host (ZeroMQ connects included) may be given
@@ -225,14 +225,14 @@ def free_port_base(count: int = 8) -> int:
     if low - count > 10000:
         for _ in range(200):
             base = rng.randrange(10000, low - count)
-            if _range_free(base, count):
+            if _range_free(base, count, host):
                 return base
     for _ in range(200):
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             base = s.getsockname()[1]
         if base + count >= 65000:
             continue
-        if _range_free(base, count):
+        if _range_free(base, count, host):
             return base
-    raise RuntimeError("no free range of loopback ports")
+    raise RuntimeError(f"no free range of {count} ports on {host}")

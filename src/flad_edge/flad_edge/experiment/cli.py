@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,11 @@ report.md with plots, metrics.jsonl, events.jsonl, TensorBoard events (tb/), che
   flad run paper                       # the paper's setup
   flad run my.yaml --set rounds.rounds=4 --set fleet.vehicles=20
   flad run --resume runs/<id>          # continue a run that crashed or was stopped
+  flad run quick --engine ray --address HOST:6379   # edges, cloud and vehicle slots as actors on a Ray cluster
+
+Engines: `local` (default) runs the edges in this process and the cloud and vehicle slots as its child
+processes; `ray` (pip install '.[ray]') runs them as Ray actors spread over a cluster's nodes, each with the
+resource share of `engine.*_cpus` / `engine.slot_gpus` (docs/ray.md). Same seed, same numbers on either engine.
 """
 
 
@@ -54,46 +60,74 @@ def build_config(source: str, overrides: list[str]) -> ExperimentConfig:
     return from_dict(ExperimentConfig, apply_overrides(to_dict(cfg), overrides))
 
 
+class UsageError(Exception):
+    """A command line `flad run` cannot act on; the message is printed and the exit code is 2."""
+
+
+def resumed_config(args: argparse.Namespace) -> tuple[ExperimentConfig, RunDir]:
+    """`--resume RUN`: the run's own config (with `--address`, where its Ray cluster is now)."""
+    from flad_core.runs import setup_logging
+    from flad_edge.experiment.run import load_run_config
+
+    path = Path(args.resume)
+    if not (path / "config.yaml").exists():
+        raise UsageError(f"no run to resume at {path} (expected {path / 'config.yaml'})")
+    if args.experiment or args.set or args.device or args.precision or args.engine:
+        raise UsageError("--resume continues a run with its own config; leave out EXPERIMENT, --set, --device, "
+                         "--precision and --engine")
+    cfg = load_run_config(path)
+    if args.address:       # the run's Ray cluster may have been started again at another address
+        if cfg.engine.name != "ray":
+            raise UsageError(f"--address is for runs on the ray engine; {path} ran on {cfg.engine.name}")
+        cfg.engine.address = args.address
+    setup_logging(logfile=path / "log.txt")
+    return cfg, RunDir(path)
+
+
+def new_config(args: argparse.Namespace) -> tuple[ExperimentConfig, RunDir]:
+    """EXPERIMENT with the command line's overrides, checked before any process starts; a new run folder."""
+    from flad_edge.experiment.run import write_config
+
+    if not args.experiment:
+        raise UsageError(f"name an experiment file or a preset ({', '.join(PRESETS)}), or --resume RUN")
+    overrides = list(args.set)
+    if args.device:
+        overrides += [f"train.device={args.device}", f"driver.device={args.device}"]
+    if args.precision:
+        overrides.append(f"train.precision={args.precision}")
+    if args.engine:
+        overrides.append(f"engine.name={args.engine}")
+    if args.address:
+        if (args.engine or "ray") != "ray":
+            raise UsageError("--address names a Ray cluster; it goes with --engine ray")
+        overrides += ["engine.name=ray", f"engine.address={args.address}"]
+    cfg = build_config(args.experiment, overrides)
+    try:      # a device this host lacks stops the run here, before any process starts
+        for where in (cfg.train.device, cfg.driver.device):
+            resolve_device(where)
+    except DeviceError as exc:
+        raise UsageError(str(exc)) from exc
+    if cfg.engine.name == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError("the ray engine needs Ray: pip install '.[ray]' (ray==2.60.0)")
+    run = RunDir.create(f"run-{cfg.name}", cfg, root=args.runs_dir)
+    write_config(run, cfg)
+    return cfg, run
+
+
 def main_run(args: argparse.Namespace) -> int:
-    from flad_edge.experiment.run import load_run_config, run_experiment, write_config
+    from flad_edge.experiment.run import run_experiment
 
     console = Console() if sys.stdout.isatty() else Console(width=140)
-    if args.resume is not None:
-        path = Path(args.resume)
-        if not (path / "config.yaml").exists():
-            print(f"flad run: no run to resume at {path} (expected {path / 'config.yaml'})", file=sys.stderr)
-            return 2
-        if args.experiment or args.set or args.device or args.precision:
-            print("flad run: --resume continues a run with its own config; leave out EXPERIMENT, --set, --device "
-                  "and --precision", file=sys.stderr)
-            return 2
-        cfg = load_run_config(path)
-        run = RunDir(path)
-        from flad_core.runs import setup_logging
-
-        setup_logging(logfile=path / "log.txt")
-    else:
-        if not args.experiment:
-            print(f"flad run: name an experiment file or a preset ({', '.join(PRESETS)}), or --resume RUN",
-                  file=sys.stderr)
-            return 2
-        overrides = list(args.set)
-        if args.device:
-            overrides += [f"train.device={args.device}", f"driver.device={args.device}"]
-        if args.precision:
-            overrides.append(f"train.precision={args.precision}")
-        cfg = build_config(args.experiment, overrides)
-        try:      # a device this host lacks stops the run here, before any process starts
-            for where in (cfg.train.device, cfg.driver.device):
-                resolve_device(where)
-        except DeviceError as exc:
-            print(f"flad run: {exc}", file=sys.stderr)
-            return 2
-        run = RunDir.create(f"run-{cfg.name}", cfg, root=args.runs_dir)
-        write_config(run, cfg)
+    try:
+        cfg, run = resumed_config(args) if args.resume is not None else new_config(args)
+    except UsageError as exc:
+        print(f"flad run: {exc}", file=sys.stderr)
+        return 2
     console.print(f"FLAD experiment {cfg.name!r}: {cfg.fleet.vehicles} vehicles in {len(cfg.fleet.towns)} towns, "
                   f"{cfg.edges.n} edges, {cfg.rounds.rounds} rounds x {cfg.rounds.round_s:.0f} s simulated, "
-                  f"{cfg.rounds.clients_per_round} clients per round; records in {run.path}")
+                  f"{cfg.rounds.clients_per_round} clients per round"
+                  + (f", on Ray ({cfg.engine.address or 'a new local instance'})" if cfg.engine.name == "ray" else "")
+                  + f"; records in {run.path}")
     try:
         summary = run_experiment(cfg, run, console, resume=args.resume is not None)
     except KeyboardInterrupt:
@@ -126,4 +160,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "driver.device; default: the config's, auto = CUDA when present)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="stage training precision (sets train.precision; default: the config's, fp32)")
+    p.add_argument("--engine", default=None, choices=("local", "ray"),
+                   help="where the edges, the cloud and the vehicle slots run (sets engine.name; default: the "
+                        "config's, local)")
+    p.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="the Ray cluster to run on (implies --engine ray; `ray start --head` prints it; default: a "
+                        "new Ray instance on this machine). With --resume: where the run's cluster is now")
     p.set_defaults(func=main_run)

@@ -231,6 +231,34 @@ class PoolSection:
             raise ConfigError("slots_per_edge", f"must be >= 1, got {self.slots_per_edge}")
 
 
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class EngineSection:
+    """Where the run's processes live. `local`: the edges in the `flad run` process, the cloud and every pool
+    slot as its child processes on this machine. `ray`: the edges, the cloud and every slot as Ray actors spread
+    over a Ray cluster's nodes (`flad_edge.experiment.ray_engine`; `pip install .[ray]`), each with the
+    resource share below; Ray only admits an actor where its share is free."""
+
+    name: str = "local"
+    address: str = ""               # ray: the cluster to join (`ray start --head` prints it); "": a new local one
+    edge_cpus: float = 1.0          # ray: CPUs reserved per edge actor (hub, FHDP orchestrator, FedAvg)
+    cloud_cpus: float = 1.0         # ray: CPUs reserved for the cloud
+    slot_cpus: float = 1.0          # ray: CPUs reserved per pool slot (one vehicle's training process)
+    slot_gpus: float = 0.0          # ray, with train.device cuda: GPU share per slot (0: 1 / slots_per_edge)
+
+    def validate(self) -> None:
+        if self.name not in ENGINES:
+            raise ConfigError("name", f"unknown engine {self.name!r} (engines: {', '.join(ENGINES)})")
+        if self.address and self.name != "ray":
+            raise ConfigError("address", "is for engine ray (a Ray cluster address); the local engine takes none")
+        for key in ("edge_cpus", "cloud_cpus", "slot_cpus", "slot_gpus"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(key, f"must be a finite number >= 0, got {value!r}")
+
+
 @dataclass
 class AggregationSection:
     """How each tier combines its round's updates (`rule`: fedavg, median, trimmed_mean, krum, multi_krum) and
@@ -253,6 +281,7 @@ class ExperimentConfig:
     failures: FailuresSection = field(default_factory=FailuresSection)
     pool: PoolSection = field(default_factory=PoolSection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
+    engine: EngineSection = field(default_factory=EngineSection)
     driver: DriverConfig = field(default_factory=DriverConfig)   # CELLAdapt + closed-loop eval (after the rounds)
 
     def validate(self) -> None:

@@ -13,6 +13,11 @@ vehicle) does not use this module.
 The pool runs in the edge's process, next to an `EdgeServer` the caller owns: slots register with it (as
 themselves while idle), so its fleet must admit the slot ids and the vehicle ids (a fleet listing no vehicles
 admits everyone).
+
+Where a slot's process runs is the launcher's business: by default a child process of the pool on this host
+(loopback addresses fixed at construction); with a `SlotLauncher` (`flad run --engine ray`), each start of a slot
+asks the launcher for a machine and free ports there, so a slot respawned after its machine was lost comes back
+elsewhere, at new addresses.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import queue
 import signal
 import subprocess
@@ -29,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -62,6 +66,39 @@ class Identity:
     seed: int = 0
 
 
+class ProcHandle(Protocol):
+    """What the pool needs of a slot's process: `subprocess.Popen`, or a process on another machine."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class SlotLauncher(Protocol):
+    """Starts slot processes somewhere else than as children of this process (`flad run --engine ray`)."""
+
+    def place(self, name: str, n_ports: int) -> tuple[str, list[int]]:
+        """Choose where process `name` will run; its host address and `n_ports` free ports there."""
+        ...
+
+    def start(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str]) -> ProcHandle:
+        """Start `cmd` where `place(name)` chose."""
+        ...
+
+    def prepare(self, names: list[str], n_ports: int) -> None:
+        """Optionally place several processes at once before their `place` calls (a faster start)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class PoolError(RuntimeError):
     """The pool cannot do what was asked (no free slot, a slot that does not come up or will not adopt)."""
 
@@ -69,7 +106,7 @@ class PoolError(RuntimeError):
 @dataclass
 class _Slot:
     spec: VehicleSpec                      # the slot's own id and addresses (the slot fleet's entry)
-    proc: subprocess.Popen | None = None
+    proc: ProcHandle | None = None
     state: str = STARTING
     identity: Identity | None = None       # what it plays while busy
 
@@ -114,7 +151,7 @@ class VehiclePool:
 
     def __init__(self, fleet: FleetConfig, n_slots: int, workdir: Path, data_root: str,
                  group: ProcessGroup | None = None, encoder: str = "tiny", port_base: int | None = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", launcher: SlotLauncher | None = None) -> None:
         if n_slots < 1:
             raise ValueError(f"a pool needs at least one slot, got {n_slots}")
         self.fleet = fleet
@@ -123,6 +160,7 @@ class VehiclePool:
         self.data_root = data_root
         self.encoder = encoder
         self.device = device            # where every slot process trains its stages (flad_core.device)
+        self.launcher = launcher        # None: slots are child processes on this host, at fixed loopback ports
         self._own_group = group is None
         self.group = group or ProcessGroup(grace_s=5.0)
         base = free_port_base(2 * n_slots) if port_base is None else port_base   # slot i: base + 2i, base + 2i + 1
@@ -148,6 +186,8 @@ class VehiclePool:
 
     def start(self, timeout_s: float = 120.0) -> None:
         """Start every slot process and wait until each has registered with the edge (the caller runs it)."""
+        if self.launcher is not None:
+            self.launcher.prepare([f"{self.fleet.edge.id}/{sid}" for sid in self._slots], 2)
         for sid in self._slots:
             self._spawner.call(lambda sid=sid: self._spawn(sid))
         deadline = time.monotonic() + timeout_s
@@ -157,11 +197,22 @@ class VehiclePool:
     def _spawn(self, sid: str) -> None:
         """Start slot `sid`'s process (spawner thread only)."""
         slot = self._slots[sid]
-        cmd = python_module_cmd(WORKER_MODULE, "--slot", sid, "--fleet", str(self.fleet_file),
+        name, fleet_file, env = f"{self.fleet.edge.id}/{sid}", self.fleet_file, {"OMP_NUM_THREADS": "1"}
+        if self.launcher is not None:      # a machine and ports chosen per start: the slot's addresses change
+            host, (control, data) = self.launcher.place(name, 2)
+            with self._cv:
+                slot.spec = dataclasses.replace(slot.spec, control=f"tcp://{host}:{control}",
+                                                data=f"tcp://{host}:{data}")
+                fleet = self.slot_fleet()
+            fleet_file = self.workdir / f"{sid}.yaml"
+            fleet_file.write_text(yaml.safe_dump(to_dict(fleet), sort_keys=False))
+        cmd = python_module_cmd(WORKER_MODULE, "--slot", sid, "--fleet", str(fleet_file),
                                 "--run-dir", str(self.workdir), "--data", self.data_root, "--encoder", self.encoder,
                                 "--device", self.device)
-        proc = self.group.start(f"{self.fleet.edge.id}/{sid}", cmd, log_path=self.workdir / f"{sid}.stderr",
-                                env={"OMP_NUM_THREADS": "1"})
+        if self.launcher is not None:
+            proc = self.launcher.start(name, cmd, self.workdir / f"{sid}.stderr", env)
+        else:
+            proc = self.group.start(name, cmd, log_path=self.workdir / f"{sid}.stderr", env=env)
         with self._cv:
             slot.proc, slot.state, slot.identity = proc, STARTING, None
         log.info("%s: started slot %s (pid %d)", self.fleet.edge.id, sid, proc.pid)
@@ -409,7 +460,7 @@ class VehiclePool:
             proc, closed = slot.proc, self._closed
         assert proc is not None
         with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
+            proc.kill()
         proc.wait(10)
         log.info("killed slot %s (pid %d)", sid, proc.pid)
         if not closed:
@@ -472,6 +523,8 @@ class VehiclePool:
                 proc.wait()
         if self._own_group:
             self.group.stop()
+        if self.launcher is not None:
+            self.launcher.close()
         self.bus.close()
 
     def __enter__(self) -> VehiclePool:

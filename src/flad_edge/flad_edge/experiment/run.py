@@ -34,10 +34,10 @@ from flad_core.atomic import atomic_write_bytes, atomic_write_json
 from flad_core.bus import BusError
 from flad_core.config import ConfigError, from_dict, to_dict
 from flad_core.fleet import VehicleSpec
-from flad_core.procs import ProcessGroup
 from flad_core.runs import RunDir, seed_everything
 from flad_core.weights import to_bytes
 from flad_edge.experiment.config import EdgeSpec, ExperimentConfig
+from flad_edge.experiment.engine import EdgeHandle, EdgeLostError, LocalEngine
 from flad_edge.experiment.planning import (
     EdgeRoundPlan,
     edge_of,
@@ -46,15 +46,7 @@ from flad_edge.experiment.planning import (
     sample_clients,
     tracks_from_arrays,
 )
-from flad_edge.experiment.rounds import (
-    CLOUD_TRY_S,
-    Departure,
-    EdgeRoundResult,
-    identity_for,
-    train_edge_round,
-)
-from flad_edge.experiment.sites import EdgeSite, start_cloud, start_sites
-from flad_edge.fl.cloud import download
+from flad_edge.experiment.rounds import Departure, EdgeRoundResult, identity_for
 from flad_edge.swift.model import Profile, load_profile
 
 log = logging.getLogger(__name__)
@@ -110,14 +102,23 @@ def plan_profile(encoder: str) -> Profile:
     return load_profile(raw)
 
 
+def make_engine(cfg: ExperimentConfig, run_path: Path) -> Any:
+    """The engine `cfg.engine.name` names (`flad_edge.experiment.engine`); Ray is imported only for `ray`."""
+    if cfg.engine.name == "ray":
+        from flad_edge.experiment.ray_engine import RayEngine
+
+        return RayEngine(cfg, run_path)
+    return LocalEngine(cfg, run_path)
+
+
 class Experiment:
     """One `flad run`: setup (data, fleet, sites), the rounds, the driver stage, the report."""
 
     def __init__(self, cfg: ExperimentConfig, run: RunDir, console: Console | None = None) -> None:
         self.cfg, self.run = cfg, run
         self.console = console or Console()
-        self.group = ProcessGroup(grace_s=5.0)
-        self.sites: list[EdgeSite] = []
+        self.engine = make_engine(cfg, run.path)     # where the edges, the cloud and the pool slots run
+        self.sites: list[EdgeHandle] = []
         self.ledger: list[dict[str, Any]] = []
         self.next_round = 0
         self.global_state: dict[str, torch.Tensor] | None = None
@@ -174,9 +175,7 @@ class Experiment:
         self.plan_prof = plan_profile(self.cfg.swift.plan_encoder)
         self.profiles = {v: self.cfg.fleet.devices[d] for v, d in self.devices.items()}
         specs = [VehicleSpec(id=v, profile=self.devices[v], town=self.vehicle_towns[v]) for v in sorted(self.devices)]
-        self.sites = start_sites(self.cfg, self.edges, specs, self.run.path, self.data_root, self.group)
-        for site in self.sites:
-            site.cloud_alive = self.cloud_alive
+        self.sites = self.engine.start(self.edges, specs, self.data_root)
         self.trained_at = {e.id: set() for e in self.edges}
 
     def restore(self, ckpt: dict[str, Any], why: str = "resume") -> None:
@@ -189,27 +188,10 @@ class Experiment:
         torch.set_rng_state(ckpt["torch_rng"])
         self.trained_at = {k: set(v) for k, v in ckpt.get("trained_at", {}).items()} or self.trained_at
         for site in self.sites:
-            site.fhdp.model.load_state_dict(self.global_state)
-            for key in [k for k in site.fhdp.progress.steps if k.startswith(f"r{self.next_round}-")]:
-                del site.fhdp.progress.steps[key]     # a redone round's departures time on its own steps only
+            site.load_state(self.global_state)
+            site.forget_round(self.next_round)     # a redone round's departures time on its own steps only
         self.event({"kind": why, "round": self.next_round, "sim_time_s": self.motion.time_s,
                     "detail": f"{why} after round {ckpt['round']}; {len(self.ledger)} committed updates"})
-
-    def cloud_alive(self) -> bool:
-        """Is the cloud process this run started still running (True while there is none to watch)?"""
-        proc = self.group.procs.get("cloud")
-        return proc is None or proc.poll() is None
-
-    def restart_cloud(self) -> bool:
-        """Start the cloud process again if it died (True). It reloads the rounds it had aggregated
-        (`<run>/logs/cloud_state`): a redone round that it had already aggregated before it died is answered
-        "already counted" and gets that round's stored global model, so no edge round is counted twice."""
-        proc = self.group.procs.get("cloud")
-        if proc is None or proc.poll() is None:
-            return False
-        log.error("the cloud process exited (%s): starting it again", proc.returncode)
-        start_cloud(self.group, self.run.path, self.sites[0].fleet, [e.id for e in self.edges])
-        return True
 
     # -- records ------------------------------------------------------------------------------------------
     def event(self, record: dict[str, Any]) -> None:
@@ -308,10 +290,14 @@ class Experiment:
                       for p in plans for c in p.clients for v in c.members}
         results: dict[str, EdgeRoundResult] = {}
 
-        def work(site: EdgeSite, plan: EdgeRoundPlan) -> None:
+        lost: list[EdgeLostError] = []
+
+        def work(site: EdgeHandle, plan: EdgeRoundPlan) -> None:
             try:
-                results[site.id] = train_edge_round(site, rnd, plan.clients, identities, departures[site.id],
+                results[site.id] = site.train_round(rnd, plan.clients, identities, departures[site.id],
                                                     self.cfg.local_steps, self.attempt)
+            except EdgeLostError as exc:
+                lost.append(exc)
             except Exception as exc:
                 log.exception("%s round %d failed", site.id, rnd)
                 results[site.id] = EdgeRoundResult(site.id, error=f"{type(exc).__name__}: {exc}")
@@ -322,6 +308,8 @@ class Experiment:
             t.start()
         for t in threads:
             t.join()
+        if lost:            # the cloud would wait for that edge's upload: redo the round without it at once
+            raise lost[0]
         return [results[s.id] for s in self.sites]
 
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -335,14 +323,13 @@ class Experiment:
         motion_s = time.perf_counter() - t
         results = self.train_round(rnd, plans, departures)
         t = time.perf_counter()
-        state = download(self.sites[0].fhdp.bus, rnd, self.sites[0].id, retry=True, try_timeout_s=CLOUD_TRY_S,
-                         alive=self.cloud_alive)
+        state = self.sites[0].download(rnd)
         if state is not None:
             self.global_state = {k: v.detach().clone() for k, v in state.items()}
         elif self.global_state is None:
-            self.global_state = {k: v.detach().clone() for k, v in self.sites[0].fhdp.model.state_dict().items()}
+            self.global_state = self.sites[0].state_dict()
         for site in self.sites:
-            site.fhdp.model.load_state_dict(self.global_state)
+            site.load_state(self.global_state)
         download_s = time.perf_counter() - t
         t = time.perf_counter()
         global_eval = self.evaluate_global()
@@ -438,7 +425,7 @@ class Experiment:
         if self.next_round == 0 and self.motion.time_s < self.cfg.rounds.warmup_s:
             self.motion.advance(self.cfg.rounds.warmup_s)
         if self.next_round == 0:     # the state a redo or a resume of round 0 starts from
-            self.global_state = {k: v.detach().clone() for k, v in self.sites[0].fhdp.model.state_dict().items()}
+            self.global_state = self.sites[0].state_dict()
             self.checkpoint(-1)
         with Progress(TextColumn("[bold]FLAD rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.console, transient=True) as progress:
@@ -459,19 +446,29 @@ class Experiment:
                 self.next_round = rnd + 1
 
     def run_round_or_redo(self, rnd: int, attempts: int = 3) -> dict[str, Any]:
-        """A round; if the cloud process died during it, the cloud is started again and the round is redone
-        from the last checkpoint (its partial updates were never committed, so none counts twice)."""
+        """A round; if the cloud process died during it (or, on a cluster, an edge's machine was lost), the
+        engine starts what was lost again and the round is redone from the last checkpoint (its partial updates
+        were never committed, so none counts twice)."""
         for attempt in range(attempts):
             try:
                 return self.run_round(rnd)
             except (BusError, TimeoutError, RuntimeError) as exc:
-                if attempt == attempts - 1 or not self.restart_cloud():
+                if attempt == attempts - 1:
+                    raise
+                lost_edges = isinstance(exc, EdgeLostError)
+                sites = self.engine.recover()
+                if sites is None:
                     raise
                 log.error("round %d failed (%s); redoing it from the checkpoint", rnd, exc)
+                self.sites = sites
                 for site in self.sites:
-                    site.pool.release()
+                    try:
+                        site.release()
+                    except Exception:      # an edge started afresh has nothing placed
+                        log.exception("%s: release before the redo failed", site.id)
                 self.attempt = uuid.uuid4().hex[:6]
-                self.restore(torch.load(self.run.path / CHECKPOINT, weights_only=False), why="cloud_restart")
+                self.restore(torch.load(self.run.path / CHECKPOINT, weights_only=False),
+                             why="edge_restart" if lost_edges else "cloud_restart")
         raise AssertionError("unreachable")
 
     def driver_stage(self) -> dict[str, Any] | None:
@@ -490,9 +487,7 @@ class Experiment:
         return evaluate_driver(trained, dcfg, out, self.cfg.seed)
 
     def close(self) -> None:
-        for site in self.sites:
-            site.close()
-        self.group.stop()
+        self.engine.close()
         if self.telemetry is not None:
             self.telemetry.close()
 
@@ -518,7 +513,8 @@ def run_experiment(cfg: ExperimentConfig, run: RunDir, console: Console, resume:
         exp.close()
     summary = {"preset": cfg.name, "rounds": cfg.rounds.rounds, "vehicles": cfg.fleet.vehicles,
                "edges": [dataclasses.asdict(e) for e in exp.edges], "wall_s": round(time.monotonic() - started, 1),
-               "updates_committed": len(exp.ledger), "driver": driver, "resumed": resume}
+               "updates_committed": len(exp.ledger), "driver": driver, "resumed": resume,
+               "engine": exp.engine.describe()}
     prev = run.path / "summary.json"
     if resume and prev.exists():
         summary["wall_s_before_resume"] = json.loads(prev.read_text()).get("wall_s")

@@ -30,7 +30,7 @@ from flad_core.protocol import (
     SERVICE_UPLOAD,
 )
 from flad_edge.experiment.config import EdgeSpec, ExperimentConfig
-from flad_edge.experiment.pool import Identity, VehiclePool
+from flad_edge.experiment.pool import Identity, SlotLauncher, VehiclePool
 from flad_edge.fhdp.config import FhdpConfig
 from flad_edge.fhdp.recovery.edge import RecoveringFhdpEdge
 from flad_edge.fhdp.recovery.records import RecoveryConfig
@@ -44,19 +44,19 @@ CLOUD_ID = "cloud"
 WALL_DWELL_S = 1e7
 
 
-def edge_services(port: int) -> dict[str, str]:
-    address = f"tcp://127.0.0.1:{port}"
+def edge_services(port: int, host: str = "127.0.0.1") -> dict[str, str]:
+    address = f"tcp://{host}:{port}"
     names = (SERVICE_REGISTER, SERVICE_EDGE_LAYERS, SERVICE_EDGE_READY, SERVICE_EDGE_REPORT, SERVICE_EDGE_BACKUP,
              SERVICE_EDGE_BACKUP_LAYERS)
     return dict.fromkeys(names, address)
 
 
-def site_fleet(cfg: ExperimentConfig, edge_id: str, vehicles: list[VehicleSpec], base: int, cloud_port: int
-               ) -> FleetConfig:
-    """One edge's fleet view: its own hub and services, the shared cloud, every vehicle of the experiment."""
-    cloud = f"tcp://127.0.0.1:{cloud_port}"
-    bus = BusConfig(hub_pub=f"tcp://127.0.0.1:{base}", hub_sub=f"tcp://127.0.0.1:{base + 1}",
-                    services={**edge_services(base + 2), SERVICE_UPLOAD: cloud, SERVICE_GLOBAL: cloud},
+def site_fleet(cfg: ExperimentConfig, edge_id: str, vehicles: list[VehicleSpec], base: int, cloud: str,
+               host: str = "127.0.0.1") -> FleetConfig:
+    """One edge's fleet view: its own hub and services (on `host`, the edge's machine), the shared cloud at
+    address `cloud`, every vehicle of the experiment."""
+    bus = BusConfig(hub_pub=f"tcp://{host}:{base}", hub_sub=f"tcp://{host}:{base + 1}",
+                    services={**edge_services(base + 2, host), SERVICE_UPLOAD: cloud, SERVICE_GLOBAL: cloud},
                     request_timeout_s=10.0)
     return FleetConfig(name=f"{cfg.name}-{edge_id}", seed=cfg.seed, bus=bus,
                        # a killed slot is seen at once (dropped connection); heartbeats only catch silent ones, so
@@ -107,10 +107,10 @@ class EdgeSite:
                 log.exception("%s: error while closing", self.id)
 
 
-def start_cloud(group: ProcessGroup, run_path: Path, fleet: FleetConfig, edge_ids: list[str],
-                aggregation: AggregationConfig | None = None) -> None:
-    """Start the cloud process. Its aggregation is kept in the run folder, so a restart (`aggregation` None)
-    combines edges the way the run's first cloud did."""
+def cloud_command(run_path: Path, fleet: FleetConfig, edge_ids: list[str],
+                  aggregation: AggregationConfig | None = None) -> list[str]:
+    """The cloud process's command line (its fleet file written into the run). Its aggregation is kept in the
+    run folder, so a restart (`aggregation` None) combines edges the way the run's first cloud did."""
     cloud_fleet = run_path / "fleets" / "cloud.yaml"
     cloud_fleet.parent.mkdir(parents=True, exist_ok=True)
     cloud_fleet.write_text(yaml.safe_dump(to_dict(fleet), sort_keys=False))
@@ -118,8 +118,39 @@ def start_cloud(group: ProcessGroup, run_path: Path, fleet: FleetConfig, edge_id
     if aggregation is not None:
         saved.write_text(aggregation.to_spec() + "\n")
     spec = saved.read_text().strip() if saved.exists() else AggregationConfig().to_spec()
-    group.start("cloud", python_module_cmd("flad_edge.fl.cloud", "--fleet", str(cloud_fleet), "--run-dir",
-                                           str(run_path / "logs"), "--edges", *edge_ids, "--aggregation", spec))
+    return python_module_cmd("flad_edge.fl.cloud", "--fleet", str(cloud_fleet), "--run-dir", str(run_path / "logs"),
+                             "--edges", *edge_ids, "--aggregation", spec)
+
+
+def start_cloud(group: ProcessGroup, run_path: Path, fleet: FleetConfig, edge_ids: list[str],
+                aggregation: AggregationConfig | None = None) -> None:
+    """Start the cloud process as a child of this one (see `cloud_command`)."""
+    group.start("cloud", cloud_command(run_path, fleet, edge_ids, aggregation))
+
+
+def build_site(cfg: ExperimentConfig, spec: EdgeSpec, fleet: FleetConfig, run_path: Path, data_root: str, *,
+               group: ProcessGroup | None = None, slot_port_base: int | None = None,
+               launcher: SlotLauncher | None = None) -> EdgeSite:
+    """One edge site in this process: its pool (not started yet), `EdgeServer` and FHDP orchestrator."""
+    (run_path / "fleets").mkdir(parents=True, exist_ok=True)
+    (run_path / "fleets" / f"{spec.id}.yaml").write_text(yaml.safe_dump(to_dict(fleet), sort_keys=False))
+    pool = VehiclePool(fleet, cfg.pool.slots_per_edge, run_path / "pool" / spec.id, data_root, group=group,
+                       encoder=cfg.train.encoder, port_base=slot_port_base, device=cfg.train.device,
+                       launcher=launcher)
+    try:
+        # the edge admits the experiment's vehicles and its pool's slots (as themselves, while idle)
+        slots = pool.slot_fleet()
+        fleet = dataclasses.replace(fleet, vehicles=fleet.vehicles + slots.vehicles,
+                                    profiles={**slots.profiles, **fleet.profiles})
+        server = EdgeServer(fleet)
+        rcfg = RecoveryConfig(backup_every=2, templates_f=cfg.swift.templates_f, template_method="swift",
+                              handover_margin_s=1.0, link_timeout_s=30.0)
+        fhdp = RecoveringFhdpEdge(fleet, fhdp_config(cfg), rcfg, run=None, edge=server)
+        fhdp.layer_profile()    # torch.fx tracing is not thread-safe: one edge at a time
+    except BaseException:
+        pool.close()
+        raise
+    return EdgeSite(spec, fleet, server, fhdp, pool)
 
 
 def start_sites(cfg: ExperimentConfig, edges: list[EdgeSpec], vehicles: list[VehicleSpec], run_path: Path,
@@ -132,25 +163,12 @@ def start_sites(cfg: ExperimentConfig, edges: list[EdgeSpec], vehicles: list[Veh
     sites: list[EdgeSite] = []
     fleets = []
     for i, spec in enumerate(edges):
-        fleets.append(site_fleet(cfg, spec.id, vehicles, base + 2 + i * per_edge, cloud_port))
+        fleets.append(site_fleet(cfg, spec.id, vehicles, base + 2 + i * per_edge, f"tcp://127.0.0.1:{cloud_port}"))
     start_cloud(group, run_path, fleets[0], [e.id for e in edges], cfg.aggregation.cloud)
-    rcfg = RecoveryConfig(backup_every=2, templates_f=cfg.swift.templates_f, template_method="swift",
-                          handover_margin_s=1.0, link_timeout_s=30.0)
     try:
         for i, (spec, fleet) in enumerate(zip(edges, fleets, strict=True)):
-            (run_path / "fleets").mkdir(parents=True, exist_ok=True)
-            (run_path / "fleets" / f"{spec.id}.yaml").write_text(yaml.safe_dump(to_dict(fleet), sort_keys=False))
-            pool = VehiclePool(fleet, cfg.pool.slots_per_edge, run_path / "pool" / spec.id, data_root, group=group,
-                               encoder=cfg.train.encoder, port_base=base + 2 + i * per_edge + 8,
-                               device=cfg.train.device)
-            # the edge admits the experiment's vehicles and its pool's slots (as themselves, while idle)
-            slots = pool.slot_fleet()
-            fleet = dataclasses.replace(fleet, vehicles=fleet.vehicles + slots.vehicles,
-                                        profiles={**slots.profiles, **fleet.profiles})
-            server = EdgeServer(fleet)
-            fhdp = RecoveringFhdpEdge(fleet, fhdp_config(cfg), dataclasses.replace(rcfg), run=None, edge=server)
-            fhdp.layer_profile()    # now, one edge at a time: torch.fx tracing is not thread-safe
-            sites.append(EdgeSite(spec, fleet, server, fhdp, pool))
+            sites.append(build_site(cfg, spec, fleet, run_path, data_root, group=group,
+                                    slot_port_base=base + 2 + i * per_edge + 8))
         for site in sites:
             site.pool.start()
     except BaseException:
