@@ -13,8 +13,8 @@
 (d) with --engine ray: the same 200-vehicle experiment (quick preset, driver off) on the local engine and on a
     two-node Ray cluster on this host (Ray's cluster_utils: a head and a second raylet), the Ray run at 50
     vehicles too. Per-round wall time Ray vs local (goal <= 1.2x) and the memory an idle vehicle costs under
-    Ray: the peak resident memory of every process of the run (Ray's daemons and workers included) at 200
-    minus at 50 vehicles, per added vehicle (goal <= 5 MB, as (c)).
+    Ray: as (c), the whole run after setup and one planned round (the driver, and every edge, slot and cloud
+    actor with its process) at 200 minus at 50 vehicles, per added vehicle (goal <= 5 MB).
 Device speeds are emulated (Table 1, time_scale 0.02); the host is shared, so the JSON reports the load.
 """
 
@@ -175,7 +175,8 @@ def engine_run(engine: str, n: int, rounds: int, workdir: Path, address: str = "
 
 
 def engine_comparison(work: Path, vehicles: int, rounds: int) -> dict[str, Any]:
-    """(d): local vs Ray at `vehicles`, Ray at 50 too, on a two-node Ray cluster of this host."""
+    """(d): local vs Ray at `vehicles` vehicles, and the whole run's memory under Ray at 50 and `vehicles`, on a
+    two-node Ray cluster of this host."""
     from ray.cluster_utils import Cluster
 
     local = engine_run("local", vehicles, rounds, work / "local")
@@ -184,17 +185,19 @@ def engine_comparison(work: Path, vehicles: int, rounds: int) -> dict[str, Any]:
     try:
         cluster.add_node(num_cpus=8)
         cluster.wait_for_nodes()
-        ray_big = engine_run("ray", vehicles, rounds, work / "ray", cluster.address, data)
-        ray_small = engine_run("ray", 50, rounds, work / "ray50", cluster.address, data)
+        ray_run = engine_run("ray", vehicles, rounds, work / "ray", cluster.address, data)
+        mem = [memory_at(n, work / "mem", address=cluster.address) for n in (50, vehicles)]
     finally:
         cluster.shutdown()
-    ratio = ray_big["mean_round_s"] / max(1e-9, local["mean_round_s"])
-    per = (ray_big["peak_rss_MB"] - ray_small["peak_rss_MB"]) / max(1, vehicles - 50)
+    ratio = ray_run["mean_round_s"] / max(1e-9, local["mean_round_s"])
+    per = (mem[1]["rss_tree_MB"] - mem[0]["rss_tree_MB"]) / max(1, vehicles - 50)
     return {"cluster": "2 nodes on this host (ray.cluster_utils), 8 logical CPUs each; engine shares at defaults",
-            "runs": [local, ray_big, ray_small], "round_wall_ray_vs_local": round(ratio, 3),
-            "ray_per_idle_vehicle_MB": round(per, 3),
-            "memory_scope": "peak resident memory of every process of the benchmark's tree during the run (Ray: "
-                            "GCS, raylets and workers included), at 200 minus at 50 vehicles"}
+            "runs": [local, ray_run], "round_wall_ray_vs_local": round(ratio, 3),
+            "ray_memory": mem, "ray_per_idle_vehicle_MB": round(per, 3),
+            "memory_scope": "whole run under Ray after setup and one planned round (driver + edge actors + slot "
+                            "hosts and their processes + cloud; Ray's own daemons apart), at "
+                            f"{vehicles} minus at 50 vehicles; peak_rss_MB of a run: every process of the "
+                            "benchmark's tree during it (Ray: GCS, raylets and workers included)"}
 
 
 # -- (c) memory -------------------------------------------------------------------------------------------------
@@ -205,10 +208,11 @@ from rich.console import Console
 from flad_core.runs import RunDir
 from flad_edge.experiment.cli import build_config
 from flad_edge.experiment.run import Experiment
-n, root = int(sys.argv[1]), Path(sys.argv[2])
+n, root, address = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else ""
 cfg = build_config("quick", [f"fleet.vehicles={n}", "fleet.frames_per_vehicle=1", "rounds.eval_frames=0",
                              "driver.enabled=false", "pool.slots_per_edge=2", "swift.cluster_cap=2",
-                             "fleet.towns=[Town01,Town02,Town03,Town04,Town05]"])
+                             "fleet.towns=[Town01,Town02,Town03,Town04,Town05]",
+                             *(["engine.name=ray", f"engine.address={address}"] if address else [])])
 run = RunDir.create("mem", cfg, root=root, log=False)
 exp = Experiment(cfg, run, Console(quiet=True))
 try:
@@ -218,9 +222,12 @@ try:
     me = psutil.Process()
     tree = [me, *me.children(recursive=True)]
     rss = {p.pid: p.memory_info().rss for p in tree}
+    # Ray: the actors are the cluster's processes, not this one's children (edges, slot hosts + slots, cloud)
+    actors = exp.engine.memory() if address else {}
     print(json.dumps({"vehicles": n, "rss_main_MB": round(rss[me.pid] / 1e6, 1),
-                      "rss_tree_MB": round(sum(rss.values()) / 1e6, 1), "processes": len(tree),
-                      "motion_MB": round(exp.motion.memory_bytes() / 1e6, 3)}))
+                      "rss_tree_MB": round((sum(rss.values()) + sum(actors.values())) / 1e6, 1),
+                      "processes": len(tree) + len(actors), "motion_MB": round(exp.motion.memory_bytes() / 1e6, 3),
+                      **({"rss_actors_MB": round(sum(actors.values()) / 1e6, 1)} if address else {})}))
 finally:
     exp.close()
 """
@@ -238,8 +245,10 @@ print(json.dumps({"vehicles": n, "rss_main_MB": round(psutil.Process().memory_in
 """
 
 
-def memory_at(n: int, workdir: Path, whole_run: bool = True) -> dict[str, Any]:
-    probe = [MEMORY_PROBE, str(n), str(workdir)] if whole_run else [MEMORY_PROBE_FLEET, str(n)]
+def memory_at(n: int, workdir: Path, whole_run: bool = True, address: str = "") -> dict[str, Any]:
+    """Resident memory after setup and one planned round at `n` vehicles (`address`: on that Ray cluster)."""
+    probe = [MEMORY_PROBE, str(n), str(workdir), *([address] if address else [])] if whole_run \
+        else [MEMORY_PROBE_FLEET, str(n)]
     out = subprocess.run([sys.executable, "-c", *probe], check=True, capture_output=True, text=True, timeout=900)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
