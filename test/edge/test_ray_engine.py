@@ -155,8 +155,9 @@ def test_ray_run_places_actors_on_both_nodes(both_engines, cluster):
 
 
 def test_a_node_lost_mid_run_does_not_stop_it(cluster, tmp_path):
-    node = cluster.add_node(num_cpus=NODE_CPUS)
+    cluster.add_node(num_cpus=NODE_CPUS)
     cluster.wait_for_nodes()
+    workers = {n.node_id: n for n in cluster.worker_nodes}     # the nodes that can be lost (not the head)
     runs = tmp_path / "runs"
     runs.mkdir()
     proc = subprocess.Popen(flad_run(runs, "--address", cluster.address), stdout=subprocess.PIPE,
@@ -167,11 +168,15 @@ def test_a_node_lost_mid_run_does_not_stop_it(cluster, tmp_path):
             break
         time.sleep(0.1)
     assert proc.poll() is None, proc.communicate()[0][-4000:]
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    # lose the node of the cloud if it is not the head (the cloud and then every edge start again), else an edge's
+    where = {p["actor"]: p["node"] for p in json.loads((run / "engine.json").read_text())["placements"]}
+    target = next((where[a] for a in ("cloud", "edge-0", "edge-1") if where.get(a) in workers), next(iter(workers)))
     time.sleep(1.0)
     lost_at = time.time()
-    cluster.remove_node(node, allow_graceful=False)
+    cluster.remove_node(workers[target], allow_graceful=False)
     out = proc.communicate(timeout=600)[0]
-    run = finished(runs, proc, out)
+    finished(runs, proc, out)
     assert sorted(rounds_of(run)) == [0, 1]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     keys = [(u["round"], u["edge"], u["client"]) for u in ckpt["ledger"]]
@@ -180,16 +185,19 @@ def test_a_node_lost_mid_run_does_not_stop_it(cluster, tmp_path):
         assert rec["accepted"] == sum(1 for k in keys if k[0] == rnd)
     engine = json.loads((run / "summary.json").read_text())["engine"]
     placed = engine["placements"]
-    on_lost = [p for p in placed if p["node"] == node.node_id]
+    on_lost = {p["actor"] for p in placed if p["node"] == target}
     assert on_lost, "Ray put nothing on the node that was removed (SPREAD should have)"
     # whatever ran there came back elsewhere: every actor's latest placement is on a surviving node
     latest = {p["actor"]: p for p in sorted(placed, key=lambda p: p["t"])}
-    assert all(p["node"] != node.node_id for p in latest.values()), latest
+    assert all(p["node"] != target for p in latest.values()), latest
     assert any(p["t"] > lost_at for p in placed), "nothing was started again after the node was lost"
-    lost_edges = {p["actor"] for p in on_lost if not p["actor"].startswith(("cloud", "edge-0/", "edge-1/"))}
-    if lost_edges or any(p["actor"] == "cloud" for p in on_lost):
-        events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
-        assert any(e["kind"] in ("edge_restart", "cloud_restart") for e in events), "the lost round was not redone"
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    if "cloud" in on_lost:
+        assert any(e["kind"] == "cloud_restart" and e["round"] == 0 for e in events), "round 0 was not redone"
+        assert [r["cloud"] for r in engine["restarts"]] == [True]
+    elif on_lost & {"edge-0", "edge-1"}:
+        assert any(e["kind"] == "edge_restart" and e["round"] == 0 for e in events), "round 0 was not redone"
+        assert [sorted(r["edges"]) for r in engine["restarts"]] == [sorted(on_lost & {"edge-0", "edge-1"})]
     # no process of the lost node outlived it (a slot's process dies with its actor)
     leftovers = subprocess.run(["pgrep", "-f", f"pool_worker.*{run}"], capture_output=True, text=True).stdout
     assert leftovers.strip() == ""

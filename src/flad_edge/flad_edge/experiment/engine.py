@@ -99,6 +99,7 @@ class LocalEngine:
         self.group = ProcessGroup(grace_s=5.0)
         self.edges: list[LocalEdge] = []
         self._cloud_fleet: FleetConfig | None = None
+        self.last_restart = ""          # what `recover` last did, as an event kind ("cloud_restart")
         self._edge_ids: list[str] = []
 
     def start(self, edges: list[EdgeSpec], vehicles: list[VehicleSpec], data_root: str) -> list[EdgeHandle]:
@@ -126,6 +127,7 @@ class LocalEngine:
             return None
         log.error("the cloud process exited (%s): starting it again", proc.returncode)
         start_cloud(self.group, self.run_path, self._cloud_fleet, self._edge_ids)
+        self.last_restart = "cloud_restart"
         return list(self.edges)
 
     def describe(self) -> dict[str, Any]:

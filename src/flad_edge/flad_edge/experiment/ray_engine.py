@@ -39,6 +39,7 @@ import contextlib
 
 import torch
 
+from flad_core.atomic import atomic_write_json
 from flad_core.config import from_dict, to_dict
 from flad_core.fleet import VehicleSpec
 from flad_core.procs import free_port_base
@@ -252,6 +253,7 @@ class RayEngine:
         self.cloud_address = ""
         self.record: dict[str, Any] = {"engine": "ray", "placements": [], "restarts": []}
         self._owns_ray = False
+        self.last_restart = ""          # what `recover` last did, as an event kind (cloud_restart / edge_restart)
 
     # -- resources ---------------------------------------------------------------------------------------------
     def slot_options(self) -> dict[str, Any]:
@@ -306,6 +308,7 @@ class RayEngine:
         pid = ray.get(actor.start.remote(cmd, str(self.run_path / "logs" / "cloud.stderr"), {}))
         self.cloud = RayProc(actor, pid, "cloud")
         self.record["placements"].append({"actor": "cloud", "node": node, "ip": host, "pid": pid, "t": time.time()})
+        self.save()
 
     def start_edges(self, specs: list[EdgeSpec]) -> list[RayEdge]:
         cfg_data = to_dict(self.cfg)
@@ -324,6 +327,7 @@ class RayEngine:
                 raise
             placed.append(RayEdge(actor, spec.id))
             self.record["placements"].append({k: v for k, v in where.items() if k != "slots"} | {"t": time.time()})
+        self.save()
         return placed
 
     def cloud_alive(self) -> bool:
@@ -341,6 +345,7 @@ class RayEngine:
                       self.cloud.returncode if self.cloud else None)
             self.start_cloud()
             lost = list(range(len(self.edges)))
+        self.last_restart = "cloud_restart" if cloud_lost else "edge_restart"
         names = [self.edges[i].id for i in lost]
         log.error("starting edges %s again", names)
         self.record["restarts"].append({"t": time.time(), "cloud": cloud_lost, "edges": names})
@@ -351,6 +356,10 @@ class RayEngine:
         for i, edge in zip(lost, fresh, strict=True):
             self.edges[i] = edge
         return list(self.edges)
+
+    def save(self) -> None:
+        """`<run>/engine.json`: where every actor runs (and ran), kept current while the run goes on."""
+        atomic_write_json(self.run_path / "engine.json", self.describe())
 
     def _collect(self, edge: RayEdge) -> None:
         """Keep the slot placements of an edge before it goes (for the run's record)."""
@@ -381,6 +390,7 @@ class RayEngine:
             self._collect(edge)
             edge.close()
         self.edges = []
+        self.save()
         if self.cloud is not None:
             self.cloud.terminate()
             try:

@@ -455,7 +455,6 @@ class Experiment:
             except (BusError, TimeoutError, RuntimeError) as exc:
                 if attempt == attempts - 1:
                     raise
-                lost_edges = isinstance(exc, EdgeLostError)
                 sites = self.engine.recover()
                 if sites is None:
                     raise
@@ -468,7 +467,7 @@ class Experiment:
                         log.exception("%s: release before the redo failed", site.id)
                 self.attempt = uuid.uuid4().hex[:6]
                 self.restore(torch.load(self.run.path / CHECKPOINT, weights_only=False),
-                             why="edge_restart" if lost_edges else "cloud_restart")
+                             why=self.engine.last_restart)
         raise AssertionError("unreachable")
 
     def driver_stage(self) -> dict[str, Any] | None:
