@@ -11,4 +11,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch is pinned to 2.13.0 in pyproject.toml: a CPU wheel where one is provided locally.
 .venv/bin/python -m pip install --quiet --progress-bar off -e '.[test]'
+# Byte-compile FLAD's sources (editable, so pip did not): where PYTHONDONTWRITEBYTECODE is set (CI), every
+# process -- hundreds of worker processes in the tests -- would otherwise compile each module it imports again.
+.venv/bin/python -m compileall -q -j 0 src >/dev/null
 .venv/bin/python -c "import torch, zmq, rosbags; print(f'bootstrap: torch {torch.__version__}, pyzmq {zmq.pyzmq_version()}, ready')"

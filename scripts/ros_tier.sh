@@ -58,13 +58,44 @@ if ! command -v cmake >/dev/null && [ ! -x "$VENV/bin/cmake" ]; then
   "$VENV/bin/python" -m pip install --quiet --progress-bar off cmake==3.31.6
 fi
 
-# 2. FLAD itself (editable; torch==2.13.0 CPU comes from the local wheel cache).
+# 2. FLAD and its dependencies (torch, transformers, pytest plugins, hypothesis, ruff, ...). `make test` has
+# already installed exactly these into .venv (`make lint` -> scripts/bootstrap.sh: pip install -e .[test]);
+# installing them a second time here was the slowest step of this set-up (~2 min, torch alone is ~1 GB of
+# files). So where .venv has FLAD installed and the same Python (X.Y) as .venv-ros, .venv-ros sees .venv's
+# site-packages *behind* its own: a .pth file calls site.addsitedir, which appends that folder to sys.path and
+# runs its .pth hooks (FLAD's editable finder). Every package the ROS wheels pin (numpy, PyYAML, pytest, ...)
+# still comes from .venv-ros, and rclpy and the colcon workspace only exist there. Otherwise (no .venv, another
+# Python; or ROS_TIER_SHARE_VENV=0) FLAD is pip-installed into .venv-ros as before.
+SHARE_PTH=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/zz_flad_main_venv.pth
+MAIN=$ROOT/.venv
+main_site=""
+if [ "${ROS_TIER_SHARE_VENV:-1}" = 1 ] && [ -x "$MAIN/bin/python" ]; then
+  pyver='import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")'
+  if [ "$("$MAIN/bin/python" -c "$pyver")" = "$("$VENV/bin/python" -c "$pyver")" ]; then
+    main_site=$("$MAIN/bin/python" -c 'import importlib.metadata as m, sysconfig
+m.version("flad")     # FLAD installed (bootstrap.sh ran), else no sharing
+print(sysconfig.get_path("purelib"))' 2>/dev/null) || main_site=""
+  fi
+fi
 flad_hash=$(hash_files pyproject.toml setup.py)
-if ! stamp_ok "$VENV/.stamp-flad" "$flad_hash"; then
-  rm -f "$VENV/.ready"
-  log "installing FLAD into .venv-ros (pip install -e .[test])"
-  "$VENV/bin/python" -m pip install --quiet --progress-bar off -e '.[test]'
-  echo "$flad_hash" >"$VENV/.stamp-flad"
+if [ -n "$main_site" ]; then
+  # the console script `flad`, as pip would have made it, run by .venv-ros's interpreter
+  printf '#!%s\nimport sys\nfrom flad_core.cli import main\nsys.exit(main())\n' "$VENV/bin/python" >"$VENV/bin/flad"
+  chmod +x "$VENV/bin/flad"
+  if ! stamp_ok "$VENV/.stamp-flad" "shared:$main_site"; then
+    rm -f "$VENV/.ready"
+    log "FLAD and its dependencies: .venv's site-packages, behind .venv-ros's own ($(basename "$SHARE_PTH"))"
+    echo "import site; site.addsitedir('$main_site')" >"$SHARE_PTH"
+    echo "shared:$main_site" >"$VENV/.stamp-flad"
+  fi
+else
+  if [ -f "$SHARE_PTH" ]; then rm -f "$SHARE_PTH" "$VENV/.stamp-flad"; fi
+  if ! stamp_ok "$VENV/.stamp-flad" "$flad_hash"; then
+    rm -f "$VENV/.ready"
+    log "installing FLAD into .venv-ros (pip install -e .[test])"
+    "$VENV/bin/python" -m pip install --quiet --progress-bar off -e '.[test]'
+    echo "$flad_hash" >"$VENV/.stamp-flad"
+  fi
 fi
 
 # 3. The wheels' exported CMake targets name the builder's Python/numpy headers (see the script).
