@@ -28,16 +28,17 @@ from flad_edge.experiment.cli import build_config, main_run, run_args
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 ROOT = Path(__file__).resolve().parents[2]
-#: quick preset, smaller: 3 slots per edge, 2 rounds, no driver stage (its own tests), few held-out frames
-SETS = ["driver.enabled=false", "rounds.rounds=2", "rounds.eval_frames=8", "pool.slots_per_edge=3",
+#: quick preset, smaller: 2 slots per edge (clusters of 2), no driver stage (its own tests), few held-out frames
+SETS = ["driver.enabled=false", "rounds.eval_frames=8", "pool.slots_per_edge=2", "swift.cluster_cap=2",
         # logical CPU shares small enough that one node of the test cluster can hold every actor
         "engine.slot_cpus=0.5", "engine.edge_cpus=0.5", "engine.cloud_cpus=0.5"]
 NODE_CPUS = 8
 
 
-def flad_run(runs: Path, *extra: str) -> list[str]:
+def flad_run(runs: Path, *extra: str, rounds: int = 2, data: Path | None = None) -> list[str]:
+    """`flad run quick` with SETS; `data`: a fleet dataset of an earlier run (the same shards, not collected again)."""
     cmd = [sys.executable, "-m", "flad_core.cli", "run", "quick", "--runs-dir", str(runs), *extra]
-    for s in SETS:
+    for s in [*SETS, f"rounds.rounds={rounds}", *([f"fleet.data={data}"] if data else [])]:
         cmd += ["--set", s]
     return cmd
 
@@ -115,11 +116,13 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def both_engines(cluster, tmp_path_factory):
-    runs = {}
+    runs: dict[str, Path] = {}
     for engine in ("local", "ray"):
         where = tmp_path_factory.mktemp(engine)
         extra = ["--address", cluster.address] if engine == "ray" else []
-        proc = subprocess.run(flad_run(where, *extra), capture_output=True, text=True, cwd=ROOT, timeout=600)
+        data = runs["local"] / "data" if runs else None
+        proc = subprocess.run(flad_run(where, *extra, data=data), capture_output=True, text=True, cwd=ROOT,
+                              timeout=600)
         runs[engine] = finished(where, proc, proc.stdout + proc.stderr)
     return runs
 
@@ -146,7 +149,7 @@ def test_ray_run_places_actors_on_both_nodes(both_engines, cluster):
     by_actor = {p["actor"]: p for p in engine["placements"]}
     assert {"cloud", "edge-0", "edge-1"} <= set(by_actor)
     slots = [p for p in engine["placements"] if "/slot" in p["actor"]]
-    assert len(slots) == 6 and {p["node"] for p in slots} == nodes
+    assert len(slots) == 4 and {p["node"] for p in slots} == nodes
     # each edge's hub listens on its node's address, not on loopback
     for edge in ("edge-0", "edge-1"):
         fleet = (both_engines["ray"] / "fleets" / f"{edge}.yaml").read_text()
@@ -154,14 +157,16 @@ def test_ray_run_places_actors_on_both_nodes(both_engines, cluster):
     assert json.loads((both_engines["local"] / "summary.json").read_text())["engine"] == {"engine": "local"}
 
 
-def test_a_node_lost_mid_run_does_not_stop_it(cluster, tmp_path):
+def test_a_node_lost_mid_run_does_not_stop_it(cluster, both_engines, tmp_path):
     cluster.add_node(num_cpus=NODE_CPUS)
     cluster.wait_for_nodes()
     workers = {n.node_id: n for n in cluster.worker_nodes}     # the nodes that can be lost (not the head)
     runs = tmp_path / "runs"
     runs.mkdir()
-    proc = subprocess.Popen(flad_run(runs, "--address", cluster.address), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    # one round: the node is lost in it, the round is redone or recovered, and the run must still finish
+    proc = subprocess.Popen(flad_run(runs, "--address", cluster.address, rounds=1,
+                                     data=both_engines["local"] / "data"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         if list(runs.glob("*/fleet/round_000.json")):     # round 0 planned: its training starts now
@@ -177,7 +182,7 @@ def test_a_node_lost_mid_run_does_not_stop_it(cluster, tmp_path):
     cluster.remove_node(workers[target], allow_graceful=False)
     out = proc.communicate(timeout=600)[0]
     finished(runs, proc, out)
-    assert sorted(rounds_of(run)) == [0, 1]
+    assert sorted(rounds_of(run)) == [0]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     keys = [(u["round"], u["edge"], u["client"]) for u in ckpt["ledger"]]
     assert keys and len(keys) == len(set(keys)), "an update was counted twice"

@@ -21,11 +21,13 @@ trivially): slots read their shard and write their logs there, the cloud keeps i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,31 @@ POLL_TIMEOUT_S = 10.0
 PLACE_TIMEOUT_S = 180.0
 #: a lost node's processes are reported with this exit code (as if SIGKILLed)
 LOST = -int(signal.SIGKILL)
+#: after an actor was lost, how long to wait for Ray to declare its node dead before placing its replacement
+#: (Ray keeps a node alive until its health checks fail, ~15 s; an actor placed there meanwhile never starts)
+NODE_DEATH_WAIT_S = 30.0
+
+
+def wait_node_dead(node: str, timeout_s: float = NODE_DEATH_WAIT_S) -> bool:
+    """Wait until Ray no longer counts `node` alive (True), or `timeout_s` (False: the node lives, e.g. only
+    the actor's worker died)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if node not in {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def actor_alive(actor: Any) -> bool:
+    """Does `actor` answer (a busy one that does not answer in time counts as alive)?"""
+    try:
+        ray.get(actor.poll.remote(), timeout=POLL_TIMEOUT_S)
+        return True
+    except RayActorError:
+        return False
+    except GetTimeoutError:
+        return True
 
 
 ProcessHostActor = ray.remote(max_restarts=0)(ProcessHost)
@@ -111,28 +138,44 @@ def _placed(ref: Any, what: str, options: dict[str, Any]) -> Any:
 class RaySlotLauncher:
     """`VehiclePool`'s launcher under Ray: each start of a slot is a new `ProcessHost` actor, wherever Ray puts it."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], journal: Path | None = None) -> None:
         self.options = options
+        self.journal = journal          # one JSON line per start of a slot: where it ran (the run's record)
         self.actors: dict[str, Any] = {}
+        self.node_of: dict[str, str] = {}
         self.placements: list[dict[str, Any]] = []
         self._prepared: dict[str, tuple[Any, tuple[str, list[int], str]]] = {}
 
     def prepare(self, names: list[str], n_ports: int) -> None:
         """Place the hosts of `names` all at once (Ray starts their workers in parallel); `place` takes them."""
-        actors = [ProcessHostActor.options(**self.options).remote() for _ in names]
-        where = _placed([a.where.remote(n_ports) for a in actors], f"{len(names)} slots", self.options)
-        self._prepared.update({n: (a, w) for n, a, w in zip(names, actors, where, strict=True)})
+        actors = {n: ProcessHostActor.options(**self.options).remote() for n in names}
+        refs = {n: a.where.remote(n_ports) for n, a in actors.items()}
+        for name, actor in actors.items():
+            try:
+                self._prepared[name] = (actor, ray.get(refs[name], timeout=PLACE_TIMEOUT_S))
+            except (RayActorError, GetTimeoutError):    # `place` tries this one again on its own
+                ray.kill(actor)
 
     def place(self, name: str, n_ports: int) -> tuple[str, list[int]]:
         old = self.actors.pop(name, None)
         if old is not None:     # the slot's previous process ended (or was killed): free its share
+            if not actor_alive(old):      # its node may be lost: Ray must know before it places the new one
+                wait_node_dead(self.node_of[name])
             ray.kill(old)
         if name in self._prepared:
             actor, (host, ports, node) = self._prepared.pop(name)
         else:
-            actor = ProcessHostActor.options(**self.options).remote()
-            host, ports, node = _placed(actor.where.remote(n_ports), f"slot {name}", self.options)
+            for attempt in range(3):
+                actor = ProcessHostActor.options(**self.options).remote()
+                try:
+                    host, ports, node = _placed(actor.where.remote(n_ports), f"slot {name}", self.options)
+                    break
+                except RayActorError:     # placed on a node that died meanwhile: once more, elsewhere
+                    ray.kill(actor)
+                    if attempt == 2:
+                        raise
         self.actors[name] = actor
+        self.node_of[name] = node
         self.placements.append({"actor": name, "node": node, "ip": host, "t": time.time()})
         return host, ports
 
@@ -140,6 +183,9 @@ class RaySlotLauncher:
         actor = self.actors[name]
         pid = ray.get(actor.start.remote(cmd, str(log_path), env))
         self.placements[-1]["pid"] = pid
+        if self.journal is not None:
+            with open(self.journal, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(self.placements[-1]) + "\n")
         return RayProc(actor, pid, name)
 
     def close(self) -> None:
@@ -167,7 +213,7 @@ class EdgeHost:
         host, self.node = node_address()
         base = free_port_base(8, host=host)
         fleet = site_fleet(cfg, spec.id, vehicles, base, cloud_address, host)
-        self.launcher = RaySlotLauncher(slot_options)
+        self.launcher = RaySlotLauncher(slot_options, journal=run / "logs" / f"{spec.id}-slots.jsonl")
         site = build_site(cfg, spec, fleet, run, data_root, launcher=self.launcher)
         self.cloud = cloud
         site.cloud_alive = lambda: self.cloud.poll() is None
@@ -183,8 +229,7 @@ class EdgeHost:
         return getattr(self.edge, method)(*args)
 
     def where(self) -> dict[str, Any]:
-        return {"actor": self.edge.id, "node": self.node, "ip": self.host, "pid": os.getpid(),
-                "slots": list(self.launcher.placements)}
+        return {"actor": self.edge.id, "node": self.node, "ip": self.host, "pid": os.getpid()}
 
     def rss_bytes(self) -> dict[str, int]:
         """This edge's process, and each of its slots (actor worker + slot process)."""
@@ -199,8 +244,8 @@ EdgeHostActor = ray.remote(max_restarts=0)(EdgeHost)
 class RayEdge:
     """The round loop's handle on an `EdgeHost` actor; a lost actor raises `EdgeLostError`."""
 
-    def __init__(self, actor: Any, edge_id: str) -> None:
-        self.actor, self.id = actor, edge_id
+    def __init__(self, actor: Any, edge_id: str, cloud_alive: Callable[[], bool]) -> None:
+        self.actor, self.id, self.cloud_alive = actor, edge_id, cloud_alive
 
     def _call(self, method: str, *args: Any) -> Any:
         try:
@@ -209,7 +254,16 @@ class RayEdge:
             raise EdgeLostError(f"edge {self.id} is lost (its Ray actor died: {type(exc).__name__})") from exc
 
     def train_round(self, *args: Any) -> Any:
-        return self._call("train_round", *args)
+        """The edge's round; given up as soon as the cloud is lost (the engine then starts the cloud and every
+        edge again and the round is redone, so training on towards an upload that cannot happen is waste)."""
+        ref = self.actor.call.remote("train_round", *args)
+        while not ray.wait([ref], timeout=1.0)[0]:
+            if not self.cloud_alive():
+                raise EdgeLostError(f"edge {self.id}: the cloud is lost, so this round cannot be uploaded")
+        try:
+            return ray.get(ref)
+        except RayActorError as exc:
+            raise EdgeLostError(f"edge {self.id} is lost (its Ray actor died: {type(exc).__name__})") from exc
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self._call("load_state", state)
@@ -325,8 +379,8 @@ class RayEngine:
                 for a in actors:
                     ray.kill(a)
                 raise
-            placed.append(RayEdge(actor, spec.id))
-            self.record["placements"].append({k: v for k, v in where.items() if k != "slots"} | {"t": time.time()})
+            placed.append(RayEdge(actor, spec.id, self.cloud_alive))
+            self.record["placements"].append({**where, "t": time.time()})
         self.save()
         return placed
 
@@ -340,6 +394,9 @@ class RayEngine:
         lost = [i for i, e in enumerate(self.edges) if not e.alive()]
         if not cloud_lost and not lost:
             return None
+        latest = {p["actor"]: p["node"] for p in self.record["placements"]}
+        for actor in [*(["cloud"] if cloud_lost else []), *(self.edges[i].id for i in lost)]:
+            wait_node_dead(latest[actor])   # a node Ray still counts alive would be given the replacement
         if cloud_lost:
             log.error("the cloud is lost (exit %s): starting it again, and every edge with its new address",
                       self.cloud.returncode if self.cloud else None)
@@ -350,7 +407,6 @@ class RayEngine:
         log.error("starting edges %s again", names)
         self.record["restarts"].append({"t": time.time(), "cloud": cloud_lost, "edges": names})
         for i in lost:
-            self._collect(self.edges[i])
             self.edges[i].close()
         fresh = self.start_edges([next(s for s in self.edge_specs if s.id == self.edges[i].id) for i in lost])
         for i, edge in zip(lost, fresh, strict=True):
@@ -360,15 +416,6 @@ class RayEngine:
     def save(self) -> None:
         """`<run>/engine.json`: where every actor runs (and ran), kept current while the run goes on."""
         atomic_write_json(self.run_path / "engine.json", self.describe())
-
-    def _collect(self, edge: RayEdge) -> None:
-        """Keep the slot placements of an edge before it goes (for the run's record)."""
-        try:
-            where = ray.get(edge.actor.where.remote(), timeout=POLL_TIMEOUT_S)
-        except (RayActorError, GetTimeoutError):
-            return
-        for p in where.get("slots", []):
-            self.record["placements"].append({**p, "edge": edge.id})
 
     def memory(self) -> dict[str, Any]:
         """Resident bytes of every edge, slot (actor worker + its process) and the cloud, by actor."""
@@ -380,14 +427,16 @@ class RayEngine:
         return out
 
     def describe(self) -> dict[str, Any]:
-        nodes = {p["node"] for p in self.record["placements"]}
-        return {**self.record, "nodes_used": sorted(nodes)}
+        """Every start of an actor (cloud, edges; slots from the edges' journals), the restarts, the nodes used."""
+        placements = list(self.record["placements"])
+        for journal in sorted((self.run_path / "logs").glob("*-slots.jsonl")):
+            placements += [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+        return {**self.record, "placements": placements, "nodes_used": sorted({p["node"] for p in placements})}
 
     def close(self) -> None:
         if not ray.is_initialized():
             return
         for edge in self.edges:
-            self._collect(edge)
             edge.close()
         self.edges = []
         self.save()
