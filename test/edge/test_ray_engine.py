@@ -88,6 +88,26 @@ def test_bad_engine_settings_name_the_key(sets, key):
     assert key in str(err.value)
 
 
+def test_the_local_engine_does_not_import_ray():
+    code = ("import sys, flad_edge.experiment.run, flad_edge.experiment.cli; "
+            "sys.exit(int(any(m == 'ray' or m.startswith('ray.') for m in sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_actor_shares_follow_the_config(tmp_path):
+    from flad_edge.experiment.ray_engine import RayEngine
+
+    quick = build_config("quick", [])      # 2 edges x 5 slots
+    cpu = RayEngine(build_config("quick", ["engine.slot_cpus=0.25", "train.device=cpu"]), tmp_path).slot_options()
+    assert cpu == {"num_cpus": 0.25, "scheduling_strategy": "SPREAD"}
+    gpu = RayEngine(build_config("quick", ["train.device=cuda"]), tmp_path).slot_options()
+    assert gpu["num_gpus"] == pytest.approx(1 / (quick.edges.n * quick.pool.slots_per_edge))   # all on one GPU
+    own = RayEngine(build_config("quick", ["train.device=cuda:0", "engine.slot_gpus=0.5"]), tmp_path).slot_options()
+    assert own["num_gpus"] == 0.5
+    engine = RayEngine(build_config("quick", ["engine.edge_cpus=2", "engine.cloud_cpus=0.5"]), tmp_path)
+    assert engine.needed_cpus() == 0.5 + quick.edges.n * (2 + quick.pool.slots_per_edge * 1.0)
+
+
 def test_address_goes_with_the_ray_engine(fresh, capsys):
     assert main_run(run_args(["quick", "--engine", "local", "--address", "10.0.0.1:6379"])) == 2
     assert "--address names a Ray cluster" in capsys.readouterr().err

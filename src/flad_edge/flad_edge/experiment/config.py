@@ -246,7 +246,7 @@ class EngineSection:
     edge_cpus: float = 1.0          # ray: CPUs reserved per edge actor (hub, FHDP orchestrator, FedAvg)
     cloud_cpus: float = 1.0         # ray: CPUs reserved for the cloud
     slot_cpus: float = 1.0          # ray: CPUs reserved per pool slot (one vehicle's training process)
-    slot_gpus: float = 0.0          # ray, with train.device cuda: GPU share per slot (0: 1 / slots_per_edge)
+    slot_gpus: float = 0.0          # ray, with train.device cuda: GPU share per slot (0: all slots share one GPU)
 
     def validate(self) -> None:
         if self.name not in ENGINES:

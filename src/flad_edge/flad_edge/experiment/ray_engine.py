@@ -314,7 +314,8 @@ class RayEngine:
         e = self.cfg.engine
         opts: dict[str, Any] = {"num_cpus": e.slot_cpus, "scheduling_strategy": "SPREAD"}
         if self.cfg.train.device.startswith("cuda"):
-            opts["num_gpus"] = e.slot_gpus or 1.0 / self.cfg.pool.slots_per_edge
+            # default: every slot of the run shares one GPU (the run fits a one-GPU machine); more with slot_gpus
+            opts["num_gpus"] = e.slot_gpus or 1.0 / (self.cfg.pool.slots_per_edge * self.cfg.edges.n)
         return opts
 
     def needed_cpus(self) -> float:
