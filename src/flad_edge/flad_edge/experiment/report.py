@@ -546,6 +546,13 @@ def _run_section(data: RunData) -> list[str]:
     for k, v in s.items():
         if k != "driver" and (isinstance(v, str | int | float | bool) or v is None):
             rows.append((k, _fmt(v, 2)))
+    engine = _d(s.get("engine"))
+    if engine.get("engine") == "ray":     # where the actors ran (engine.json has every placement)
+        restarts = engine.get("restarts") or []
+        rows.append(("engine", f"ray, {len(engine.get('nodes_used') or [])} node(s) used, {len(restarts)} restart(s) "
+                               "after lost actors (engine.json)"))
+    elif engine:
+        rows.append(("engine", _fmt(engine.get("engine"), 2)))
     rows.append(("round records", f"{len(data.rounds)}"
                  + (f" (rounds {data.rounds[0]['round']}–{data.rounds[-1]['round']})" if data.rounds else "")))
     times = [t for r in data.rounds if (t := _sim_time(r)) is not None]
