@@ -23,10 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def small_fleet(tmp: Path, ids: tuple[str, ...] = ("v000", "v002", "v003"), clusters: list[list[str]] | None = None,
-                rounds: int = 1) -> tuple[Path, Path, int]:
-    """A copy of launch/fleet.yaml with only `ids`, on fresh ports, and a tiny FHDP config (one cluster)."""
+                rounds: int = 1, heartbeat_timeout_s: float | None = None) -> tuple[Path, Path, int]:
+    """A copy of launch/fleet.yaml with only `ids`, on fresh ports, and a tiny FHDP config (one cluster);
+    `heartbeat_timeout_s` replaces the fleet's heartbeat timeout."""
     fleet = yaml.safe_load((REPO / "launch" / "fleet.yaml").read_text())
     fleet["vehicles"] = [v for v in fleet["vehicles"] if v["id"] in ids]
+    if heartbeat_timeout_s is not None:
+        fleet.setdefault("heartbeat", {})["timeout_s"] = heartbeat_timeout_s
     fleet_file = tmp / "fleet.yaml"
     fleet_file.write_text(yaml.safe_dump(fleet, sort_keys=False))
     fhdp = {"rounds": rounds, "local_steps": 2, "batch_size": 4, "n_micro": 2, "schedule": "1f1b",

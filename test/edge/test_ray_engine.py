@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SETS = ["driver.enabled=false", "rounds.eval_frames=8", "pool.slots_per_edge=2", "swift.cluster_cap=2",
         # logical CPU shares small enough that one node of the test cluster can hold every actor
         "engine.slot_cpus=0.5", "engine.edge_cpus=0.5", "engine.cloud_cpus=0.5"]
-NODE_CPUS = 8
+NODE_CPUS = 4      # logical: the run's 7 actors reserve 3.5; either node can hold them all
 
 
 def flad_run(runs: Path, *extra: str, rounds: int = 2, data: Path | None = None) -> list[str]:
@@ -141,15 +141,15 @@ def both_engines(cluster, tmp_path_factory):
         where = tmp_path_factory.mktemp(engine)
         extra = ["--address", cluster.address] if engine == "ray" else []
         data = runs["local"] / "data" if runs else None
-        proc = subprocess.run(flad_run(where, *extra, data=data), capture_output=True, text=True, cwd=ROOT,
-                              timeout=600)
+        proc = subprocess.run(flad_run(where, *extra, rounds=1, data=data), capture_output=True, text=True,
+                              cwd=ROOT, timeout=600)
         runs[engine] = finished(where, proc, proc.stdout + proc.stderr)
     return runs
 
 
 def test_ray_run_matches_the_local_run(both_engines):
     local, ray_run = both_engines["local"], both_engines["ray"]
-    assert sorted(rounds_of(ray_run)) == [0, 1]
+    assert sorted(rounds_of(ray_run)) == [0]
     assert accounting(ray_run) == accounting(local)
     ledger = [torch.load(r / "checkpoint.pt", weights_only=False)["ledger"] for r in (local, ray_run)]
     strip = [[(u["round"], u["edge"], u["client"], u["samples"]) for u in led] for led in ledger]
