@@ -82,9 +82,6 @@ class LocalEdge:
         return download(self.site.fhdp.bus, rnd, self.site.id, retry=True, try_timeout_s=CLOUD_TRY_S,
                         alive=self.site.cloud_alive)
 
-    def pids(self) -> dict[str, int]:
-        return self.site.pool.pids()
-
     def close(self) -> None:
         self.site.close()
 

@@ -74,10 +74,10 @@ def wait_node_dead(node: str, timeout_s: float = NODE_DEATH_WAIT_S) -> bool:
     return False
 
 
-def actor_alive(actor: Any) -> bool:
-    """Does `actor` answer (a busy one that does not answer in time counts as alive)?"""
+def actor_alive(probe: Any) -> bool:
+    """Does the actor answer `probe` (a call's reference)? A busy one that does not answer in time counts as alive."""
     try:
-        ray.get(actor.poll.remote(), timeout=POLL_TIMEOUT_S)
+        ray.get(probe, timeout=POLL_TIMEOUT_S)
         return True
     except RayActorError:
         return False
@@ -159,7 +159,7 @@ class RaySlotLauncher:
     def place(self, name: str, n_ports: int) -> tuple[str, list[int]]:
         old = self.actors.pop(name, None)
         if old is not None:     # the slot's previous process ended (or was killed): free its share
-            if not actor_alive(old):      # its node may be lost: Ray must know before it places the new one
+            if not actor_alive(old.poll.remote()):  # its node may be lost: Ray must know before placing anew
                 wait_node_dead(self.node_of[name])
             ray.kill(old)
         if name in self._prepared:
@@ -247,11 +247,14 @@ class RayEdge:
     def __init__(self, actor: Any, edge_id: str, cloud_alive: Callable[[], bool]) -> None:
         self.actor, self.id, self.cloud_alive = actor, edge_id, cloud_alive
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _get(self, ref: Any) -> Any:
         try:
-            return ray.get(self.actor.call.remote(method, *args))
+            return ray.get(ref)
         except RayActorError as exc:
             raise EdgeLostError(f"edge {self.id} is lost (its Ray actor died: {type(exc).__name__})") from exc
+
+    def _call(self, method: str, *args: Any) -> Any:
+        return self._get(self.actor.call.remote(method, *args))
 
     def train_round(self, *args: Any) -> Any:
         """The edge's round; given up as soon as the cloud is lost (the engine then starts the cloud and every
@@ -260,10 +263,7 @@ class RayEdge:
         while not ray.wait([ref], timeout=1.0)[0]:
             if not self.cloud_alive():
                 raise EdgeLostError(f"edge {self.id}: the cloud is lost, so this round cannot be uploaded")
-        try:
-            return ray.get(ref)
-        except RayActorError as exc:
-            raise EdgeLostError(f"edge {self.id} is lost (its Ray actor died: {type(exc).__name__})") from exc
+        return self._get(ref)
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self._call("load_state", state)
@@ -281,13 +281,7 @@ class RayEdge:
         return self._call("download", rnd)
 
     def alive(self) -> bool:
-        try:
-            ray.get(self.actor.where.remote(), timeout=POLL_TIMEOUT_S)
-            return True
-        except RayActorError:
-            return False
-        except GetTimeoutError:
-            return True
+        return actor_alive(self.actor.where.remote())
 
     def close(self) -> None:
         with contextlib.suppress(RayActorError, GetTimeoutError):
